@@ -1,0 +1,74 @@
+"""Activation functions of the CLT. Each maps pre-activations h: [N, L, F] to activations a of the
+same shape (zeros where inactive).
+
+- topk:      keep the k largest h per token and layer (ReLU'd).
+- batchtopk: keep the k·N largest h per layer over the batch; at inference a JumpReLU with one
+             threshold per layer (running estimate of the smallest kept value).
+- jumprelu:  a = h · H(h − θ), θ per feature; rectangle-kernel pseudo-gradients (DESIGN.md §1).
+- relu:      plain ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk(h: torch.Tensor, k: int) -> torch.Tensor:
+    """h: [N, L, F] -> a: [N, L, F] with the k largest entries per (token, layer) kept, ReLU'd."""
+    vals, idx = h.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(h).scatter(-1, idx, vals.relu())
+
+
+def batchtopk(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: [N, L, F] -> (a: [N, L, F], min_kept: [L]). Per layer keeps the k·N largest entries over
+    the whole batch (ragged per token), ReLU'd; min_kept is the smallest kept positive value per
+    layer (for the inference threshold)."""
+    n, layers, f = h.shape
+    flat = h.transpose(0, 1).reshape(layers, n * f)  # [L, N·F]
+    vals, idx = flat.topk(k * n, dim=-1, sorted=False)
+    vals = vals.relu()
+    a = torch.zeros_like(flat).scatter(-1, idx, vals).reshape(layers, n, f).transpose(0, 1)
+    pos = torch.where(vals > 0, vals.detach(), torch.full_like(vals, float("inf")))
+    min_kept = pos.min(dim=-1).values
+    return a, torch.where(torch.isinf(min_kept), torch.zeros_like(min_kept), min_kept)
+
+
+def threshold_relu(h: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Inference form of BatchTopK: a = h · 1[h > threshold[l]], threshold: [L]."""
+    return h * (h > threshold[:, None]).to(h.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """a = h · H(h − θ).
+
+    Pseudo-gradients with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth ε:
+        ∂a/∂θ = −(θ/ε) · K((h − θ)/ε)
+        ∂a/∂h = H(h − θ)                         (+ (θ/ε)·K((h−θ)/ε) with ste_to_input)
+    """
+
+    @staticmethod
+    def forward(ctx, h, theta, bandwidth: float, ste_to_input: bool):
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return h * (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_band = ((h - theta).abs() < eps / 2).to(grad.dtype)
+        kernel = (theta / eps).to(grad.dtype) * in_band  # (θ/ε)·K((h−θ)/ε)
+        grad_h = grad * (h > theta).to(grad.dtype)
+        if ctx.ste_to_input:
+            grad_h = grad_h + grad * kernel
+        grad_theta = -(grad * kernel)
+        # θ broadcasts over the leading (token) dimensions: sum them out
+        while grad_theta.dim() > theta.dim():
+            grad_theta = grad_theta.sum(0)
+        return grad_h, grad_theta.to(theta.dtype), None, None
+
+
+def jumprelu(h: torch.Tensor, theta: torch.Tensor, bandwidth: float = 1.0,
+             ste_to_input: bool = False) -> torch.Tensor:
+    """h: [..., L, F], theta: [L, F] (fp32) -> a: same shape as h."""
+    return _JumpReLU.apply(h, theta, bandwidth, ste_to_input)

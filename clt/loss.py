@@ -1,0 +1,53 @@
+"""Loss terms of DESIGN.md §1. Everything here is in normalised units and per-token means, so the
+coefficients do not depend on the batch size.
+
+    L = Σ_l SSE_l / Σ_l SST_l                                  (FVU-normalised MSE)
+      + λ_S(t) · Σ_{l,i} tanh(c · a_{l,i} · ‖W_dec,i^l‖)        (jumprelu, relu)
+      + λ_P · Σ_{l,i} ReLU(θ_{l,i} − h_{l,i}) · ‖W_dec,i^l‖    (jumprelu, relu with θ = 0)
+      + α · AuxK                                               (topk, batchtopk)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reconstruction(y_hat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y_hat, y: [N, L, d] -> (loss, sse: [L], sst: [L]) with per-token means
+    sse_l = E_n ‖ŷ_l − y_l‖², sst_l = E_n ‖y_l − E y_l‖² (batch estimate, no gradient)."""
+    sse = (y_hat - y).pow(2).sum(-1).mean(0)
+    sst = (y - y.mean(0)).pow(2).sum(-1).mean(0).detach()
+    return sse.sum() / sst.sum().clamp_min(1e-12), sse, sst
+
+
+def tanh_sparsity(a: torch.Tensor, dec_norms: torch.Tensor, c: float) -> torch.Tensor:
+    """a: [N, L, F], dec_norms: [L, F] -> E_n Σ_{l,i} tanh(c · a · ‖W_dec‖)."""
+    return torch.tanh(c * a * dec_norms).sum((1, 2)).mean()
+
+
+def preactivation(h: torch.Tensor, theta: torch.Tensor | float, dec_norms: torch.Tensor) -> torch.Tensor:
+    """h: [N, L, F], θ: [L, F] or scalar -> E_n Σ_{l,i} ReLU(θ − h) · ‖W_dec‖ (pushes dead features
+    towards their threshold)."""
+    return ((theta - h).relu() * dec_norms).sum((1, 2)).mean()
+
+
+def auxk_activations(h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """h: [N, L, F], dead: [L, F] bool -> the top-k_aux pre-activations among dead features per
+    (token, layer), ReLU'd: [N, L, F]."""
+    k = min(k_aux, int(dead.sum(-1).max()))
+    masked = h.masked_fill(~dead, torch.finfo(h.dtype).min)
+    vals, idx = masked.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(h).scatter(-1, idx, vals.relu())
+
+
+def auxk(e_hat: torch.Tensor, residual: torch.Tensor, sst: torch.Tensor) -> torch.Tensor:
+    """AuxK: how well the dead features' decode ê predicts the residual e = y − ŷ (detached),
+    normalised like the main loss. e_hat, residual: [N, L, d]; sst: [L]."""
+    return (e_hat - residual).pow(2).sum(-1).mean(0).sum() / sst.sum().clamp_min(1e-12)
+
+
+def ramp(step: int, total_steps: int, warmup_frac: float) -> float:
+    """Linear ramp 0 → 1 over the first `warmup_frac` of training (λ_S schedule)."""
+    if warmup_frac <= 0:
+        return 1.0
+    return min(1.0, step / max(1.0, warmup_frac * total_steps))

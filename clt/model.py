@@ -1,0 +1,264 @@
+"""The cross-layer transcoder (DESIGN.md §1).
+
+    x̃_l = s_in[l] · x_l                                       normalised input,  x: [N, L, d]
+    h_l = W_enc[l] x̃_l + b_enc[l]                            pre-activations,   h: [N, L, F]
+    a_l = σ(h_l)                                              activations,       a: [N, L, F]
+    ỹ̂_l = Σ_{s ≤ l} W_dec[s][:, l − s]ᵀ a_s + b_dec[l]       normalised output
+    ŷ_l = ỹ̂_l / s_out[l]                                      output,            ŷ: [N, L, d]
+
+The module works in the subject model's units; the normalisation scalars s_in, s_out are buffers
+(one per layer) and `folded()` moves them into the weights. Decoders are source-major:
+W_dec[s]: [F, L − s, d], so one active feature's rows for all later layers are contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import activations as act
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class CLTArchitecture:
+    n_layers: int
+    d_model: int
+    d_sae: int
+    activation: str = "topk"
+    k: int = 16
+    bandwidth: float = 1.0
+    log_threshold: bool = False
+    ste_to_input: bool = False
+    decode: str = "auto"
+    # provenance (not used by the math)
+    subject_model: str = ""
+    input_hook: str = "resid_mid"
+    output_hook: str = "mlp_out"
+    extra: dict = field(default_factory=dict)
+
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, arch: CLTArchitecture, threshold_init: float = 0.1):
+        super().__init__()
+        self.arch = arch
+        L, d, F = arch.n_layers, arch.d_model, arch.d_sae
+        self.W_enc = nn.Parameter(torch.empty(L, F, d).uniform_(-1 / math.sqrt(F), 1 / math.sqrt(F)))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        bound = 1 / math.sqrt(L * d)
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.empty(F, L - s, d).uniform_(-bound, bound)) for s in range(L)])
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        if arch.activation == "jumprelu":
+            t = torch.full((L, F), float(threshold_init), dtype=torch.float32)
+            self.threshold_param = nn.Parameter(t.log() if arch.log_threshold else t)
+        self.register_buffer("input_scale", torch.ones(L))
+        self.register_buffer("output_scale", torch.ones(L))
+        # BatchTopK inference threshold per layer (running estimate of the smallest kept value)
+        self.register_buffer("batchtopk_threshold", torch.zeros(L))
+
+    # -- shapes ----------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def d_sae(self) -> int:
+        return self.arch.d_sae
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """JumpReLU θ: [L, F], fp32."""
+        p = self.threshold_param.float()
+        return p.exp() if self.arch.log_threshold else p
+
+    # -- forward pass ----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, L, d] (subject units) -> pre-activations h: [N, L, F]."""
+        x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
+        return torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
+
+    def activate(self, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """h: [N, L', F] for the layers `layers` (default all) -> a: [N, L', F].
+        In training mode BatchTopK records the smallest kept value for its inference threshold."""
+        kind = self.arch.activation
+        if kind == "topk":
+            return act.topk(h, self.arch.k)
+        if kind == "batchtopk":
+            if not self.training:
+                return act.threshold_relu(h, self.batchtopk_threshold[layers])
+            a, min_kept = act.batchtopk(h, self.arch.k)
+            self._last_min_kept = min_kept
+            return a
+        if kind == "jumprelu":
+            return act.jumprelu(h, self.threshold[layers], self.arch.bandwidth, self.arch.ste_to_input)
+        if kind == "relu":
+            return h.relu()
+        raise ValueError(f"unknown activation {kind!r}")
+
+    def decode_normalized(self, a: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l)."""
+        y = decode_sparse(a, list(self.W_dec)) if self._use_sparse(a) else decode_dense(a, list(self.W_dec))
+        return y + self.b_dec if bias else y
+
+    def decode(self, a: torch.Tensor) -> torch.Tensor:
+        """a: [N, L, F] -> ŷ: [N, L, d] in subject units."""
+        return self.decode_normalized(a) / self.output_scale[:, None]
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x: [N, d] input of one layer -> a: [N, F] (used when splicing into a live forward pass)."""
+        x = x.to(self.W_enc.dtype) * self.input_scale[layer]
+        h = x @ self.W_enc[layer].T + self.b_enc[layer]
+        return self.activate(h[:, None], slice(layer, layer + 1))[:, 0]
+
+    def decode_layer(self, acts: list[torch.Tensor], layer: int) -> torch.Tensor:
+        """acts[s]: [N, F] for s ≤ layer -> ŷ_layer: [N, d] in subject units."""
+        y = self.b_dec[layer]
+        for s in range(layer + 1):
+            y = y + sparse_matmul(acts[s], self.W_dec[s][:, layer - s])
+        return y / self.output_scale[layer]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, L, d] -> (a: [N, L, F], ŷ: [N, L, d])."""
+        a = self.activate(self.encode(x))
+        return a, self.decode(a)
+
+    def _use_sparse(self, a: torch.Tensor) -> bool:
+        """Sparse decode pays when few features are active (measured crossover on CPU ≈ 10%)."""
+        mode = self.arch.decode
+        if mode != "auto":
+            return mode == "sparse"
+        return bool((a != 0).float().mean() <= 0.1)
+
+    @torch.no_grad()
+    def update_batchtopk_threshold(self, decay: float) -> None:
+        min_kept = getattr(self, "_last_min_kept", None)
+        if min_kept is None:
+            return
+        fresh = self.batchtopk_threshold == 0
+        ema = decay * self.batchtopk_threshold + (1 - decay) * min_kept
+        self.batchtopk_threshold.copy_(torch.where(fresh, min_kept, ema))
+        self._last_min_kept = None
+
+    def decoder_norms(self) -> torch.Tensor:
+        """‖W_dec,i^s‖ over all target layers, in normalised units: [L, F]."""
+        return torch.stack([w.pow(2).sum(dim=(1, 2)).sqrt() for w in self.W_dec])
+
+    # -- normalisation folding -------------------------------------------------------------------
+    @torch.no_grad()
+    def folded(self) -> CrossLayerTranscoder:
+        """An equivalent CLT with input/output scales 1: s_in folded into W_enc, 1/s_out into W_dec
+        and b_dec (thresholds act on h, which does not change)."""
+        new = CrossLayerTranscoder(self.arch)
+        new.load_state_dict(self.state_dict())
+        new.W_enc.mul_(self.input_scale[:, None, None])
+        for s, w in enumerate(new.W_dec):
+            w.div_(self.output_scale[s:][None, :, None])
+        new.b_dec.div_(self.output_scale[:, None])
+        new.input_scale.fill_(1.0)
+        new.output_scale.fill_(1.0)
+        return new
+
+    # -- native checkpoint -----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, summary: dict | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` atomically (temp dir, then rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "clt"})
+            config = {"format_version": FORMAT_VERSION, "architecture": asdict(self.arch),
+                      "normalisation": {"input_scale": self.input_scale.tolist(),
+                                        "output_scale": self.output_scale.tolist()},
+                      "summary": summary or {}}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            if directory.exists():
+                old = directory.with_name(directory.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
+                        ) -> CrossLayerTranscoder:
+        directory = Path(directory)
+        cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+        if not cfg_path.exists() or not weights.exists():
+            raise CheckpointError(f"{directory} is not a CLT checkpoint: expected config.json and "
+                                  "model.safetensors")
+        try:
+            config = json.loads(cfg_path.read_text())
+            arch = CLTArchitecture(**config["architecture"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable CLT config {cfg_path}: {e}") from e
+        try:
+            state = load_file(weights, device=str(device))
+        except Exception as e:
+            raise CheckpointError(f"unreadable CLT weights {weights}: {e}") from e
+        model = cls(arch).to(device)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights in {weights} do not match config.json: {e}") from e
+        return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: the plain-torch reference paths (a later issue adds fused kernels behind these functions)
+
+
+def decode_dense(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
+    """a: [N, L, F], W_dec[s]: [F, L − s, d] -> Σ_{s ≤ l} a_s W_dec[s][:, l − s]: [N, L, d]."""
+    n, L, _ = a.shape
+    d = W_dec[0].shape[-1]
+    out = a.new_zeros(n, L, d)
+    for s in range(L):
+        contrib = a[:, s] @ W_dec[s].reshape(W_dec[s].shape[0], -1)  # [N, (L − s)·d]
+        out[:, s:] += contrib.view(n, L - s, d)
+    return out
+
+
+def decode_sparse(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
+    """Same result as `decode_dense`, touching only the decoder rows of active features:
+    per source layer, an embedding-bag sum over the (ragged) active features of each token."""
+    n, L, _ = a.shape
+    d = W_dec[0].shape[-1]
+    out = a.new_zeros(n, L, d)
+    for s in range(L):
+        contrib = sparse_matmul(a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1))  # [N, (L − s)·d]
+        out[:, s:] += contrib.view(n, L - s, d)
+    return out
+
+
+def sparse_matmul(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """a: [N, F] (mostly zeros) @ W: [F, D] -> [N, D], reading only the rows of active features:
+    an embedding-bag sum over each token's (ragged) active features, weighted by their values."""
+    rows, cols = a.detach().nonzero(as_tuple=True)  # active (token, feature), row-major
+    n = a.shape[0]
+    if rows.numel() == 0:
+        return a.new_zeros(n, W.shape[1])
+    offsets = torch.zeros(n, dtype=torch.long, device=a.device)
+    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+    return nn.functional.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=a[rows, cols])

