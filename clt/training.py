@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import loss as losses
@@ -146,6 +147,22 @@ class ActivationDataModule(L.LightningDataModule):
 # Callbacks
 
 
+class StepProgressBar(TQDMProgressBar):
+    """tqdm bar over optimisation steps (the activation stream has no length), starting at the
+    resumed step; shows tokens/s, FVU and L0."""
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {k.split("/")[-1]: v for k, v in metrics.items()}
+
+
 class Throughput(L.Callback):
     """Logs `perf/tokens_per_s` (whole step, activation generation included) on the progress bar."""
 
@@ -274,6 +291,7 @@ def run(cfg: TrainConfig) -> dict:
         NativeCheckpoint(run_dir / "clt", t.ckpt_every),
         evaluate,
         Throughput(t.batch_tokens),
+        StepProgressBar(refresh_rate=1),
     ]
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,

