@@ -20,9 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from clt.config import ConfigError, TrainConfig, load_config, resume_config
 
-OmegaConf.register_new_resolver("clt_run_dir", lambda resume, run_dir: resume or run_dir, replace=True)
-
-
 def resolve(cfg: DictConfig) -> TrainConfig:
     """The typed config; when the run directory holds a checkpoint, the run's saved config plus
     what the command line changed explicitly (a conflicting change is an error)."""

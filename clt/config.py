@@ -233,3 +233,14 @@ def _set(d: dict, key: str, value) -> None:
     for part in parents:
         d = d.setdefault(part, {})
     d[last] = value
+
+
+def register_schema() -> None:
+    """Make the dataclasses the base of conf/config.yaml (defaults: `- schema`), so every key is
+    declared and typed at composition time and any of them can be overridden on the command line."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+register_schema()

@@ -88,7 +88,5 @@ def compose(overrides: list[str]):
 
     from clt.config import load_config
 
-    import train  # noqa: F401  (registers the run-dir resolver)
-
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return load_config(hcompose(config_name="config", overrides=overrides))
