@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clt.config import ConfigError, TrainConfig, load_config, resume_config
 
+
 def resolve(cfg: DictConfig) -> TrainConfig:
     """The typed config; when the run directory holds a checkpoint, the run's saved config plus
     what the command line changed explicitly (a conflicting change is an error)."""

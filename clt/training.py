@@ -51,6 +51,17 @@ class CLTModule(L.LightningModule):
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x, y, position = batch  # x, y: [N, L, d]
+        total, logs = self.loss(x, y)
+        logs["details/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        bar = ("metrics/fvu", "metrics/l0")
+        for k, v in logs.items():
+            self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False)
+        self.data_position = position
+        return total
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x, y: [N, L, d] -> (total loss, metrics). Also advances the dead-feature counters and
+        the BatchTopK inference threshold."""
         c, clt = self.cfg.clt, self.clt
         h = clt.encode(x)  # [N, L, F]
         a = clt.activate(h)  # [N, L, F]
@@ -86,15 +97,10 @@ class CLTModule(L.LightningModule):
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
             fvu, l0 = sse / sst.clamp_min(1e-12), l0_per_layer(a)
             logs |= {"metrics/fvu": mse.detach(), "metrics/l0": l0.mean(),
-                     "sparsity/dead_fraction": dead.float().mean(),
-                     "details/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+                     "sparsity/dead_fraction": dead.float().mean()}
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
-        bar = ("metrics/fvu", "metrics/l0")
-        for k, v in logs.items():
-            self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False)
-        self.data_position = position
-        return total
+        return total, logs
 
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
@@ -287,7 +293,7 @@ def run(cfg: TrainConfig) -> dict:
     evaluate = Evaluate(subject, eval_windows, t.eval_every)
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", every_n_train_steps=t.ckpt_every,
-                        save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False),
+                        save_last="link", save_top_k=1, monitor=None, auto_insert_metric_name=False),
         NativeCheckpoint(run_dir / "clt", t.ckpt_every),
         evaluate,
         Throughput(t.batch_tokens),
