@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from clt.config import ConfigError, TrainConfig, load_config, resume_config
+from clt.config import CLTError, TrainConfig, load_config, resume_config
 
 
 def resolve(cfg: DictConfig) -> TrainConfig:
@@ -41,11 +41,10 @@ def main(cfg: DictConfig) -> None:
     from clt.training import run
 
     try:
-        config = resolve(cfg)
-    except ConfigError as e:
+        run(resolve(cfg))
+    except CLTError as e:  # bad config, data, subject model or checkpoint: the message says what
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    run(config)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
 
 
-class ConfigError(ValueError):
+class CLTError(Exception):
+    """A user-facing error: bad config, data, subject model or checkpoint. `train.py` prints its
+    message (no traceback) and exits with status 2."""
+
+
+class ConfigError(CLTError, ValueError):
     """A configuration value that cannot work; the message names the field and what is allowed."""
 
 

