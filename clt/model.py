@@ -234,11 +234,33 @@ def decode_dense(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     """a: [N, L, F], W_dec[s]: [F, L − s, d] -> Σ_{s ≤ l} a_s W_dec[s][:, l − s]: [N, L, d]."""
     n, L, _ = a.shape
     d = W_dec[0].shape[-1]
-    out = a.new_zeros(n, L, d)
-    for s in range(L):
-        contrib = a[:, s] @ W_dec[s].reshape(W_dec[s].shape[0], -1)  # [N, (L − s)·d]
-        out[:, s:] += contrib.view(n, L - s, d)
-    return out
+    contribs = [a[:, s] @ W_dec[s].reshape(W_dec[s].shape[0], -1) for s in range(L)]  # [N, (L − s)·d]
+    return _sum_shifted(contribs, n, L, d)
+
+
+def _sum_shifted(contribs: list[torch.Tensor], n: int, L: int, d: int) -> torch.Tensor:
+    """contribs[s]: [N, (L − s)·d], source s's output for targets s … L−1 -> their sum: [N, L, d]."""
+    return _SumShifted.apply(L, d, *contribs)
+
+
+class _SumShifted(torch.autograd.Function):
+    """Forward adds each source's block into its slice of one output; backward hands each source
+    a view of the output gradient. (Autograd's own in-place slice updates copied and zero-filled
+    the whole [N, L, d] gradient once per source layer: half the step time on CPU.)"""
+
+    @staticmethod
+    def forward(ctx, L: int, d: int, *contribs: torch.Tensor) -> torch.Tensor:
+        n = contribs[0].shape[0]
+        out = contribs[0].new_zeros(n, L, d)
+        for s, c in enumerate(contribs):
+            out[:, s:] += c.view(n, L - s, d)
+        ctx.L = L
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = grad.shape[0]
+        return (None, None, *[grad[:, s:].reshape(n, -1) for s in range(ctx.L)])
 
 
 def decode_sparse(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
@@ -246,11 +268,8 @@ def decode_sparse(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     per source layer, an embedding-bag sum over the (ragged) active features of each token."""
     n, L, _ = a.shape
     d = W_dec[0].shape[-1]
-    out = a.new_zeros(n, L, d)
-    for s in range(L):
-        contrib = sparse_matmul(a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1))  # [N, (L − s)·d]
-        out[:, s:] += contrib.view(n, L - s, d)
-    return out
+    contribs = [sparse_matmul(a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1)) for s in range(L)]
+    return _sum_shifted(contribs, n, L, d)
 
 
 def sparse_matmul(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

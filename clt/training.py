@@ -170,17 +170,20 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class Throughput(L.Callback):
-    """Logs `perf/tokens_per_s` (whole step, activation generation included) on the progress bar."""
+    """Logs `perf/tokens_per_s` (whole step, activation generation included) on the progress bar:
+    batch tokens over a moving average of the step time (averaging times, not rates, so the steps
+    that regenerate the buffer count in full)."""
 
-    def __init__(self, batch_tokens: int):
-        self.batch_tokens, self.t0, self.rate = batch_tokens, None, None
+    def __init__(self, batch_tokens: int, decay: float = 0.95):
+        self.batch_tokens, self.decay, self.t0, self.dt = batch_tokens, decay, None, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
         if self.t0 is not None:
-            rate = self.batch_tokens / max(now - self.t0, 1e-9)
-            self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
-            pl_module.log("perf/tokens_per_s", self.rate, prog_bar=True, on_step=True)
+            dt = now - self.t0
+            self.dt = dt if self.dt is None else self.decay * self.dt + (1 - self.decay) * dt
+            pl_module.log("perf/tokens_per_s", self.batch_tokens / max(self.dt, 1e-9), prog_bar=True,
+                          on_step=True)
         self.t0 = now
 
 

@@ -45,7 +45,9 @@ def test_decode_equals_double_loop(L):
     torch.testing.assert_close(decode_sparse(a, W), ref)
 
 
-def test_sparse_decode_gradients_match_dense():
+def test_decode_gradients_match_double_loop():
+    """Sparse and dense decode (which share the shifted-sum autograd Function) against the
+    explicit double loop differentiated by autograd."""
     torch.manual_seed(0)
     L = 3
     a0 = torch.randn(9, L, 11)
@@ -55,14 +57,15 @@ def test_sparse_decode_gradients_match_dense():
     W0 = [torch.randn(11, L - s, 5) for s in range(L)]
     g = torch.randn(9, L, 5)
     grads = []
-    for fn in (decode_dense, decode_sparse):
+    for fn in (double_loop_decode, decode_dense, decode_sparse):
         a = a0.clone().requires_grad_(True)
         W = [w.clone().requires_grad_(True) for w in W0]
         (fn(a, W) * g).sum().backward()
         grads.append((a.grad * (a0 != 0), [w.grad for w in W]))  # a's gradient matters where active
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    for gd, gs in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(gd, gs)
+    for other in grads[1:]:
+        torch.testing.assert_close(other[0], grads[0][0])
+        for g_ref, g in zip(grads[0][1], other[1]):
+            torch.testing.assert_close(g, g_ref)
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
