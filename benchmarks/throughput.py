@@ -115,6 +115,9 @@ def main() -> None:
           f"generation {pipeline / gen['bfloat16']:.0%}, CLT step {pipeline / step['sparse']:.0%}")
     results["command"] = "python benchmarks/throughput.py " + " ".join(args.overrides)
     results["date"] = time.strftime("%Y-%m-%d")
+    import subprocess
+    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(results) + "\n")
