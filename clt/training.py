@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from . import loss as losses
 from .config import TrainConfig
 from .data import ActivationSource, DataPosition
-from .metrics import l0_per_layer, spliced_eval
+from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
 
 
@@ -95,7 +95,7 @@ class CLTModule(L.LightningModule):
             self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
             if c.activation == "batchtopk":
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
-            fvu, l0 = sse / sst.clamp_min(1e-12), l0_per_layer(a)
+            fvu, l0 = fvu_per_layer(sse, sst), l0_per_layer(a)
             logs |= {"metrics/fvu": mse.detach(), "metrics/l0": l0.mean(),
                      "sparsity/dead_fraction": dead.float().mean()}
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
