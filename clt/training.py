@@ -210,23 +210,30 @@ class Evaluate(L.Callback):
             self._run(trainer, pl_module)
 
 
-class NativeCheckpoint(L.Callback):
-    """Writes the CLT in the native format (config.json + model.safetensors, atomically) every
-    `every` steps and at the end of training, to `<run_dir>/clt`."""
+class Checkpoints(L.Callback):
+    """Every `every` steps and at the end of training: Lightning's training state (weights,
+    optimizer, schedule, step, data position, RNG; written atomically) to
+    `<run_dir>/checkpoints/last.ckpt` for exact resume, and the CLT in the native format
+    (config.json + model.safetensors, atomically) to `<run_dir>/clt`."""
 
-    def __init__(self, directory: Path, every: int):
-        self.directory, self.every = directory, every
+    def __init__(self, run_dir: Path, every: int):
+        self.ckpt, self.native, self.every = run_dir / "checkpoints" / "last.ckpt", run_dir / "clt", every
+        self.saved_step = -1
 
     def save(self, trainer, module: CLTModule):
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.ckpt)
         summary = {"step": trainer.global_step, "tokens": trainer.global_step * module.cfg.trainer.batch_tokens}
-        module.clt.save_pretrained(self.directory, summary=summary)
+        module.clt.save_pretrained(self.native, summary=summary)
+        self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every == 0:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.save(trainer, pl_module)
+        if self.saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +250,6 @@ def run(cfg: TrainConfig) -> dict:
     """Train a CLT as configured; resume when `run_dir` (or `resume`) holds a checkpoint.
     Returns the final report (per-layer FVU/L0, eval/*, paths)."""
     import json
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from .config import ConfigError, check_resume
     from .report import final_report
@@ -299,9 +304,7 @@ def run(cfg: TrainConfig) -> dict:
     t = cfg.trainer
     evaluate = Evaluate(subject, eval_windows, t.eval_every)
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", every_n_train_steps=t.ckpt_every,
-                        save_last="link", save_top_k=1, monitor=None, auto_insert_metric_name=False),
-        NativeCheckpoint(run_dir / "clt", t.ckpt_every),
+        Checkpoints(run_dir, t.ckpt_every),
         evaluate,
         Throughput(t.batch_tokens),
         StepProgressBar(refresh_rate=1),
@@ -310,7 +313,7 @@ def run(cfg: TrainConfig) -> dict:
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         max_steps=t.max_steps, logger=loggers, callbacks=callbacks, log_every_n_steps=t.log_every,
         gradient_clip_val=cfg.optim.grad_clip or None, default_root_dir=str(run_dir),
-        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, deterministic=False)
+        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
     if not cfg.report:
         return {"run_dir": str(run_dir)}
