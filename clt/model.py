@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kernels.reference import decode_dense, decode_sparse, sparse_matmul
+
 from . import activations as act
 from .config import CLTError
 
@@ -111,10 +113,23 @@ class CrossLayerTranscoder(nn.Module):
             return h.relu()
         raise ValueError(f"unknown activation {kind!r}")
 
-    def decode_normalized(self, a: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l)."""
-        y = decode_sparse(a, list(self.W_dec)) if self._use_sparse(a) else decode_dense(a, list(self.W_dec))
+    def decode_normalized(self, a: torch.Tensor, bias: bool = True, support: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
+        `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
+        if self._use_sparse(a):
+            y = decode_sparse(a, list(self.W_dec), support)
+        else:
+            y = decode_dense(a, list(self.W_dec))
         return y + self.b_dec if bias else y
+
+    def gradient_support(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """Where the loss needs ∂L/∂a: the active features, and for JumpReLU also the inactive
+        ones within the bandwidth of θ (their θ pseudo-gradient reads ∂L/∂a). None = active only."""
+        if self.arch.activation != "jumprelu":
+            return None
+        band = (h.detach() - self.threshold).abs() < self.arch.bandwidth / 2
+        return (a.detach() != 0) | band
 
     def decode(self, a: torch.Tensor) -> torch.Tensor:
         """a: [N, L, F] -> ŷ: [N, L, d] in subject units."""
@@ -224,61 +239,3 @@ class CrossLayerTranscoder(nn.Module):
         except RuntimeError as e:
             raise CheckpointError(f"weights in {weights} do not match config.json: {e}") from e
         return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode: the plain-torch reference paths (a later issue adds fused kernels behind these functions)
-
-
-def decode_dense(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
-    """a: [N, L, F], W_dec[s]: [F, L − s, d] -> Σ_{s ≤ l} a_s W_dec[s][:, l − s]: [N, L, d]."""
-    n, L, _ = a.shape
-    d = W_dec[0].shape[-1]
-    contribs = [a[:, s] @ W_dec[s].reshape(W_dec[s].shape[0], -1) for s in range(L)]  # [N, (L − s)·d]
-    return _sum_shifted(contribs, n, L, d)
-
-
-def _sum_shifted(contribs: list[torch.Tensor], n: int, L: int, d: int) -> torch.Tensor:
-    """contribs[s]: [N, (L − s)·d], source s's output for targets s … L−1 -> their sum: [N, L, d]."""
-    return _SumShifted.apply(L, d, *contribs)
-
-
-class _SumShifted(torch.autograd.Function):
-    """Forward adds each source's block into its slice of one output; backward hands each source
-    a view of the output gradient. (Autograd's own in-place slice updates copied and zero-filled
-    the whole [N, L, d] gradient once per source layer: half the step time on CPU.)"""
-
-    @staticmethod
-    def forward(ctx, L: int, d: int, *contribs: torch.Tensor) -> torch.Tensor:
-        n = contribs[0].shape[0]
-        out = contribs[0].new_zeros(n, L, d)
-        for s, c in enumerate(contribs):
-            out[:, s:] += c.view(n, L - s, d)
-        ctx.L = L
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        n = grad.shape[0]
-        return (None, None, *[grad[:, s:].reshape(n, -1) for s in range(ctx.L)])
-
-
-def decode_sparse(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
-    """Same result as `decode_dense`, touching only the decoder rows of active features:
-    per source layer, an embedding-bag sum over the (ragged) active features of each token."""
-    n, L, _ = a.shape
-    d = W_dec[0].shape[-1]
-    contribs = [sparse_matmul(a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1)) for s in range(L)]
-    return _sum_shifted(contribs, n, L, d)
-
-
-def sparse_matmul(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """a: [N, F] (mostly zeros) @ W: [F, D] -> [N, D], reading only the rows of active features:
-    an embedding-bag sum over each token's (ragged) active features, weighted by their values."""
-    rows, cols = a.detach().nonzero(as_tuple=True)  # active (token, feature), row-major
-    n = a.shape[0]
-    if rows.numel() == 0:
-        return a.new_zeros(n, W.shape[1])
-    offsets = torch.zeros(n, dtype=torch.long, device=a.device)
-    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
-    return nn.functional.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=a[rows, cols])

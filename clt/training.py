@@ -65,7 +65,7 @@ class CLTModule(L.LightningModule):
         c, clt = self.cfg.clt, self.clt
         h = clt.encode(x)  # [N, L, F]
         a = clt.activate(h)  # [N, L, F]
-        y_hat = clt.decode_normalized(a)  # [N, L, d], normalised units
+        y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
         y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
         mse, sse, sst = losses.reconstruction(y_hat, y_n)
         total = mse

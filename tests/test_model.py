@@ -6,13 +6,8 @@ import json
 import pytest
 import torch
 
-from clt.model import (
-    CheckpointError,
-    CLTArchitecture,
-    CrossLayerTranscoder,
-    decode_dense,
-    decode_sparse,
-)
+from clt.model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
+from kernels.reference import decode_dense, decode_padded, decode_sparse, to_padded
 
 
 def make_clt(activation="topk", L=4, d=6, F=10, k=3, seed=0, **kw):
@@ -43,6 +38,18 @@ def test_decode_equals_double_loop(L):
     ref = double_loop_decode(a, W)
     torch.testing.assert_close(decode_dense(a, W), ref)
     torch.testing.assert_close(decode_sparse(a, W), ref)
+    torch.testing.assert_close(decode_padded(*to_padded(a), W), ref)
+
+
+def test_to_padded_format():
+    a = torch.tensor([[[0.0, 2.0, 0.0, 3.0]], [[0.0, 0.0, 0.0, 0.0]], [[1.0, 0.0, 0.0, 0.0]]])
+    idx, val = to_padded(a)
+    assert idx.tolist() == [[[1, 3]], [[-1, -1]], [[0, -1]]]
+    assert val.tolist() == [[[2.0, 3.0]], [[0.0, 0.0]], [[1.0, 0.0]]]
+    support = torch.zeros(3, 1, 4, dtype=torch.bool)
+    support[1, 0, 2] = True  # an inactive position that needs gradient
+    idx, val = to_padded(a, support | (a != 0))
+    assert idx[1].tolist() == [[2, -1]] and val[1].tolist() == [[0.0, 0.0]]
 
 
 def test_decode_gradients_match_double_loop():

@@ -66,3 +66,22 @@ def test_jumprelu_loss_terms_and_threshold_gradient():
     total.backward()
     assert m.clt.threshold_param.grad is not None and m.clt.threshold_param.grad.abs().sum() > 0
     assert m.clt.threshold_param.dtype == torch.float32
+
+
+def test_sparse_decode_gives_the_dense_gradients_of_every_parameter():
+    """Sparse decode reads only the rows on the gradient support; every parameter's gradient
+    (JumpReLU θ included: it needs ∂L/∂a at inactive features in the band) equals the dense one."""
+    for activation in ("topk", "batchtopk", "jumprelu", "relu"):
+        grads = {}
+        for decode in ("dense", "sparse"):
+            m = module(activation, F=32, k=3, sparsity_coeff=0.1, sparsity_warmup_frac=0.0)
+            m.clt.arch.decode = decode
+            m.clt.arch.bandwidth = 2.0  # a wide band: many inactive features inside it
+            x, y = data()
+            m.initialize_from_data(x, y)
+            total, _ = m.loss(x, y)
+            total.backward()
+            grads[decode] = {k: p.grad.clone() for k, p in m.clt.named_parameters()}
+        for k in grads["dense"]:
+            torch.testing.assert_close(grads["sparse"][k], grads["dense"][k], rtol=1e-5, atol=1e-6,
+                                       msg=f"{activation}: {k}")
