@@ -83,7 +83,9 @@ class CLTConfig:
     auxk_coeff: float = 1 / 32  # α of AuxK (topk, batchtopk)
     auxk_k: int = 512  # k_aux
     dead_after_tokens: int = 10_000_000  # a feature is dead after this many tokens without firing
-    decode: str = "auto"  # "sparse" (gather active rows), "dense" (matmul), "auto" (sparse if k/F small)
+    # decode path: "auto" (Triton on CUDA, else torch sparse when ≤ 10% active, else dense),
+    # "triton" (fused sparse kernels), "sparse" (torch embedding-bag), "dense" (matmuls)
+    decode: str = "auto"
 
 
 @dataclass
@@ -139,7 +141,8 @@ class TrainConfig:
             _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
         _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
         _check(c.threshold_init > 0, "clt.threshold_init", c.threshold_init, "> 0")
-        _check(c.decode in ("auto", "sparse", "dense"), "clt.decode", c.decode, "auto | sparse | dense")
+        _check(c.decode in ("auto", "triton", "sparse", "dense"), "clt.decode", c.decode,
+               "auto | triton | sparse | dense")
         _check(0 < c.batchtopk_threshold_decay < 1, "clt.batchtopk_threshold_decay",
                c.batchtopk_threshold_decay, "in (0, 1)")
         _check(self.model.input_hook in INPUT_HOOKS, "model.input_hook", self.model.input_hook,

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels.reference import decode_dense, decode_sparse, sparse_matmul
+import kernels
+from kernels.reference import sparse_matmul
 
 from . import activations as act
 from .config import CLTError
@@ -117,10 +118,7 @@ class CrossLayerTranscoder(nn.Module):
                           ) -> torch.Tensor:
         """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
         `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
-        if self._use_sparse(a):
-            y = decode_sparse(a, list(self.W_dec), support)
-        else:
-            y = decode_dense(a, list(self.W_dec))
+        y = kernels.decode(a, list(self.W_dec), support, self.arch.decode)
         return y + self.b_dec if bias else y
 
     def gradient_support(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -152,13 +150,6 @@ class CrossLayerTranscoder(nn.Module):
         """x: [N, L, d] -> (a: [N, L, F], ŷ: [N, L, d])."""
         a = self.activate(self.encode(x))
         return a, self.decode(a)
-
-    def _use_sparse(self, a: torch.Tensor) -> bool:
-        """Sparse decode pays when few features are active (measured crossover on CPU ≈ 10%)."""
-        mode = self.arch.decode
-        if mode != "auto":
-            return mode == "sparse"
-        return bool((a != 0).float().mean() <= 0.1)
 
     @torch.no_grad()
     def update_batchtopk_threshold(self, decay: float) -> None:

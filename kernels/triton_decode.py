@@ -1,0 +1,143 @@
+"""Sparse cross-layer decode in Triton, as a torch.autograd.Function.
+
+Input: the active features of every source layer in the padded format of `kernels.reference.to_padded`
+(idx: [N, L, K] int64 with −1 for padding, val: [N, L, K]) and the source-major decoders
+W_dec[s]: [F, L − s, d]. Output: ŷ: [N, L, d] = Σ_{s ≤ t} Σ_j val[n, s, j] · W_dec[s][idx[n, s, j], t − s].
+
+- forward: one launch per source layer s; a program owns (token n, target t, a block of d) and
+  sums its K decoder rows; accumulation in fp32; every output element is written by one program
+  per launch and launches run in order, so the result is deterministic (no atomics).
+- backward, values: ∂L/∂val[n, s, j] = <g[n, s:, :], W_dec[s][idx[n, s, j]]>, one dot product of
+  length (L − s)·d per active slot (both operands contiguous).
+- backward, weights: ∂L/∂W_dec[s][f] = Σ_{(n, j): idx = f} val[n, s, j] · g[n, s:, :]. The active
+  slots are sorted by feature (stable), so each program owns one active feature's row and sums its
+  slots in a fixed order: deterministic, no atomics, only active rows are written.
+Offsets into W_dec are int64 (the full decoder passes 2³¹ elements at real sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_fwd(idx_ptr, val_ptr, w_ptr, out_ptr, K, LS, D, out_row, out_off,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)  # target layer relative to the source: 0 … L − s − 1
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        f = tl.load(idx_ptr + n * K + offs_k, mask=mask_k, other=-1)
+        v = tl.load(val_ptr + n * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        live = f >= 0
+        rows = (tl.where(live, f, 0).to(tl.int64) * LS + t) * D
+        w = tl.load(w_ptr + rows[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+    o = out_ptr + n * out_row + out_off + t * D + offs_d
+    tl.store(o, tl.load(o, mask=mask_d, other=0.0) + acc, mask=mask_d)
+
+
+@triton.jit
+def _decode_grad_val(idx_ptr, gval_ptr, w_ptr, g_ptr, K, R, g_row, g_off,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    f = tl.load(idx_ptr + n * K + offs_k, mask=mask_k, other=-1)
+    live = f >= 0
+    rows = tl.where(live, f, 0).to(tl.int64) * R  # R = (L − s)·d: one feature's rows, contiguous
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        g = tl.load(g_ptr + n * g_row + g_off + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] + offs_r[None, :], mask=live[:, None] & mask_r[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
+    tl.store(gval_ptr + n * K + offs_k, tl.where(live, acc, 0.0), mask=mask_k)
+
+
+@triton.jit
+def _decode_grad_w(feat_ptr, start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off,
+                   BLOCK_R: tl.constexpr):
+    i = tl.program_id(0)  # i-th active feature
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    f = tl.load(feat_ptr + i).to(tl.int64)
+    lo = tl.load(start_ptr + i)
+    hi = tl.load(start_ptr + i + 1)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for e in range(lo, hi):  # this feature's slots, in token order (stable sort)
+        slot = tl.load(slot_ptr + e).to(tl.int64)
+        v = tl.load(val_ptr + slot).to(tl.float32)
+        n = slot // K
+        acc += v * tl.load(g_ptr + n * g_row + g_off + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    tl.store(gw_ptr + f * R + offs_r, acc, mask=mask_r)
+
+
+BLOCK_D = 64
+BLOCK_K = 16
+BLOCK_R = 128
+
+
+class SparseDecode(torch.autograd.Function):
+    """(idx [N, L, K], val [N, L, K], *W_dec) -> ŷ [N, L, d]; gradients for val and every W_dec[s]."""
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, val: torch.Tensor, *W_dec: torch.Tensor) -> torch.Tensor:
+        n, L, K = idx.shape
+        d = W_dec[0].shape[-1]
+        idx_s = [idx[:, s].contiguous() for s in range(L)]
+        val_s = [val[:, s].contiguous() for s in range(L)]
+        out = torch.zeros(n, L, d, device=val.device, dtype=torch.float32)
+        for s in range(L):
+            grid = (n, L - s, triton.cdiv(d, BLOCK_D))
+            _decode_fwd[grid](idx_s[s], val_s[s], W_dec[s], out, K, L - s, d, L * d, s * d,
+                              BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+        ctx.save_for_backward(*idx_s, *val_s, *W_dec)
+        ctx.L = L
+        return out.to(W_dec[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        L = ctx.L
+        saved = ctx.saved_tensors
+        idx_s, val_s, W_dec = saved[:L], saved[L:2 * L], saved[2 * L:]
+        g = grad.contiguous()
+        n, _, d = g.shape
+        K = idx_s[0].shape[1]
+        grad_val = torch.empty(n, L, K, device=g.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = []
+        for s in range(L):
+            R = (L - s) * d
+            if grad_val is not None:
+                gv = torch.empty(n, K, device=g.device, dtype=torch.float32)
+                _decode_grad_val[(n, triton.cdiv(K, BLOCK_K))](idx_s[s], gv, W_dec[s], g, K, R, L * d, s * d,
+                                                              BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
+                grad_val[:, s] = gv
+            if ctx.needs_input_grad[2 + s]:
+                gw = torch.zeros_like(W_dec[s], dtype=torch.float32)
+                flat = idx_s[s].reshape(-1)
+                order = torch.argsort(flat, stable=True)  # slots sorted by feature, token order kept
+                order = order[flat[order] >= 0]  # drop padding
+                if order.numel():
+                    feats, counts = torch.unique_consecutive(flat[order], return_counts=True)
+                    starts = torch.zeros(feats.numel() + 1, dtype=torch.int64, device=g.device)
+                    starts[1:] = counts.cumsum(0)
+                    _decode_grad_w[(feats.numel(), triton.cdiv(R, BLOCK_R))](
+                        feats, starts, order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R)
+                grad_w.append(gw.to(W_dec[s].dtype))
+            else:
+                grad_w.append(None)
+        if grad_val is not None:
+            grad_val = grad_val.to(saved[L].dtype)
+        return (None, grad_val, *grad_w)
+
+
+def decode_triton(idx: torch.Tensor, val: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
+    return SparseDecode.apply(idx, val, *W_dec)
