@@ -133,6 +133,18 @@ class CrossLayerTranscoder(nn.Module):
         """a: [N, L, F] -> ŷ: [N, L, d] in subject units."""
         return self.decode_normalized(a) / self.output_scale[:, None]
 
+    def encode_activate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, L, d] -> (h, a): [N, L, F]. On the Triton path the bias and the JumpReLU / ReLU
+        epilogue are fused into the encoder GEMM (same outputs and gradients)."""
+        kind = self.arch.activation
+        if kind in ("jumprelu", "relu") and kernels.use_triton(x, self.arch.decode):
+            x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
+            theta = self.threshold if kind == "jumprelu" else None
+            return kernels.encode_fused(x, self.W_enc, self.b_enc, theta, kind, self.arch.bandwidth,
+                                        self.arch.ste_to_input)
+        h = self.encode(x)
+        return h, self.activate(h)
+
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x: [N, d] input of one layer -> a: [N, F] (used when splicing into a live forward pass)."""
         x = x.to(self.W_enc.dtype) * self.input_scale[layer]
@@ -148,7 +160,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, L, d] -> (a: [N, L, F], ŷ: [N, L, d])."""
-        a = self.activate(self.encode(x))
+        _, a = self.encode_activate(x)
         return a, self.decode(a)
 
     @torch.no_grad()

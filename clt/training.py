@@ -63,8 +63,7 @@ class CLTModule(L.LightningModule):
         """x, y: [N, L, d] -> (total loss, metrics). Also advances the dead-feature counters and
         the BatchTopK inference threshold."""
         c, clt = self.cfg.clt, self.clt
-        h = clt.encode(x)  # [N, L, F]
-        a = clt.activate(h)  # [N, L, F]
+        h, a = clt.encode_activate(x)  # [N, L, F] each
         y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
         y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
         mse, sse, sst = losses.reconstruction(y_hat, y_n)

@@ -29,17 +29,22 @@ def triton_available() -> bool:
     return True
 
 
-def choose(a: torch.Tensor, impl: str = "auto") -> str:
-    """The decode path `decode` takes for activations `a` ([N, L, F])."""
+def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether the Triton kernels serve tensor `t` under `impl` (and CLT_KERNELS)."""
     if impl not in IMPLS:
         raise ValueError(f"decode implementation {impl!r}: expected one of {IMPLS}")
     if impl != "auto":
-        return impl
+        return impl == "triton"
     env = os.environ.get("CLT_KERNELS", "")
-    if env == "triton":
+    return env == "triton" or (env != "torch" and t.is_cuda and triton_available())
+
+
+def choose(a: torch.Tensor, impl: str = "auto") -> str:
+    """The decode path `decode` takes for activations `a` ([N, L, F])."""
+    if use_triton(a, impl):
         return "triton"
-    if env != "torch" and a.is_cuda and triton_available():
-        return "triton"
+    if impl != "auto":
+        return impl
     return "sparse" if bool((a != 0).float().mean() <= 0.1) else "dense"
 
 
@@ -56,4 +61,12 @@ def decode(a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | N
     return decode_dense(a, W_dec)
 
 
-__all__ = ["IMPLS", "choose", "decode", "decode_dense", "decode_sparse", "to_padded", "triton_available"]
+def encode_fused(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, theta: torch.Tensor | None,
+                 activation: str, bandwidth: float = 1.0, ste_to_input: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton GEMM + bias + JumpReLU/ReLU epilogue: x [N, L, d] (normalised) -> (h, a) [N, L, F]."""
+    from .triton_encode import encode_triton
+    return encode_triton(x, W_enc, b_enc, theta, activation, bandwidth, ste_to_input)
+
+
+__all__ = ["IMPLS", "choose", "decode", "encode_fused", "use_triton", "decode_dense", "decode_sparse", "to_padded", "triton_available"]

@@ -1,0 +1,91 @@
+"""Fused CLT encode in Triton: h = x W_encᵀ + b_enc and the activation epilogue, every layer in
+one launch.
+
+    x: [N, L, d] (normalised), W_enc: [L, F, d], b_enc: [L, F], θ: [L, F] -> h, a: [N, L, F]
+    a = h · 1[h > θ] (JumpReLU) or ReLU(h) (kind 1) or nothing (kind 0: h only, for TopK)
+
+The backward is torch: it sends gradient through both outputs the loss uses (h for the
+pre-activation and AuxK terms, a for reconstruction and sparsity), with JumpReLU's
+rectangle-kernel pseudo-gradients (DESIGN.md §1), so inactive features within the bandwidth of θ
+get their θ gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NONE, RELU, JUMPRELU = 0, 1, 2
+
+
+@triton.jit
+def _encode_kernel(x_ptr, w_ptr, b_ptr, th_ptr, h_ptr, a_ptr, N, L, F, D,
+                   KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m, pid_n, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm, mn = rm < N, rn < F
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    x_row = rm.to(tl.int64)[:, None] * (L * D) + layer * D  # x[n, layer, :]
+    w_row = layer * F * D + rn.to(tl.int64)[None, :] * D  # W_enc[layer, f, :]
+    for k0 in range(0, D, BK):
+        rk = k0 + tl.arange(0, BK)
+        mk = rk < D
+        x = tl.load(x_ptr + x_row + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + w_row + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)  # [BK, BN]
+        acc += tl.dot(x, w)
+    h = acc + tl.load(b_ptr + layer * F + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    out = rm.to(tl.int64)[:, None] * (L * F) + layer * F + rn[None, :]
+    m2 = mm[:, None] & mn[None, :]
+    tl.store(h_ptr + out, h, mask=m2)
+    if KIND == 2:
+        th = tl.load(th_ptr + layer * F + rn, mask=mn, other=0.0).to(tl.float32)
+        tl.store(a_ptr + out, tl.where(h > th[None, :], h, 0.0), mask=m2)
+    elif KIND == 1:
+        tl.store(a_ptr + out, tl.maximum(h, 0.0), mask=m2)
+
+
+class FusedEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, theta, kind: int, bandwidth: float, ste_to_input: bool):
+        n, L, d = x.shape
+        F = W_enc.shape[1]
+        x, W = x.contiguous(), W_enc.contiguous()
+        h = torch.empty(n, L, F, device=x.device, dtype=torch.float32)
+        a = torch.empty_like(h) if kind != NONE else h.new_empty(0)  # kind 0: h only
+        th = theta.contiguous() if theta is not None else b_enc
+        grid = (triton.cdiv(n, 32), triton.cdiv(F, 32), L)
+        _encode_kernel[grid](x, W, b_enc.contiguous(), th, h, a, n, L, F, d, KIND=kind, BM=32, BN=32, BK=32)
+        ctx.save_for_backward(x, W, h, theta if theta is not None else torch.empty(0))
+        ctx.kind, ctx.bandwidth, ctx.ste = kind, bandwidth, ste_to_input
+        return h, a
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_a):
+        x, W, h, theta = ctx.saved_tensors
+        gh = grad_h if grad_h is not None else torch.zeros_like(h)
+        grad_theta = None
+        if ctx.kind != NONE and grad_a is not None:
+            if ctx.kind == RELU:
+                gh = gh + grad_a * (h > 0)
+            else:
+                eps = ctx.bandwidth
+                kernel = (theta / eps) * ((h - theta).abs() < eps / 2)  # (θ/ε)·K((h−θ)/ε)
+                gh = gh + grad_a * (h > theta)
+                if ctx.ste:
+                    gh = gh + grad_a * kernel
+                grad_theta = -(grad_a * kernel).sum(0)
+        grad_x = torch.einsum("nlf,lfd->nld", gh, W) if ctx.needs_input_grad[0] else None
+        grad_W = torch.einsum("nlf,nld->lfd", gh, x) if ctx.needs_input_grad[1] else None
+        grad_b = gh.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_W, grad_b, grad_theta, None, None, None
+
+
+def encode_triton(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, theta: torch.Tensor | None,
+                  activation: str, bandwidth: float = 1.0, ste_to_input: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [N, L, d] normalised input -> (h, a): [N, L, F]. activation: jumprelu | relu | none."""
+    kind = {"none": NONE, "relu": RELU, "jumprelu": JUMPRELU}[activation]
+    h, a = FusedEncode.apply(x, W_enc, b_enc, theta, kind, bandwidth, ste_to_input)
+    return h, (h if kind == NONE else a)
