@@ -21,7 +21,8 @@ NONE, RELU, JUMPRELU = 0, 1, 2
 
 @triton.jit
 def _encode_kernel(x_ptr, w_ptr, b_ptr, th_ptr, h_ptr, a_ptr, N, L, F, D,
-                   KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   KIND: tl.constexpr, FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
     pid_m, pid_n, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -34,7 +35,10 @@ def _encode_kernel(x_ptr, w_ptr, b_ptr, th_ptr, h_ptr, a_ptr, N, L, F, D,
         mk = rk < D
         x = tl.load(x_ptr + x_row + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         w = tl.load(w_ptr + w_row + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)  # [BK, BN]
-        acc += tl.dot(x, w)
+        if FP32:  # true fp32 products (the CUDA default for fp32 dot is TF32, ~1e-3 relative)
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
     h = acc + tl.load(b_ptr + layer * F + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     out = rm.to(tl.int64)[:, None] * (L * F) + layer * F + rn[None, :]
     m2 = mm[:, None] & mn[None, :]
@@ -56,7 +60,8 @@ class FusedEncode(torch.autograd.Function):
         a = torch.empty_like(h) if kind != NONE else h.new_empty(0)  # kind 0: h only
         th = theta.contiguous() if theta is not None else b_enc
         grid = (triton.cdiv(n, 32), triton.cdiv(F, 32), L)
-        _encode_kernel[grid](x, W, b_enc.contiguous(), th, h, a, n, L, F, d, KIND=kind, BM=32, BN=32, BK=32)
+        _encode_kernel[grid](x, W, b_enc.contiguous(), th, h, a, n, L, F, d, KIND=kind,
+                             FP32=x.dtype == torch.float32, BM=32, BN=32, BK=32)
         ctx.save_for_backward(x, W, h, theta if theta is not None else torch.empty(0))
         ctx.kind, ctx.bandwidth, ctx.ste = kind, bandwidth, ste_to_input
         return h, a

@@ -205,3 +205,14 @@ def test_module_loss_gradients_triton_vs_dense(activation):
     assert out["triton"][0] == pytest.approx(out["dense"][0], rel=1e-5)
     for k, gd in out["dense"][1].items():
         torch.testing.assert_close(out["triton"][1][k], gd, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_kernel_benchmark_runs():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--quick", "--reps", "1",
+                          "--no-step", "--out", "/dev/null"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "decode  sparse" in out.stdout and "×dense" in out.stdout
