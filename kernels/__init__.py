@@ -30,13 +30,21 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
-    """Whether the Triton kernels serve tensor `t` under `impl` (and CLT_KERNELS)."""
+    """Whether the Triton kernels serve tensor `t` under `impl` (and CLT_KERNELS); raises a clear
+    error when they are asked for but cannot run."""
     if impl not in IMPLS:
         raise ValueError(f"decode implementation {impl!r}: expected one of {IMPLS}")
-    if impl != "auto":
-        return impl == "triton"
     env = os.environ.get("CLT_KERNELS", "")
-    return env == "triton" or (env != "torch" and t.is_cuda and triton_available())
+    if impl == "auto":
+        wanted = env == "triton" or (env != "torch" and t.is_cuda and triton_available())
+    else:
+        wanted = impl == "triton"
+    if wanted and not triton_available():
+        raise RuntimeError("the Triton kernels were requested but triton is not installed (pip install triton)")
+    if wanted and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 "
+                           "(interpreter: fp32, slow) or use clt.decode=sparse|dense")
+    return wanted
 
 
 def choose(a: torch.Tensor, impl: str = "auto") -> str:

@@ -92,11 +92,11 @@ def test_sparse_decode_bf16_on_gpu():
 
 
 def test_choose_paths(monkeypatch):
-    a = torch.zeros(4, 2, 100)
+    a = torch.zeros(4, 2, 100, device=DEVICE)
     a[:, :, 0] = 1
     monkeypatch.delenv("CLT_KERNELS", raising=False)
     assert kernels.choose(a) == ("triton" if a.is_cuda else "sparse")
-    assert kernels.choose(torch.ones(4, 2, 10)) == "dense"
+    assert kernels.choose(torch.ones(4, 2, 10)) == "dense"  # CPU, dense activations
     monkeypatch.setenv("CLT_KERNELS", "triton")
     assert kernels.choose(a) == "triton"
     assert kernels.choose(a, "dense") == "dense"
@@ -216,3 +216,9 @@ def test_kernel_benchmark_runs():
                           "--no-step", "--out", "/dev/null"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "decode  sparse" in out.stdout and "×dense" in out.stdout
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="need a CUDA device; on CPU set TRITON_INTERPRET=1"):
+        kernels.use_triton(torch.zeros(2, 2, 2), "triton")
