@@ -1,0 +1,314 @@
+"""attribute(): the attribution graph of a prompt (DESIGN.md §6).
+
+One frozen forward pass with the prompt replicated `batch_size` times; each batch element then
+carries the gradient of one target (a feature's pre-activation or a demeaned logit). Backward
+hooks on every layer's MLP output and on the token embeddings turn those gradients into edge
+rows as the backward pass goes:
+
+    feature source (s, p, f), value a:   A[t] += a · (W_dec[s][f, l − s] / s_out[l]) · ∂t/∂mlp_out_l[p]   for each l ≥ s
+    error source (l, p), vector e:        A[t] += e · ∂t/∂mlp_out_l[p]
+    token source p, embedding E_p:        A[t] += E_p · ∂t/∂E_p
+
+The feature contractions are grouped by position into one batched GEMM per layer
+([T, B, d] @ [T, d, K]), so memory is bounded by `batch_size` and the positions' active features.
+Logit rows come first; feature rows are then visited in order of their current influence on the
+logits (recomputed every `update_interval · batch_size` rows) up to `max_feature_nodes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import CrossLayerTranscoder
+from ..subject import Subject
+from .graph import Graph
+from .replacement import AttributionError, PromptContext, ReplacementModel
+
+
+def replacement_model(model, clt: CrossLayerTranscoder, tokenizer=None) -> ReplacementModel:
+    """A ReplacementModel from a ReplacementModel, a Subject or a transformers causal LM."""
+    if isinstance(model, ReplacementModel):
+        return model
+    if not isinstance(model, Subject):
+        model = Subject(model, tokenizer, "auto", clt.arch.input_hook, clt.arch.output_hook)
+    return ReplacementModel(model, clt)
+
+
+def logit_targets(ctx: PromptContext, max_n_logits: int, desired_logit_prob: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely next tokens, until their probability reaches `desired_logit_prob` (at most
+    `max_n_logits`). -> (vocab ids [K], probabilities [K])."""
+    probs = torch.softmax(ctx.logits[-1].float(), -1)
+    top_p, top_i = probs.topk(min(max_n_logits, probs.numel()))
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
+    k = min(cutoff, len(top_p))
+    return top_i[:k], top_p[:k]
+
+
+class _Rows:
+    """Computes edge rows in batches of targets on one retained frozen forward graph."""
+
+    def __init__(self, rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, values: torch.Tensor,
+                 batch_size: int, cache_bytes: int):
+        self.rm, self.ctx, self.B = rm, ctx, batch_size
+        L, T = rm.n_layers, len(ctx.ids)
+        self.L, self.T = L, T
+        self.feats, self.values = feats, values  # [n, 3] (layer, pos, feat) sorted; [n]
+        self.n_active = len(feats)
+        self.n_cols = self.n_active + L * T + T
+        self.err_col0, self.tok_col0 = self.n_active, self.n_active + L * T
+        # features with source layer ≤ l are the prefix [0, upto[l]) of the sorted list
+        self.upto = torch.searchsorted(feats[:, 0].contiguous(), torch.arange(L, device=feats.device), right=True)
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_left = cache_bytes
+        self.buf: torch.Tensor | None = None
+        self._build()
+
+    # decoder rows of the features active at or below layer l, as they write into layer l,
+    # padded per position: (D [T, K, d] (value- and scale-weighted), cols [T, K] (−1 = padding))
+    def _decoder(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if l in self.cache:
+            return self.cache[l]
+        clt, n = self.rm.clt, int(self.upto[l])
+        f = self.feats[:n]
+        rows = torch.cat([clt.W_dec[s][f[(f[:, 0] == s), 2], l - s] for s in range(l + 1)]) if n else \
+            clt.W_dec[0].new_zeros(0, self.rm.d_model)
+        rows = rows.float() * (self.values[:n] / clt.output_scale[l])[:, None]
+        pos = f[:, 1]
+        counts = torch.bincount(pos, minlength=self.T)
+        K = max(int(counts.max()) if n else 0, 1)
+        order = torch.argsort(pos, stable=True)
+        start = counts.cumsum(0) - counts
+        slot = torch.arange(n, device=pos.device) - start[pos[order]]
+        cols = torch.full((self.T, K), -1, dtype=torch.long, device=pos.device)
+        cols[pos[order], slot] = order
+        D = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[cols]  # padding reads the zero row
+        out = (D, cols)
+        size = D.numel() * D.element_size()
+        if size <= self.cache_left:
+            self.cache[l] = out
+            self.cache_left -= size
+        return out
+
+    def _layer_grad(self, l: int, g: torch.Tensor) -> None:
+        """g: [B, T, d] = ∂targets/∂(MLP output of layer l)."""
+        g = g.float()
+        buf, T = self.buf, self.T
+        assert buf is not None
+        c0 = self.err_col0 + l * T
+        buf[:, c0:c0 + T] += (g * self.ctx.err[:, l]).sum(-1)
+        if int(self.upto[l]) == 0:
+            return
+        D, cols = self._decoder(l)
+        Y = torch.bmm(g.transpose(0, 1), D.transpose(1, 2))  # [T, B, K]
+        valid = cols.flatten() >= 0
+        buf.index_add_(1, cols.flatten()[valid], Y.permute(1, 0, 2).reshape(g.shape[0], -1)[:, valid])
+
+    def _token_grad(self, g: torch.Tensor) -> None:
+        assert self.buf is not None
+        self.buf[:, self.tok_col0:] += (g.float() * self.ctx.E).sum(-1)
+
+    def _build(self) -> None:
+        """The frozen forward pass at batch B, with gradient hooks."""
+        rm, ctx, B = self.rm, self.ctx, self.B
+        dtype = rm.subject.dtype
+        self.one_E = torch.ones((), device=rm.device, dtype=dtype, requires_grad=True)
+        self.ones = [torch.ones((), device=rm.device, dtype=dtype, requires_grad=True) for _ in range(self.L)]
+        E = ctx.E.to(dtype).expand(B, -1, -1) * self.one_E
+        E.register_hook(self._token_grad)
+
+        def on_output(layer, out):
+            out = out * self.ones[layer]
+            out.register_hook(lambda g, layer=layer: self._layer_grad(layer, g))
+            return out
+
+        with torch.enable_grad():
+            self.xs, self.hidden = rm.frozen_run(ctx, E, rm.mlp_outputs(ctx)[None], on_output)
+
+    def compute(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Rows for up to B targets: target i reads `vectors[i]` · (layer layers[i]'s CLT input at
+        positions[i]); layer == L means the final hidden state (logits). -> [n, n_cols] fp32."""
+        n = len(layers)
+        assert n <= self.B
+        self.buf = torch.zeros(self.B, self.n_cols, device=vectors.device)
+        with torch.enable_grad():
+            obj = 0.0
+            b = torch.arange(n, device=layers.device)
+            for layer in layers.unique().tolist():
+                m = layers == layer
+                src = self.hidden if layer == self.L else self.xs[layer]
+                obj = obj + (src[b[m], positions[m]].float() * vectors[m]).sum()
+            torch.autograd.grad(obj, [self.one_E, *self.ones], retain_graph=True, allow_unused=True)
+        out, self.buf = self.buf[:n], None
+        return out
+
+
+@torch.no_grad()
+def node_bias(rm: ReplacementModel, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model with every source at zero: the constant part of every target.
+    -> (h: [T, L, F], demeaned pre-softcap logits at the last position: [V])."""
+    h, logits = rm.frozen_forward(ctx, torch.zeros_like(ctx.E), torch.zeros_like(ctx.a), torch.zeros_like(ctx.err))
+    last = logits[-1]
+    return h, last - last.mean()
+
+
+def partial_influence(rows: torch.Tensor, row_weights: torch.Tensor, row_cols: torch.Tensor,
+                      max_iter: int = 1000) -> torch.Tensor:
+    """Influence on the logits of every column, from the rows computed so far.
+
+    rows: [r, n_cols]; row_weights: [r] (logit probabilities on logit rows); row_cols: [r] the
+    column of each row's node (−1 for logits). Iterates on the small square block (visited nodes)
+    and applies the full rows once: w·Â + w·Â² + … restricted to the known rows."""
+    norm = rows.abs()
+    norm /= norm.sum(1, keepdim=True).clamp_min(1e-10)
+    feat_rows = (row_cols >= 0).nonzero().flatten()
+    S = norm[:, row_cols[feat_rows]]  # [r, r_f]
+    prod, total = row_weights.clone(), row_weights.clone()
+    for _ in range(max_iter):
+        nxt = torch.zeros_like(prod)
+        nxt[feat_rows] = prod @ S
+        if not nxt.any():
+            break
+        total += nxt
+        prod = nxt
+    return total @ norm
+
+
+def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n_logits: int = 10,
+              desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None, batch_size: int = 64,
+              update_interval: int = 4, decoder_cache_bytes: int = 1 << 30, verbose: bool = True,
+              scan: str = "") -> Graph:
+    """The attribution graph of `prompt` through `clt` spliced into `model` (a ReplacementModel,
+    a Subject or a transformers causal LM; pass `tokenizer` with a bare model).
+
+    Nodes: active features (position 0 excluded), error nodes per (layer, position), token nodes,
+    and the top logits (at most `max_n_logits`, until `desired_logit_prob` of the probability).
+    Edges: direct effects in the frozen replacement model (see `clt.attribution.graph`). At most
+    `max_feature_nodes` feature rows are computed (None: all), most influential first; the columns
+    of features never visited are dropped. Memory grows with `batch_size`."""
+    if max_n_logits < 1:
+        raise AttributionError(f"max_n_logits must be ≥ 1, got {max_n_logits}")
+    if not 0 < desired_logit_prob <= 1:
+        raise AttributionError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
+    if batch_size < 1 or update_interval < 1:
+        raise AttributionError("batch_size and update_interval must be ≥ 1")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise AttributionError(f"max_feature_nodes must be ≥ 0, got {max_feature_nodes}")
+    rm = replacement_model(model, clt, tokenizer)
+    ctx = rm.prepare(prompt)
+    L, T, dev = rm.n_layers, len(ctx.ids), ctx.a.device
+
+    nz = ctx.a.transpose(0, 1).nonzero()  # (layer, pos, feat), sorted
+    feats, values = nz, ctx.a[nz[:, 1], nz[:, 0], nz[:, 2]].float()
+    n_active = len(feats)
+    n_visit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    vocab, probs = logit_targets(ctx, max_n_logits, desired_logit_prob)
+    K = len(vocab)
+
+    rows = _Rows(rm, ctx, feats, values, batch_size, decoder_cache_bytes)
+    edge = torch.zeros(K + n_visit, rows.n_cols, device=dev)
+    row_cols = torch.full((K + n_visit,), -1, dtype=torch.long, device=dev)
+    bar = tqdm(total=K + n_visit, unit="row", desc="attribution", disable=not verbose)
+
+    lv = rm.logit_vectors(vocab)
+    for i in range(0, K, batch_size):
+        j = min(i + batch_size, K)
+        n = j - i
+        edge[i:j] = rows.compute(torch.full((n,), L, device=dev), torch.full((n,), T - 1, device=dev), lv[i:j])
+        bar.update(n)
+
+    def visit(idx: torch.Tensor, at: int) -> int:
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i:i + batch_size]
+            f = feats[chunk]
+            edge[at:at + len(chunk)] = rows.compute(f[:, 0], f[:, 1], feature_vectors(rm, f))
+            row_cols[at:at + len(chunk)] = chunk
+            at += len(chunk)
+            bar.update(len(chunk))
+        return at
+
+    at = K
+    visited = torch.zeros(n_active, dtype=torch.bool, device=dev)
+    weights = torch.zeros(K + n_visit, device=dev)
+    weights[:K] = probs.float()
+    while at < K + n_visit:
+        if n_visit == n_active:
+            order = torch.arange(n_active, device=dev)
+        else:
+            infl = partial_influence(edge[:at], weights[:at], row_cols[:at])[:n_active]
+            infl[visited] = -1
+            order = infl.argsort(descending=True)[: min(update_interval * batch_size, K + n_visit - at)]
+        visited[order] = True
+        at = visit(order, at)
+    bar.close()
+
+    # package: features sorted by (layer, pos, feat), then errors, tokens, logits
+    selected = visited.nonzero().flatten()
+    row_of = torch.empty(n_active, dtype=torch.long, device=dev)
+    row_of[row_cols[K:]] = torch.arange(K, K + n_visit, device=dev)
+    n_sel = len(selected)
+    N = n_sel + L * T + T + K
+    cols = torch.cat([selected, torch.arange(n_active, rows.n_cols, device=dev)])
+    adj = torch.zeros(N, N)
+    adj[:n_sel, : n_sel + L * T + T] = edge[row_of[selected]][:, cols].cpu()
+    adj[N - K:, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
+
+    h0, logit0 = node_bias(rm, ctx)
+    values_t, bias_t = torch.zeros(N), torch.zeros(N)
+    fs = feats[selected]
+    values_t[:n_sel] = ctx.h[fs[:, 1], fs[:, 0], fs[:, 2]].float().cpu()
+    bias_t[:n_sel] = h0[fs[:, 1], fs[:, 0], fs[:, 2]].cpu()
+    last = ctx.logits_pre[-1]
+    values_t[N - K:] = (last[vocab] - last.mean()).cpu()
+    bias_t[N - K:] = logit0[vocab].cpu()
+
+    tok = rm.subject.tokenizer
+    decode = (lambda i: tok.decode([int(i)])) if tok is not None else (lambda i: str(int(i)))
+    return Graph(
+        prompt=prompt if isinstance(prompt, str) else "", input_tokens=ctx.ids.cpu(),
+        token_strings=[decode(i) for i in ctx.ids], active_features=feats.cpu(), activation_values=values.cpu(),
+        selected_features=selected.cpu(), adjacency_matrix=adj, logit_tokens=vocab.cpu(),
+        logit_token_strings=[decode(i) for i in vocab], logit_probabilities=probs.float().cpu(),
+        n_layers=L, vocab_size=int(ctx.logits.shape[-1]), node_values=values_t, node_bias=bias_t, scan=scan,
+        model_name=rm.subject.name,
+        info={"n_active_features": n_active, "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
+              "activation": rm.clt.arch.activation, "d_sae": rm.clt.d_sae,
+              "visited_fraction": n_visit / max(n_active, 1)})
+
+
+def dense_rows(rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, values: torch.Tensor,
+               layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Reference rows: one backward pass per target at batch 1, gradients taken on leaf copies of
+    the sources, every decoder contracted densely (all F features, then the active ones picked).
+    The baseline of `benchmarks/attribution.py` and the oracle of the tests. Same layout as
+    `_Rows.compute`."""
+    L, T, F = rm.n_layers, len(ctx.ids), rm.d_sae
+    clt = rm.clt
+    with torch.enable_grad():
+        E = ctx.E[None].clone().requires_grad_(True)
+        M = rm.mlp_outputs(ctx)[None].clone().requires_grad_(True)  # [1, T, L, d]
+        xs, hidden = rm.frozen_run(ctx, E, M)
+        out = []
+        for layer, pos, vec in zip(layers.tolist(), positions.tolist(), vectors):
+            src = hidden if layer == L else xs[layer]
+            gE, gM = torch.autograd.grad((src[0, pos].float() * vec).sum(), [E, M], retain_graph=True,
+                                         materialize_grads=True)
+            gE, gM = gE[0].float(), gM[0].float()  # [T, d], [T, L, d]
+            row = torch.zeros(len(feats) + L * T + T, device=vectors.device)
+            contrib = torch.zeros(L, T, F, device=vectors.device)
+            for s in range(L):
+                g = gM[:, s:] / clt.output_scale[s:, None].float()  # [T, L − s, d]
+                contrib[s] = torch.einsum("fld,tld->tf", clt.W_dec[s].float(), g)
+            row[: len(feats)] = contrib[feats[:, 0], feats[:, 1], feats[:, 2]] * values
+            row[len(feats): len(feats) + L * T] = (gM * ctx.err).sum(-1).T.flatten()
+            row[len(feats) + L * T:] = (gE * ctx.E).sum(-1)
+            out.append(row)
+    return torch.stack(out) if out else torch.zeros(0, len(feats) + L * T + T)
+
+
+def feature_vectors(rm: ReplacementModel, feats: torch.Tensor) -> torch.Tensor:
+    """∂h/∂x for features (layer, pos, feat): [n, 3] -> [n, d]."""
+    clt = rm.clt
+    return clt.W_enc[feats[:, 0], feats[:, 2]].float() * clt.input_scale[feats[:, 0]].float()[:, None]
+

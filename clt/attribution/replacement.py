@@ -1,0 +1,503 @@
+"""The local replacement model (DESIGN.md §6) on a plain Hugging Face causal LM.
+
+A clean forward pass of the subject model on the prompt records every attention pattern and
+every norm denominator. Replaying them makes the model affine in the residual stream; replacing
+every MLP output by the CLT's reconstruction plus an error term (the clean MLP output minus the
+reconstruction) then gives the *frozen replacement model*, an affine function of
+
+    E    : [T, d]       token embeddings (the input of the first layer, before any scaling)
+    a    : [T, L, F]    feature activations (position 0, the BOS token, zeroed)
+    err  : [T, L, d]    error vectors (position 0 zeroed; its MLP output stays a constant)
+
+whose outputs are the CLT pre-activations h: [T, L, F] and the pre-softcap logits [T, V]. With
+the clean sources it reproduces the subject model's outputs exactly; attribution edges are its
+linear coefficients. The *live* replacement model (`forward`) runs the subject normally with
+the MLPs replaced by the CLT (closed loop) or patched by feature interventions.
+
+Nothing here knows a model family beyond `Subject`'s hook points: attention patterns are frozen
+through a registered transformers attention function, norms by patching every RMSNorm/LayerNorm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import CLTError
+from ..model import CrossLayerTranscoder
+from ..subject import Subject
+
+ATTN_IMPL = "clt_replacement"
+
+
+class AttributionError(CLTError, ValueError):
+    """Bad input to attribution: prompt, thresholds, or a CLT that does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing attention patterns and norm denominators
+
+
+@dataclass
+class Freeze:
+    """What a clean run recorded, and how the next runs use it.
+
+    attention / norms: "off" (normal), "record" (normal, and remember), "replay" (use what was
+    remembered: patterns [1, H, T, T] and norm scales [1, T, 1] broadcast over any batch)."""
+    attention: str = "off"
+    norms: str = "off"
+    patterns: dict[int, torch.Tensor] = field(default_factory=dict)
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+    gains_plus_one: dict[int, bool] = field(default_factory=dict)
+
+
+_ACTIVE: list[Freeze] = [Freeze()]  # the innermost `ReplacementModel._freezing` context
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """A transformers attention function: the model's own eager attention, recorded or replayed.
+    query: [B, H, T, D], key/value: [B, H_kv, S, D] -> ([B, T, H, D], weights)."""
+    fz = _ACTIVE[-1]
+    if fz.attention == "replay":
+        w = fz.patterns[id(module)]
+        n_rep = query.shape[1] // value.shape[1]
+        if n_rep > 1:
+            value = value.repeat_interleave(n_rep, dim=1)
+        return torch.matmul(w.to(value.dtype), value).transpose(1, 2).contiguous(), None
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    out, w = eager(module, query, key, value, attention_mask, **kwargs)
+    if fz.attention == "record":
+        fz.patterns[id(module)] = w.detach()
+    return out, w
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, _attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.LayerNorm):
+        return "layer"
+    if type(module).__name__.endswith("RMSNorm"):
+        return "rms"
+    return None
+
+
+def _frozen_norm_forward(module: nn.Module, kind: str, original):
+    """forward(x) for a norm whose denominator can be recorded and replayed. In record mode the
+    output is the module's own; our affine form is checked against it (an unknown norm variant
+    fails loudly instead of giving wrong edges)."""
+    eps = getattr(module, "variance_epsilon", None)
+    eps = getattr(module, "eps", 1e-6) if eps is None else eps
+    key = id(module)
+
+    def affine(z: torch.Tensor, plus_one: bool) -> torch.Tensor:
+        w = getattr(module, "weight", None)
+        if w is not None:
+            z = z * ((1.0 + w.float()) if plus_one else w.float())
+        b = getattr(module, "bias", None)
+        return z + b.float() if b is not None else z
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fz = _ACTIVE[-1]
+        if fz.norms == "off":
+            return original(x, *args, **kwargs)
+        xf = x.float()
+        z = xf - xf.mean(-1, keepdim=True) if kind == "layer" else xf
+        if fz.norms == "record":
+            out = original(x, *args, **kwargs)
+            scale = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+            fz.scales[key] = scale.detach()
+            errs = [(affine(z * scale, p) - out.float()).abs().max().item() for p in (False, True)]
+            best = min(range(2), key=lambda i: errs[i])
+            tol = 1e-3 * (out.float().abs().max().item() + 1.0)
+            if errs[best] > tol:
+                raise AttributionError(
+                    f"cannot freeze {type(module).__name__}: it is not a plain RMSNorm/LayerNorm "
+                    f"(max deviation {errs[best]:.3g}); this model family is not supported by attribution")
+            fz.gains_plus_one[key] = bool(best)
+            return out
+        return affine(z * fz.scales[key], fz.gains_plus_one[key]).to(x.dtype)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions
+
+
+@dataclass
+class Intervention:
+    """Set (or scale) feature `feature` of source layer `layer` at `position` (an int, a list,
+    or a slice; `slice(k, None)` also covers generated tokens)."""
+    layer: int
+    position: int | slice | Sequence[int]
+    feature: int
+    value: float
+    mode: str = "set"  # "set": a = value; "scale": a = value · a
+
+
+def _as_interventions(items) -> list[Intervention]:
+    out = []
+    for it in items or ():
+        it = it if isinstance(it, Intervention) else Intervention(*it)
+        if it.mode not in ("set", "scale"):
+            raise AttributionError(f"intervention mode must be 'set' or 'scale', got {it.mode!r}")
+        out.append(it)
+    return out
+
+
+def _positions(pos, offset: int, n: int) -> list[int]:
+    """Local indices in [0, n) of the absolute positions `pos` among offset..offset+n-1."""
+    if isinstance(pos, slice):
+        start, stop, step = pos.start or 0, pos.stop, pos.step or 1
+        return [p - offset for p in range(max(start, offset), offset + n if stop is None else min(stop, offset + n))
+                if (p - start) % step == 0]
+    plist = [pos] if isinstance(pos, int) else list(pos)
+    return [p - offset for p in plist if offset <= p < offset + n]
+
+
+def _edit(a: torch.Tensor, interventions: list[Intervention], offset: int) -> None:
+    """In place. a: [..., n, F] activations of one layer at positions offset..offset+n-1."""
+    for it in interventions:
+        if not 0 <= it.feature < a.shape[-1]:
+            raise AttributionError(f"intervention on feature {it.feature}: the CLT has {a.shape[-1]} features")
+        idx = _positions(it.position, offset, a.shape[-2])
+        if idx:
+            cur = a[..., idx, it.feature]
+            a[..., idx, it.feature] = cur * it.value if it.mode == "scale" else torch.full_like(cur, it.value)
+
+
+def apply_interventions(a: torch.Tensor, interventions: list[Intervention], offset: int = 0) -> torch.Tensor:
+    """a: [T, L, F] activations of positions offset..offset+T-1 -> a copy with the interventions."""
+    a = a.clone()
+    for it in interventions:
+        if not 0 <= it.layer < a.shape[1]:
+            raise AttributionError(f"intervention on layer {it.layer}: the CLT has {a.shape[1]} layers")
+        _edit(a[:, it.layer], [it], offset)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# The replacement model
+
+
+@dataclass
+class PromptContext:
+    """Everything the clean run of one prompt leaves behind. Layouts follow the CLT's [T, L, ·]."""
+    ids: torch.Tensor        # [T] token ids (BOS first)
+    E: torch.Tensor          # [T, d] token embeddings
+    h: torch.Tensor          # [T, L, F] CLT pre-activations
+    a: torch.Tensor          # [T, L, F] CLT activations, position 0 zeroed
+    err: torch.Tensor        # [T, L, d] error nodes: MLP output − reconstruction, position 0 zeroed
+    bos_out: torch.Tensor    # [T, L, d] the rest of the clean MLP output at position 0 (a constant)
+    y: torch.Tensor          # [T, L, d] clean MLP outputs
+    logits: torch.Tensor     # [T, V] the subject model's logits (after any softcap)
+    logits_pre: torch.Tensor  # [T, V] the same before the softcap (= logits without one)
+    freeze: Freeze           # recorded attention patterns and norm scales
+
+
+class ReplacementModel:
+    """A subject model and a CLT trained on it: clean runs, the frozen (linear) replacement model,
+    the live replacement model and feature interventions."""
+
+    def __init__(self, subject: Subject, clt: CrossLayerTranscoder):
+        arch = clt.arch
+        if (arch.n_layers, arch.d_model) != (subject.n_layers, subject.d_model):
+            raise AttributionError(
+                f"the CLT was trained for a model with {arch.n_layers} layers and d_model={arch.d_model} "
+                f"({arch.subject_model or 'unknown model'}), but {subject.name or 'the subject model'} has "
+                f"{subject.n_layers} layers and d_model={subject.d_model}: wrong checkpoint for this model?")
+        for side, mine, theirs in (("input", arch.input_hook, subject.input_hook),
+                                   ("output", arch.output_hook, subject.output_hook)):
+            if mine != theirs:
+                raise AttributionError(f"the CLT reads/writes {side} hook {mine!r}; the subject is set up "
+                                       f"with {theirs!r}")
+        self.subject, self.clt = subject, clt.eval()
+        self.model = subject.model
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.unembed = self.model.get_output_embeddings()
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.n_layers, self.d_model, self.d_sae = arch.n_layers, arch.d_model, arch.d_sae
+        mlp_path = subject.family.hooks["mlp_in"][0]
+        self.mlps = [subject.hook_module(layer, "mlp_in")[0] for layer in range(self.n_layers)]
+        assert mlp_path
+        self.norms = [(m, k) for m in self.model.modules() if (k := _norm_kind(m)) is not None]
+        _register_attention()
+
+    # -- small pieces ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.subject.device
+
+    @property
+    def n_ctx(self) -> int | None:
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def tokenize(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A prompt -> ids [T] starting with BOS (added when missing). Empty or too long: an error."""
+        tok = self.subject.tokenizer
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise AttributionError("the prompt is empty")
+            if tok is None:
+                raise AttributionError("a text prompt needs the subject's tokenizer; pass token ids instead")
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = torch.as_tensor(prompt).flatten().tolist()
+            if not ids:
+                raise AttributionError("the prompt is empty")
+        bos = None
+        if tok is not None:
+            bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            bos = getattr(self.model.config, "bos_token_id", None)
+        if bos is not None and ids[0] != bos:
+            ids = [bos, *ids]
+        if len(ids) < 2:
+            raise AttributionError("the prompt is empty (only a BOS token)")
+        if self.n_ctx is not None and len(ids) > self.n_ctx:
+            raise AttributionError(f"the prompt has {len(ids)} tokens (BOS included) but the model's context "
+                                   f"is {self.n_ctx} tokens")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def logits_pre_softcap(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (after the final norm): [..., d] -> logits before any softcap: [..., V]."""
+        return self.unembed(hidden)
+
+    def softcapped(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.softcap:
+            return torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def logit_vectors(self, vocab_ids: torch.Tensor) -> torch.Tensor:
+        """Demeaned unembedding rows: d(logit_v − mean logit)/d hidden. [K] -> [K, d]."""
+        W = self.unembed.weight
+        return (W[vocab_ids] - W.mean(0)).float()
+
+    @contextlib.contextmanager
+    def _freezing(self, freeze: Freeze, stub_mlps: bool = False) -> Iterator[None]:
+        cfg = self.model.config
+        old_impl = cfg._attn_implementation
+        patched = []
+        try:
+            cfg._attn_implementation = ATTN_IMPL
+            for m, kind in self.norms:
+                patched.append((m, m.__dict__.get("forward")))
+                m.forward = _frozen_norm_forward(m, kind, type(m).forward.__get__(m))
+            if stub_mlps:  # their outputs are replaced: skip the work (hooks on them still fire)
+                for m in self.mlps:
+                    patched.append((m, m.__dict__.get("forward")))
+                    m.forward = lambda x, *a, **k: torch.zeros_like(x)
+            _ACTIVE.append(freeze)
+            yield
+        finally:
+            _ACTIVE.pop()
+            for m, fwd in reversed(patched):
+                if fwd is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = fwd
+            cfg._attn_implementation = old_impl
+
+    # -- the clean run ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, prompt) -> PromptContext:
+        """Run the subject model on the prompt; record patterns and norm scales; encode with the CLT."""
+        ids = self.tokenize(prompt) if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.long \
+            else prompt
+        ids = ids.to(self.device)
+        freeze = Freeze(attention="record", norms="record")
+        L, sub = self.n_layers, self.subject
+        xs: list = [None] * L
+        ys: list = [None] * L
+
+        def read(layer, x):
+            xs[layer] = x[0].float()
+
+        def write(layer, y):
+            ys[layer] = y[0].float()
+
+        E = self.embed(ids)[None]  # [1, T, d]
+        with self._freezing(freeze), sub.hooks({sub.input_hook: read, sub.output_hook: write}):
+            hidden = self.base(inputs_embeds=E, use_cache=False).last_hidden_state
+        freeze.attention = freeze.norms = "replay"
+        logits_pre = self.logits_pre_softcap(hidden[0]).float()
+        x, y = torch.stack(xs, 1), torch.stack(ys, 1)  # [T, L, d]
+        h = self.clt.encode(x)
+        a = self.clt.activate(h)
+        a[0] = 0
+        recon = self.clt.decode(a)
+        err = y - recon
+        bos_out = torch.zeros_like(err)
+        bos_out[0] = err[0]
+        err[0] = 0
+        return PromptContext(ids=ids, E=E[0].float(), h=h, a=a, err=err, bos_out=bos_out, y=y,
+                             logits=self.softcapped(logits_pre), logits_pre=logits_pre, freeze=freeze)
+
+    # -- the frozen replacement model ------------------------------------------------------------
+    def mlp_outputs(self, ctx: PromptContext, a: torch.Tensor | None = None,
+                    err: torch.Tensor | None = None) -> torch.Tensor:
+        """MLP outputs of the frozen model: decode(a) + err + the BOS constant. [..., T, L, d]."""
+        a = ctx.a if a is None else a
+        err = ctx.err if err is None else err
+        lead = a.shape[:-3]
+        dec = self.clt.decode(a.reshape(-1, *a.shape[-2:])).reshape(*lead, *a.shape[-3:-1], -1)
+        return dec + err + ctx.bos_out
+
+    def frozen_run(self, ctx: PromptContext, E: torch.Tensor, mlp_out: torch.Tensor, on_output=None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The frozen model. E: [B, T, d], mlp_out: [B or 1, T, L, d] ->
+        (xs: L × [B, T, d] CLT inputs, hidden: [B, T, d] after the final norm).
+        `on_output(layer, tensor)` may return a replacement for layer's MLP output (for gradients)."""
+        L, sub = self.n_layers, self.subject
+        xs: list = [None] * L
+        B = E.shape[0]
+        dtype = self.subject.dtype
+
+        def read(layer, x):
+            xs[layer] = x
+
+        def write(layer, y):
+            out = mlp_out[:, :, layer].to(dtype).expand(B, -1, -1)
+            if on_output is not None:
+                out = on_output(layer, out)
+            return out
+
+        with self._freezing(ctx.freeze, stub_mlps=True), sub.hooks({sub.input_hook: read, sub.output_hook: write}):
+            hidden = self.base(inputs_embeds=E.to(dtype), use_cache=False).last_hidden_state
+        return xs, hidden
+
+    def preactivations(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """xs: L × [B, T, d] -> h: [B, T, L, F]."""
+        x = torch.stack(xs, 2)
+        return self.clt.encode(x.reshape(-1, *x.shape[2:])).reshape(*x.shape[:3], -1)
+
+    @torch.no_grad()
+    def frozen_forward(self, ctx: PromptContext, E: torch.Tensor | None = None, a: torch.Tensor | None = None,
+                       err: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen replacement model as a function of its sources (defaults: the clean ones).
+        E: [T, d], a: [T, L, F], err: [T, L, d] -> (h: [T, L, F] pre-activations,
+        logits: [T, V] before any softcap)."""
+        E = ctx.E if E is None else E
+        xs, hidden = self.frozen_run(ctx, E[None], self.mlp_outputs(ctx, a, err)[None])
+        return self.preactivations(xs)[0].float(), self.logits_pre_softcap(hidden[0]).float()
+
+    # -- the live replacement model and interventions -------------------------------------------
+    @contextlib.contextmanager
+    def _live_hooks(self, interventions: list[Intervention], errors: bool, state: dict) -> Iterator[None]:
+        """Hooks for a live forward pass. errors=True: the real MLP output plus the change the
+        interventions make to the CLT's output (no intervention: the exact subject model).
+        errors=False: the MLP output at positions ≥ 1 replaced by the CLT's (closed loop)."""
+        clt, sub = self.clt, self.subject
+        acts: list = [None] * self.n_layers
+        live: list = [None] * self.n_layers
+
+        def read(layer, x):  # x: [B, n, d]
+            B, n, d = x.shape
+            a = clt.encode_layer(x.reshape(-1, d).float(), layer).view(B, n, -1)
+            live[layer] = a
+            mine = [i for i in interventions if i.layer == layer]
+            if mine:
+                a = a.clone()
+                _edit(a, mine, state["offset"])
+            acts[layer] = a
+
+        def write(layer, y):  # y: [B, n, d]
+            B, n, d = y.shape
+            flat = [t.reshape(B * n, -1) for t in acts[: layer + 1]]
+            if errors:
+                if not interventions:
+                    return None
+                delta = [f - lv.reshape(B * n, -1) for f, lv in zip(flat, live[: layer + 1])]
+                change = clt.decode_layer(delta, layer) - clt.b_dec[layer] / clt.output_scale[layer]
+                return y + change.view(B, n, d).to(y.dtype)
+            out = y.clone()
+            recon = clt.decode_layer(flat, layer).view(B, n, d).to(y.dtype)
+            start = 1 if state["offset"] == 0 else 0  # position 0 (BOS) keeps its MLP output
+            out[:, start:] = recon[:, start:]
+            return out
+
+        with sub.hooks({sub.input_hook: read, sub.output_hook: write}):
+            yield
+
+    @torch.no_grad()
+    def forward(self, prompt, interventions=(), errors: bool = True, freeze_attention: bool = False,
+                ctx: PromptContext | None = None) -> torch.Tensor:
+        """The live replacement model on a prompt -> logits [T, V] (after any softcap).
+
+        errors=True (free-mode interventions): effects propagate through the real model; without
+        interventions this is exactly the subject model. errors=False: every MLP output (after BOS)
+        is the CLT's, features re-encoded from the live residual stream (the spliced model of
+        `clt.metrics.spliced_eval`). freeze_attention: replay the clean run's attention patterns."""
+        ivs = _as_interventions(interventions)
+        ids = ctx.ids if ctx is not None else self.tokenize(prompt).to(self.device)
+        state = {"offset": 0}
+        freeze = Freeze()
+        if freeze_attention:
+            ctx = ctx or self.prepare(ids)
+            freeze = Freeze(attention="replay", patterns=ctx.freeze.patterns)
+        with self._freezing(freeze), self._live_hooks(ivs, errors, state):
+            logits = self.model(input_ids=ids[None], use_cache=False).logits[0]
+        return logits.float()
+
+    @torch.no_grad()
+    def intervene(self, prompt, interventions, mode: str = "free", ctx: PromptContext | None = None,
+                  freeze_attention: bool = False) -> torch.Tensor:
+        """Logits [T, V] with feature activations set or scaled.
+
+        mode="constrained": the frozen replacement model; only direct effects (other features keep
+        their clean activations, attention and norms frozen). mode="free": the live model; effects
+        propagate through later layers (see `forward`)."""
+        ivs = _as_interventions(interventions)
+        if mode == "free":
+            return self.forward(prompt, ivs, errors=True, freeze_attention=freeze_attention, ctx=ctx)
+        if mode != "constrained":
+            raise AttributionError(f"intervention mode must be 'free' or 'constrained', got {mode!r}")
+        ctx = ctx or self.prepare(prompt)
+        _, logits = self.frozen_forward(ctx, a=apply_interventions(ctx.a, ivs))
+        return self.softcapped(logits)
+
+    @torch.no_grad()
+    def generate(self, prompt, interventions=(), max_new_tokens: int = 20, temperature: float = 0.0,
+                 seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Generate with the interventions held (free mode; `slice(k, None)` positions also apply
+        to generated tokens). Greedy for temperature 0. -> (new text, all ids [T'], logits [n, V])."""
+        ivs = _as_interventions(interventions)
+        ids = self.tokenize(prompt).to(self.device)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        state = {"offset": 0}
+        past, cur, steps = None, ids[None], []
+        with self._live_hooks(ivs, True, state):
+            for _ in range(max_new_tokens):
+                out = self.model(input_ids=cur, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                state["offset"] += cur.shape[1]
+                logits = out.logits[0, -1].float()
+                steps.append(logits)
+                if temperature > 0:
+                    probs = torch.softmax(logits.cpu() / temperature, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen).to(self.device)
+                else:
+                    nxt = logits.argmax()[None]
+                ids = torch.cat([ids, nxt])
+                cur = nxt[None]
+                eos = getattr(self.subject.tokenizer, "eos_token_id", None)
+                if eos is not None and int(nxt) == eos:
+                    break
+        n_prompt = len(ids) - len(steps)
+        text = self.subject.tokenizer.decode(ids[n_prompt:]) if self.subject.tokenizer is not None else ""
+        return text, ids, torch.stack(steps)
