@@ -46,8 +46,9 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def spliced_eval(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor) -> dict[str, float]:
-    """CE and KL of the replacement model on windows [B, T].
+def spliced_logits(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [B, T, V] of the clean model, the replacement model and the zero-ablated model.
 
     Every MLP output (positions after BOS; the CLT is not trained on BOS) is replaced by the CLT's
     output. The CLT reads the replacement model's own residual stream as the forward pass goes
@@ -81,7 +82,14 @@ def spliced_eval(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Ten
     with subject.hooks({subject.output_hook: zero}):
         ablated = subject.model(input_ids=ids, use_cache=False).logits
     clt.train(was_training)
+    return clean, spliced, ablated
 
+
+@torch.no_grad()
+def spliced_eval(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor) -> dict[str, float]:
+    """CE and KL of the replacement model on windows [B, T] (see `spliced_logits`)."""
+    ids = windows.to(subject.device)
+    clean, spliced, ablated = spliced_logits(subject, clt, ids)
     ce_clean, ce_spliced, ce_zero = _ce(clean, ids), _ce(spliced, ids), _ce(ablated, ids)
     logp, logq = clean[:, 1:].float().log_softmax(-1), spliced[:, 1:].float().log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()

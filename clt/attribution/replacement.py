@@ -317,9 +317,7 @@ class ReplacementModel:
     @torch.no_grad()
     def prepare(self, prompt) -> PromptContext:
         """Run the subject model on the prompt; record patterns and norm scales; encode with the CLT."""
-        ids = self.tokenize(prompt) if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.long \
-            else prompt
-        ids = ids.to(self.device)
+        ids = self.tokenize(prompt).to(self.device)
         freeze = Freeze(attention="record", norms="record")
         L, sub = self.n_layers, self.subject
         xs: list = [None] * L
