@@ -74,7 +74,7 @@ def train_briefly(clt: CrossLayerTranscoder, sub: Subject, steps: int = 40) -> C
     return clt.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(family: str, activation: str, trained: bool):
     model = tiny_model(family, **family_kwargs(family)).float()
     sub = Subject(model, None, "auto")

@@ -1,0 +1,104 @@
+"""Attribute a prompt with a trained CLT: `python -m clt.attribute CHECKPOINT "prompt" --out DIR`.
+
+CHECKPOINT: a training run dir (`runs/…`), its native `clt/` dir, or a circuit-tracer export.
+Writes to DIR: graph.pt (the full graph), {slug}.json + graph-metadata.json (the circuit-tracer
+viewer's files, pruned), graph.png (the pruned graph), scores.json; prints the top features per
+logit and the replacement/completeness scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import CLTError, ModelConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clt.attribute", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run dir, native CLT dir, or circuit-tracer export dir")
+    p.add_argument("prompt", help="the text to attribute (a BOS token is prepended)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="share of node influence kept (0, 1]")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="share of edge influence kept (0, 1]")
+    p.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows computed (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="targets per backward pass (memory knob)")
+    p.add_argument("--max-n-logits", type=int, default=10)
+    p.add_argument("--desired-logit-prob", type=float, default=0.95)
+    p.add_argument("--model", default=None, help="subject model (default: the one the CLT was trained on)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="subject model dtype")
+    p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
+    p.add_argument("--slug", default="graph", help="name of the graph in the viewer files")
+    p.add_argument("--top", type=int, default=5, help="features printed per logit")
+    p.add_argument("--no-plot", action="store_true", help="skip graph.png")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .attribution import attribute, prune, scores
+    from .attribution.graph import check_threshold, write_graph_files
+    from .attribution.plot import plot_graph, top_features
+    from .io import load_clt
+    from .subject import load_subject
+
+    check_threshold("node_threshold", args.node_threshold)
+    check_threshold("edge_threshold", args.edge_threshold)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    clt = load_clt(args.checkpoint, device)
+    arch = clt.arch
+    name = args.model or arch.subject_model
+    if not name:
+        raise CLTError("the checkpoint does not name its subject model: pass --model")
+    if args.model and arch.subject_model and args.model != arch.subject_model:
+        print(f"warning: the CLT was trained on {arch.subject_model!r}, attributing with {args.model!r}",
+              file=sys.stderr)
+    subject = load_subject(ModelConfig(name_or_path=name, dtype=args.dtype, input_hook=arch.input_hook,
+                                       output_hook=arch.output_hook), device)
+    t0 = time.perf_counter()
+    graph = attribute(args.prompt, clt, subject, max_n_logits=args.max_n_logits,
+                      desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
+                      batch_size=args.batch_size, scan=str(args.checkpoint))
+    seconds = time.perf_counter() - t0
+    pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    out = Path(args.out)
+    graph.to_pt(out / "graph.pt")
+    write_graph_files(graph, pruned, out, args.slug, args.node_threshold)
+    if not args.no_plot:
+        plot_graph(graph, pruned, out / "graph.png")
+    result = scores(graph, pruned) | {"seconds": round(seconds, 3), "n_tokens": graph.n_pos,
+                                      "n_active_features": graph.info["n_active_features"]}
+    (out / "scores.json").write_text(json.dumps(result, indent=2))
+
+    print(f"\n{graph.n_pos} tokens, {graph.info['n_active_features']} active features, "
+          f"{graph.n_features} visited, {graph.n_nodes} nodes; attribution {seconds:.1f} s")
+    for k, feats in top_features(graph, args.top):
+        print(f"\n{graph.describe(graph.logit_slice.start + k)}: top direct feature inputs")
+        for w, i in feats:
+            print(f"  {w:+9.4f}  {graph.describe(i)}")
+    print(f"\nscores: replacement {result['full/replacement_score']:.3f} "
+          f"(pruned {result['pruned/replacement_score']:.3f}), completeness {result['full/completeness_score']:.3f} "
+          f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} nodes, "
+          f"{result['pruned/n_edges']} edges")
+    print(f"wrote {out}/graph.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"
+          + ("" if args.no_plot else f", {out}/graph.png") + f", {out}/scores.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CLTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

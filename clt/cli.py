@@ -1,0 +1,64 @@
+"""The `clt` command: `clt attribute …`, `clt export-circuit-tracer …`, `clt import-circuit-tracer …`
+(also `python -m clt …`). Training is `python train.py` (Hydra)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import CLTError
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clt export-circuit-tracer",
+                                description="Write a CLT in circuit-tracer's layout (config.yaml, W_enc_{l} and "
+                                            "W_dec_{l} safetensors, normalisation folded in).")
+    p.add_argument("checkpoint", help="run dir or native CLT dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model-name", default=None, help="model_name in config.yaml (default: the subject model)")
+    args = p.parse_args(argv)
+    from .io import export_circuit_tracer, load_clt
+
+    out = export_circuit_tracer(load_clt(args.checkpoint), args.out, args.dtype, args.model_name)
+    print(f"wrote {out}")
+    return 0
+
+
+def import_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clt import-circuit-tracer",
+                                description="Read a circuit-tracer cross-layer transcoder into a native checkpoint.")
+    p.add_argument("directory", help="circuit-tracer transcoder dir (config.yaml + W_enc_*/W_dec_* files)")
+    p.add_argument("out", help="native checkpoint dir to write")
+    args = p.parse_args(argv)
+    from .io import import_circuit_tracer
+
+    out = import_circuit_tracer(args.directory).save_pretrained(args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
+        print("usage: clt {attribute,export-circuit-tracer,import-circuit-tracer} …  (each with --help)\n"
+              "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
+              "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
+              "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "attribute":
+        from .attribute import main as attribute_main
+
+        return attribute_main(argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except CLTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
