@@ -2,15 +2,16 @@
 
 One frozen forward pass with the prompt replicated `batch_size` times; each batch element then
 carries the gradient of one target (a feature's pre-activation or a demeaned logit). Backward
-hooks on every layer's MLP output and on the token embeddings turn those gradients into edge
-rows as the backward pass goes:
+hooks on every layer's MLP output and on the token embeddings collect the gradients; edge rows:
 
     feature source (s, p, f), value a:   A[t] += a · (W_dec[s][f, l − s] / s_out[l]) · ∂t/∂mlp_out_l[p]   for each l ≥ s
     error source (l, p), vector e:        A[t] += e · ∂t/∂mlp_out_l[p]
     token source p, embedding E_p:        A[t] += E_p · ∂t/∂E_p
 
-The feature contractions are grouped by position into one batched GEMM per layer
-([T, B, d] @ [T, d, K]), so memory is bounded by `batch_size` and the positions' active features.
+The feature contractions are one batched GEMM per source layer s, batched over positions
+([T, B, (L − s)·d] @ [T, (L − s)·d, K], K = active features per position), so each decoder row is
+read once per batch of targets. Memory: the gradients [T, B, L, d] (bounded by `batch_size`) and
+the gathered decoder rows (cached up to `decoder_cache_bytes`).
 Logit rows come first; feature rows are then visited in order of their current influence on the
 logits (recomputed every `update_interval · batch_size` rows) up to `max_feature_nodes`.
 """
@@ -58,52 +59,58 @@ class _Rows:
         self.n_active = len(feats)
         self.n_cols = self.n_active + L * T + T
         self.err_col0, self.tok_col0 = self.n_active, self.n_active + L * T
-        # features with source layer ≤ l are the prefix [0, upto[l]) of the sorted list
-        self.upto = torch.searchsorted(feats[:, 0].contiguous(), torch.arange(L, device=feats.device), right=True)
+        # the features of source layer s are the range [bounds[s], bounds[s + 1]) of the sorted list
+        self.bounds = torch.searchsorted(feats[:, 0].contiguous(), torch.arange(L + 1, device=feats.device)).tolist()
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_left = cache_bytes
         self.buf: torch.Tensor | None = None
+        self.grads: torch.Tensor | None = None  # [T, B, L, d]: ∂targets/∂(MLP output of each layer)
         self._build()
 
-    # decoder rows of the features active at or below layer l, as they write into layer l,
-    # padded per position: (D [T, K, d] (value- and scale-weighted), cols [T, K] (−1 = padding))
-    def _decoder(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if l in self.cache:
-            return self.cache[l]
-        clt, n = self.rm.clt, int(self.upto[l])
-        f = self.feats[:n]
-        rows = torch.cat([clt.W_dec[s][f[(f[:, 0] == s), 2], l - s] for s in range(l + 1)]) if n else \
-            clt.W_dec[0].new_zeros(0, self.rm.d_model)
-        rows = rows.float() * (self.values[:n] / clt.output_scale[l])[:, None]
-        pos = f[:, 1]
+    def _decoder(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder rows of source layer s's active features, value- and scale-weighted, padded per
+        position: (D [T, K, (L − s)·d], cols [T, K] (−1 = padding)). Cached within the budget."""
+        if s in self.cache:
+            return self.cache[s]
+        clt, lo, hi = self.rm.clt, self.bounds[s], self.bounds[s + 1]
+        f = self.feats[lo:hi]
+        w = clt.W_dec[s][f[:, 2]].float()  # [n, L − s, d]
+        w = w * self.values[lo:hi, None, None] / clt.output_scale[s:].float()[None, :, None]
+        pos = f[:, 1]  # ascending within a source layer
         counts = torch.bincount(pos, minlength=self.T)
-        K = max(int(counts.max()) if n else 0, 1)
-        order = torch.argsort(pos, stable=True)
-        start = counts.cumsum(0) - counts
-        slot = torch.arange(n, device=pos.device) - start[pos[order]]
-        cols = torch.full((self.T, K), -1, dtype=torch.long, device=pos.device)
-        cols[pos[order], slot] = order
-        D = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[cols]  # padding reads the zero row
+        K = int(counts.max())
+        slot = torch.arange(hi - lo, device=pos.device) - (counts.cumsum(0) - counts)[pos]
+        local = torch.full((self.T, K), hi - lo, dtype=torch.long, device=pos.device)
+        local[pos, slot] = torch.arange(hi - lo, device=pos.device)
+        D = torch.cat([w.flatten(1), w.new_zeros(1, w.shape[1] * w.shape[2])])[local]  # padding: zero row
+        cols = torch.where(local < hi - lo, local + lo, -1)
         out = (D, cols)
         size = D.numel() * D.element_size()
         if size <= self.cache_left:
-            self.cache[l] = out
+            self.cache[s] = out
             self.cache_left -= size
         return out
 
     def _layer_grad(self, l: int, g: torch.Tensor) -> None:
-        """g: [B, T, d] = ∂targets/∂(MLP output of layer l)."""
+        """g: [B, T, d] = ∂targets/∂(MLP output of layer l): error edges now, features after the pass."""
+        assert self.buf is not None and self.grads is not None
         g = g.float()
-        buf, T = self.buf, self.T
-        assert buf is not None
-        c0 = self.err_col0 + l * T
-        buf[:, c0:c0 + T] += (g * self.ctx.err[:, l]).sum(-1)
-        if int(self.upto[l]) == 0:
-            return
-        D, cols = self._decoder(l)
-        Y = torch.bmm(g.transpose(0, 1), D.transpose(1, 2))  # [T, B, K]
-        valid = cols.flatten() >= 0
-        buf.index_add_(1, cols.flatten()[valid], Y.permute(1, 0, 2).reshape(g.shape[0], -1)[:, valid])
+        c0 = self.err_col0 + l * self.T
+        self.buf[:, c0:c0 + self.T] += (g * self.ctx.err[:, l]).sum(-1)
+        self.grads[:, :, l] = g.transpose(0, 1)
+
+    def _feature_edges(self) -> None:
+        """Per source layer: [T, B, (L − s)·d] @ [T, (L − s)·d, K] -> [T, B, K], into the columns."""
+        assert self.buf is not None and self.grads is not None
+        T, B, L, d = self.grads.shape
+        for s in range(L):
+            if self.bounds[s + 1] == self.bounds[s]:
+                continue
+            D, cols = self._decoder(s)
+            G = self.grads[:, :, s:].reshape(T, B, (L - s) * d)
+            Y = torch.bmm(G, D.transpose(1, 2))  # [T, B, K]
+            valid = cols.flatten() >= 0
+            self.buf.index_add_(1, cols.flatten()[valid], Y.permute(1, 0, 2).reshape(B, -1)[:, valid])
 
     def _token_grad(self, g: torch.Tensor) -> None:
         assert self.buf is not None
@@ -132,6 +139,7 @@ class _Rows:
         n = len(layers)
         assert n <= self.B
         self.buf = torch.zeros(self.B, self.n_cols, device=vectors.device)
+        self.grads = torch.zeros(self.T, self.B, self.L, self.rm.d_model, device=vectors.device)
         with torch.enable_grad():
             obj = 0.0
             b = torch.arange(n, device=layers.device)
@@ -140,7 +148,8 @@ class _Rows:
                 src = self.hidden if layer == self.L else self.xs[layer]
                 obj = obj + (src[b[m], positions[m]].float() * vectors[m]).sum()
             torch.autograd.grad(obj, [self.one_E, *self.ones], retain_graph=True, allow_unused=True)
-        out, self.buf = self.buf[:n], None
+        self._feature_edges()
+        out, self.buf, self.grads = self.buf[:n], None, None
         return out
 
 
@@ -177,7 +186,7 @@ def partial_influence(rows: torch.Tensor, row_weights: torch.Tensor, row_cols: t
 
 def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None, batch_size: int = 64,
-              update_interval: int = 4, decoder_cache_bytes: int = 1 << 30, verbose: bool = True,
+              update_interval: int = 4, decoder_cache_bytes: int = 2 << 30, verbose: bool = True,
               scan: str = "") -> Graph:
     """The attribution graph of `prompt` through `clt` spliced into `model` (a ReplacementModel,
     a Subject or a transformers causal LM; pass `tokenizer` with a bare model).
