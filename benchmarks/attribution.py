@@ -15,6 +15,7 @@ before the call (sampled every 5 ms). Results go to benchmarks/results/attributi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -138,8 +139,15 @@ def main() -> None:
     print(f"device {device}, model {subject.name} ({subject.n_layers} layers, d={subject.d_model}), CLT: {source}")
     print(f"{'tokens':>6} {'active':>7} {'rows':>5} {'ours s':>8} {'base s':>8} {'speed-up':>8} "
           f"{'ours MiB':>9} {'base MiB':>9} {'mem ratio':>9} {'max |Δrow|':>10}")
-    records = []
+    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "model": subject.name, "clt": source, "dtype": args.dtype, "max_feature_nodes": args.max_feature_nodes,
+            "batch_size": args.batch_size, "baseline_rows": args.baseline_rows, "command": " ".join(sys.argv)}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for n in args.lengths:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         ids = prompt_ids(subject.tokenizer, n, args.text_file)
         attribute(ids[:8], clt, rm, max_feature_nodes=8, batch_size=8, verbose=False)  # warm-up
         sync(device)
@@ -162,21 +170,15 @@ def main() -> None:
         base = per_row * rows
         ours_rows = graph.adjacency_matrix[: len(pick), : graph.logit_slice.start]
         cols = torch.cat([graph.selected_features, torch.arange(len(feats), ref.shape[1])])
-        diff = float((ref.cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
+        diff = float((ref.detach().cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
         rec = {"tokens": n, "active_features": graph.info["n_active_features"], "rows": rows,
                "ours_s": round(ours, 3), "baseline_s_extrapolated": round(base, 3), "speedup": round(base / ours, 2),
                "ours_peak_mib": round(mem_ours.peak, 1), "baseline_peak_mib": round(mem_base.peak, 1),
                "memory_ratio": round(mem_base.peak / max(mem_ours.peak, 1e-9), 3), "max_abs_row_diff": diff}
-        records.append(rec)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(meta | rec) + "\n")
         print(f"{n:>6} {rec['active_features']:>7} {rows:>5} {ours:>8.2f} {base:>8.2f} {rec['speedup']:>7.1f}x "
               f"{mem_ours.peak:>9.0f} {mem_base.peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}")
-    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda"
-            else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "model": subject.name, "clt": source, "dtype": args.dtype, "max_feature_nodes": args.max_feature_nodes,
-            "batch_size": args.batch_size, "baseline_rows": args.baseline_rows, "command": " ".join(sys.argv)}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as fh:
-        fh.write(json.dumps(meta | {"results": records}) + "\n")
     print(f"appended to {args.out}")
 
 

@@ -123,15 +123,22 @@ class _Rows:
         self.one_E = torch.ones((), device=rm.device, dtype=dtype, requires_grad=True)
         self.ones = [torch.ones((), device=rm.device, dtype=dtype, requires_grad=True) for _ in range(self.L)]
         E = ctx.E.to(dtype).expand(B, -1, -1) * self.one_E
-        E.register_hook(self._token_grad)
+        self.handles = [E.register_hook(self._token_grad)]
 
         def on_output(layer, out):
             out = out * self.ones[layer]
-            out.register_hook(lambda g, layer=layer: self._layer_grad(layer, g))
+            self.handles.append(out.register_hook(lambda g, layer=layer: self._layer_grad(layer, g)))
             return out
 
         with torch.enable_grad():
             self.xs, self.hidden = rm.frozen_run(ctx, E, rm.mlp_outputs(ctx)[None], on_output)
+
+    def release(self) -> None:
+        """Drop the forward graph and the caches now (the hooks make a reference cycle)."""
+        for h in self.handles:
+            h.remove()
+        self.handles, self.cache = [], {}
+        self.xs = self.hidden = self.one_E = self.ones = None  # type: ignore[assignment]
 
     def compute(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows for up to B targets: target i reads `vectors[i]` · (layer layers[i]'s CLT input at
@@ -148,7 +155,8 @@ class _Rows:
                 src = self.hidden if layer == self.L else self.xs[layer]
                 obj = obj + (src[b[m], positions[m]].float() * vectors[m]).sum()
             torch.autograd.grad(obj, [self.one_E, *self.ones], retain_graph=True, allow_unused=True)
-        self._feature_edges()
+        with torch.no_grad():
+            self._feature_edges()
         out, self.buf, self.grads = self.buf[:n], None, None
         return out
 
@@ -251,6 +259,7 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
         visited[order] = True
         at = visit(order, at)
     bar.close()
+    rows.release()
 
     # package: features sorted by (layer, pos, feat), then errors, tokens, logits
     selected = visited.nonzero().flatten()

@@ -64,11 +64,14 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     query: [B, H, T, D], key/value: [B, H_kv, S, D] -> ([B, T, H, D], weights)."""
     fz = _ACTIVE[-1]
     if fz.attention == "replay":
-        w = fz.patterns[id(module)]
-        n_rep = query.shape[1] // value.shape[1]
-        if n_rep > 1:
-            value = value.repeat_interleave(n_rep, dim=1)
-        return torch.matmul(w.to(value.dtype), value).transpose(1, 2).contiguous(), None
+        # out[b, h] = w[h] @ v[b, h // n_rep], as one matmul per kv head with the batch folded into
+        # the columns: the frozen pattern w: [1, H, T, S] is neither expanded nor saved per batch
+        w = fz.patterns[id(module)][0].to(value.dtype)
+        B, H_kv, S, D = value.shape
+        H, T = w.shape[0], w.shape[1]
+        v = value.permute(1, 2, 0, 3).reshape(H_kv, S, B * D)
+        out = torch.matmul(w.reshape(H_kv, (H // H_kv) * T, S), v)  # [H_kv, n_rep·T, B·D]
+        return out.reshape(H, T, B, D).permute(2, 1, 0, 3).contiguous(), None
     eager = sys.modules[type(module).__module__].eager_attention_forward
     out, w = eager(module, query, key, value, attention_mask, **kwargs)
     if fz.attention == "record":
