@@ -531,3 +531,21 @@ def test_bad_input_is_a_clear_error():
             prune(graph, edge_threshold=bad)
     with pytest.raises(AttributionError, match="layer"):
         rm.intervene(ids, [Intervention(7, 1, 0, 1.0)], mode="constrained")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attribution_on_gpu_matches_cpu_and_bf16_rows_add_up():
+    import copy
+
+    rm, ids = case("llama", "jumprelu", True)
+    cpu = attribute(ids, rm.clt, rm, verbose=False)
+    sub = Subject(copy.deepcopy(rm.model).cuda())
+    clt = copy.deepcopy(rm.clt).cuda()
+    gpu = attribute(ids, clt, sub, verbose=False)
+    torch.testing.assert_close(gpu.adjacency_matrix, cpu.adjacency_matrix, rtol=1e-3, atol=1e-5)
+    bf = attribute(ids, clt, Subject(copy.deepcopy(rm.model).cuda().bfloat16()), verbose=False)
+    rows = torch.cat([torch.arange(bf.n_features), torch.arange(bf.logit_slice.start, bf.n_nodes)])
+    total = bf.adjacency_matrix[rows].sum(1) + bf.node_bias[rows]
+    scale = bf.node_values[rows].abs().max()
+    assert (total - bf.node_values[rows]).abs().max() <= 3e-2 * scale
