@@ -73,14 +73,15 @@ def plot_graph(graph: Graph, pruned: Pruned, path: str | os.PathLike, max_edges:
         i = graph.logit_slice.start + k
         if i in xy:
             ax.annotate(f"{graph.logit_token_strings[k]!r} {float(graph.logit_probabilities[k]):.2f}", xy[i],
-                        textcoords="offset points", xytext=(6, 4 + 9 * k), fontsize=7)
+                        textcoords="offset points", xytext=(0, 7), fontsize=6, rotation=70, ha="left",
+                        va="bottom")
     ax.set_xticks(range(T))
     ax.set_xticklabels([repr(s)[1:-1] for s in graph.token_strings], rotation=60, ha="right", fontsize=7)
     ticks = [-1, *range(0, L, max(1, L // 10)), L]
     ax.set_yticks(ticks)
     ax.set_yticklabels(["emb", *[f"L{t}" for t in ticks[1:-1]], "logits"])
     ax.set_xlim(-0.7, T - 0.3)
-    ax.set_ylim(-1.7, L + 1.2)
+    ax.set_ylim(-1.7, L + 2.5)
     ax.grid(alpha=0.15)
     ax.plot([], [], color=POSITIVE, label="edge +")
     ax.plot([], [], color=NEGATIVE, label="edge −")

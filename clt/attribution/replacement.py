@@ -232,9 +232,7 @@ class ReplacementModel:
         self.unembed = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.n_layers, self.d_model, self.d_sae = arch.n_layers, arch.d_model, arch.d_sae
-        mlp_path = subject.family.hooks["mlp_in"][0]
         self.mlps = [subject.hook_module(layer, "mlp_in")[0] for layer in range(self.n_layers)]
-        assert mlp_path
         self.norms = [(m, k) for m in self.model.modules() if (k := _norm_kind(m)) is not None]
         _register_attention()
 
