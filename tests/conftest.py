@@ -29,6 +29,10 @@ def tiny_config(family: str, vocab: int = 1000, layers: int = 3, d: int = 32, **
         return tf.LlamaConfig(num_key_value_heads=2, **common, **kw)
     if family == "qwen2":
         return tf.Qwen2Config(num_key_value_heads=2, **common, **kw)
+    if family == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=4, **common, **kw)
+    if family == "gemma":
+        return tf.GemmaConfig(num_key_value_heads=2, head_dim=d // 4, **common, **kw)
     if family == "qwen3":
         return tf.Qwen3Config(num_key_value_heads=2, head_dim=d // 4, **common, **kw)
     if family == "gemma2":

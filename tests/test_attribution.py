@@ -30,7 +30,7 @@ from clt.metrics import spliced_logits
 from clt.model import CLTArchitecture, CrossLayerTranscoder
 from clt.subject import Subject
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma2", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox"]
 ACTIVATIONS = ["topk", "batchtopk", "jumprelu"]
 T = 9  # prompt length (BOS included)
 
@@ -210,6 +210,12 @@ def test_max_feature_nodes_visits_the_most_influential_features():
     part_rows = torch.cat([torch.arange(20), torch.arange(part.logit_slice.start, part.n_nodes)])
     torch.testing.assert_close(part.adjacency_matrix[part_rows][:, : part.logit_slice.start],
                                full.adjacency_matrix[full_rows][:, keep], rtol=1e-5, atol=1e-6)
+    # what the dropped columns carried is kept per row: rows still add up to the targets' values
+    rows = torch.cat([torch.arange(20), torch.arange(part.logit_slice.start, part.n_nodes)])
+    total = part.adjacency_matrix[rows].sum(1) + part.node_unvisited[rows] + part.node_bias[rows]
+    torch.testing.assert_close(total, part.node_values[rows], rtol=1e-4, atol=1e-4)
+    assert part.node_unvisited[rows].abs().max() > 1e-4
+    assert torch.equal(full.node_unvisited, torch.zeros(full.n_nodes))
     # the first visited features are the top features by direct effect on the logits
     A_hat = normalize_matrix(full.adjacency_matrix)
     direct = (full.logit_weights() @ A_hat)[: full.n_features]

@@ -272,6 +272,12 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     adj[:n_sel, : n_sel + L * T + T] = edge[row_of[selected]][:, cols].cpu()
     adj[N - K:, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
 
+    unvisited = torch.zeros(N)
+    rest = (~visited).nonzero().flatten()
+    if len(rest):
+        unvisited[:n_sel] = edge[row_of[selected]][:, rest].sum(1).cpu()
+        unvisited[N - K:] = edge[:K][:, rest].sum(1).cpu()
+
     h0, logit0 = node_bias(rm, ctx)
     values_t, bias_t = torch.zeros(N), torch.zeros(N)
     fs = feats[selected]
@@ -288,7 +294,7 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
         token_strings=[decode(i) for i in ctx.ids], active_features=feats.cpu(), activation_values=values.cpu(),
         selected_features=selected.cpu(), adjacency_matrix=adj, logit_tokens=vocab.cpu(),
         logit_token_strings=[decode(i) for i in vocab], logit_probabilities=probs.float().cpu(),
-        n_layers=L, vocab_size=int(ctx.logits.shape[-1]), node_values=values_t, node_bias=bias_t, scan=scan,
+        n_layers=L, vocab_size=int(ctx.logits.shape[-1]), node_values=values_t, node_bias=bias_t, node_unvisited=unvisited, scan=scan,
         model_name=rm.subject.name,
         info={"n_active_features": n_active, "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
               "activation": rm.clt.arch.activation, "d_sae": rm.clt.d_sae,

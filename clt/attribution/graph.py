@@ -43,9 +43,13 @@ class Graph:
     vocab_size: int
     # per node: the target's value (pre-activation / demeaned logit) and its constant part
     # (what the frozen model gives with every source at zero). Σ_s A[t, s] + bias[t] = value[t]
-    # when every active feature is selected. Zero for error and token nodes.
+    # when every active feature is selected (see node_unvisited otherwise). Zero for error and
+    # token nodes.
     node_values: torch.Tensor | None = None
     node_bias: torch.Tensor | None = None
+    # per node: the summed direct effect of the active features that were never visited (their
+    # columns are dropped); Σ_s A[t, s] + unvisited[t] + bias[t] = value[t] always holds
+    node_unvisited: torch.Tensor | None = None
     scan: str = ""                    # names the CLT (checkpoint or repo) for the viewer
     model_name: str = ""
     info: dict = field(default_factory=dict)
