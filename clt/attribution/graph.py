@@ -164,11 +164,13 @@ def find_threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     fraction = 1 keeps every score ≥ 0."""
     if fraction >= 1.0:
         return scores.new_zeros(())
-    s = scores.flatten().sort(descending=True).values
-    cum = s.cumsum(0) / s.sum().clamp_min(1e-30)
+    s = scores.flatten()
+    s = s[s > 0].sort(descending=True).values  # zeros add nothing: sort only the rest (most of N²)
+    if len(s) == 0:
+        return scores.new_zeros(())
+    cum = s.cumsum(0) / s.sum()
     idx = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype, device=cum.device)))
-    n_nonzero = int((s > 0).sum())
-    return s[min(idx, max(n_nonzero - 1, 0))]
+    return s[min(idx, len(s) - 1)]
 
 
 def check_threshold(name: str, value: float) -> None:
