@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import ActivationSource, DataPosition
 from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
+from .parallel import FeatureParallel
 
 
 class CLTModule(L.LightningModule):
@@ -28,6 +29,7 @@ class CLTModule(L.LightningModule):
         self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init)
         # tokens since each feature last fired (dead-feature tracking), part of the training state
         self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
+        self.fp = FeatureParallel()  # feature-shard collectives (identity unless sharded)
         self.data_position: dict | None = None  # position after the last batch trained on
         self.restored_position: dict | None = None  # position read from a checkpoint
 
@@ -73,16 +75,16 @@ class CLTModule(L.LightningModule):
             norms = clt.decoder_norms()
             lam = c.sparsity_coeff * losses.ramp(self.global_step, self.cfg.trainer.max_steps,
                                                   c.sparsity_warmup_frac)
-            sparsity = losses.tanh_sparsity(a, norms, c.sparsity_c)
+            sparsity = self.fp.sum(losses.tanh_sparsity(a, norms, c.sparsity_c))
             theta = clt.threshold if c.activation == "jumprelu" else 0.0
-            preact = losses.preactivation(h, theta, norms)
+            preact = self.fp.sum(losses.preactivation(h, theta, norms))
             total = total + lam * sparsity + c.preact_coeff * preact
             logs |= {"losses/sparsity": sparsity, "losses/preact": preact, "details/lambda_s": lam}
         dead = self.tokens_since_fired >= c.dead_after_tokens  # [L, F]
         if c.activation in ("topk", "batchtopk"):
             aux = torch.zeros((), device=self.device)
-            if dead.any():
-                a_aux = losses.auxk_activations(h, dead, c.auxk_k)
+            if self.fp.any(dead):
+                a_aux = self.fp.auxk_activations(h, dead, c.auxk_k)
                 e_hat = clt.decode_normalized(a_aux, bias=False)
                 aux = losses.auxk(e_hat, (y_n - y_hat).detach(), sst)
                 total = total + c.auxk_coeff * aux
@@ -94,9 +96,9 @@ class CLTModule(L.LightningModule):
             self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
             if c.activation == "batchtopk":
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
-            fvu, l0 = fvu_per_layer(sse, sst), l0_per_layer(a)
+            fvu, l0 = fvu_per_layer(sse, sst), self.fp.sum(l0_per_layer(a))
             logs |= {"metrics/fvu": mse.detach(), "metrics/l0": l0.mean(),
-                     "sparsity/dead_fraction": dead.float().mean()}
+                     "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world}
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
         return total, logs

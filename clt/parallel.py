@@ -1,0 +1,168 @@
+"""Feature-sharded model parallelism for the CLT: the one place that knows about sharding.
+
+Each rank of a shard group holds a contiguous slice of every layer's features: encoder rows,
+encoder biases, decoder rows and thresholds (`shard_clt`); the decoder bias and the normalisation
+scalars are replicated. `FeatureParallel.apply(clt)` then swaps three of the CLT's methods for
+sharded ones, so `CrossLayerTranscoder`'s code stays as it is:
+
+    activate   TopK / BatchTopK select globally: local candidates, all-gather, global threshold;
+               JumpReLU / ReLU are local
+    decode     each rank decodes its own features; the partial outputs are summed over the group
+               (backward: identity, since every rank computes the same loss from the full output)
+
+Loss terms that sum over features (sparsity, pre-activation loss, L0) go through
+`FeatureParallel.sum`, and AuxK's selection through `FeatureParallel.auxk_activations`; without
+sharding (`FeatureParallel()`) both are the plain single-process functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import loss as losses
+from .config import CLTError
+from .model import CrossLayerTranscoder
+
+
+class ShardingError(CLTError, ValueError):
+    pass
+
+
+class _SumShards(torch.autograd.Function):
+    """Forward: all-reduce sum over the shard group. Backward: identity (the loss downstream is
+    computed identically on every rank, so each rank's gradient is already the full one)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTranscoder:
+    """The local shard (features [rank·F/W, (rank+1)·F/W) of every layer) of a full CLT."""
+    F = clt.d_sae
+    if F % world:
+        raise ShardingError(f"clt.d_sae={F} is not divisible by the {world} feature shards")
+    lo, hi = rank * F // world, (rank + 1) * F // world
+    arch = type(clt.arch)(**{**clt.arch.__dict__, "d_sae": hi - lo,
+                             "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}}})
+    local = CrossLayerTranscoder(arch).to(clt.W_enc.device)
+    state = {}
+    for k, v in clt.state_dict().items():
+        if k in ("W_enc", "b_enc", "threshold_param"):  # [L, F, ...]
+            v = v[:, lo:hi]
+        elif k.startswith("W_dec."):  # [F, L − s, d]
+            v = v[lo:hi]
+        state[k] = v.clone()
+    local.load_state_dict(state)
+    return local
+
+
+def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
+    """The full CLT from its shards, in rank order."""
+    info = [s.arch.extra.get("shard") for s in shards]
+    if any(i is None for i in info) or [i["rank"] for i in info] != list(range(len(shards))) \
+            or any(i["world"] != len(shards) for i in info):
+        raise ShardingError(f"expected the {len(shards)} shards of one CLT in rank order, got {info}")
+    extra = {k: v for k, v in shards[0].arch.extra.items() if k != "shard"}
+    arch = type(shards[0].arch)(**{**shards[0].arch.__dict__, "d_sae": info[0]["d_sae"], "extra": extra})
+    full = CrossLayerTranscoder(arch)
+    states = [s.state_dict() for s in shards]
+    state = {}
+    for k, v in states[0].items():
+        if k in ("b_enc", "threshold_param") or k == "W_enc":
+            v = torch.cat([s[k] for s in states], dim=1)
+        elif k.startswith("W_dec."):
+            v = torch.cat([s[k] for s in states], dim=0)
+        state[k] = v
+    full.load_state_dict(state)
+    return full
+
+
+class FeatureParallel:
+    """Collectives over a feature-shard group (None: no sharding, every method is the local one)."""
+
+    def __init__(self, group=None, enabled: bool = False):
+        self.group, self.enabled = group, enabled
+        self.world = dist.get_world_size(group) if enabled else 1
+
+    # -- reductions ------------------------------------------------------------------------------
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over shards of a per-shard partial (differentiable; gradient passes through)."""
+        return _SumShards.apply(t, self.group) if self.enabled else t
+
+    def any(self, t: torch.Tensor) -> bool:
+        """Whether any shard has a True (every rank takes the same branch)."""
+        if not self.enabled:
+            return bool(t.any())
+        flag = t.any().to(torch.int32).reshape(1)
+        dist.all_reduce(flag, group=self.group)
+        return bool(flag.item())
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    @torch.no_grad()
+    def kth_largest(self, v: torch.Tensor, k: int) -> torch.Tensor:
+        """v: [..., m] local values -> the k-th largest over all shards' values: [...]."""
+        cand = v.topk(min(k, v.shape[-1]), dim=-1).values
+        parts = [torch.empty_like(cand) for _ in range(self.world)]
+        dist.all_gather(parts, cand.contiguous(), group=self.group)
+        allc = torch.cat(parts, dim=-1)
+        return allc.topk(min(k, allc.shape[-1]), dim=-1).values[..., -1]
+
+    # -- sharded CLT operations ------------------------------------------------------------------
+    def activate(self, clt: CrossLayerTranscoder, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        kind = clt.arch.activation
+        if kind == "topk":
+            t = self.kth_largest(h.detach(), clt.arch.k)  # [N, L]
+            return (h * (h >= t[..., None]).to(h.dtype)).relu()
+        if kind == "batchtopk" and clt.training:
+            n, n_layers, f = h.shape
+            flat = h.detach().transpose(0, 1).reshape(n_layers, n * f)
+            k = clt.arch.k * n
+            top = flat.topk(min(k, flat.shape[-1]), dim=-1).values
+            parts = [torch.empty_like(top) for _ in range(self.world)]
+            dist.all_gather(parts, top.contiguous(), group=self.group)
+            kept = torch.cat(parts, -1).topk(k, dim=-1).values  # the global k·N largest per layer
+            t = kept[:, -1]
+            pos = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min(-1).values
+            clt._last_min_kept = torch.where(torch.isinf(pos), torch.zeros_like(pos), pos)
+            return (h * (h >= t[None, :, None]).to(h.dtype)).relu()
+        return type(clt).activate(clt, h, layers)
+
+    def decode_normalized(self, clt: CrossLayerTranscoder, a, bias: bool = True, support=None):
+        y = self.sum(type(clt).decode_normalized(clt, a, bias=False, support=support))
+        return y + clt.b_dec if bias else y
+
+    def decode_layer(self, clt: CrossLayerTranscoder, acts, layer: int):
+        y = type(clt).decode_layer(clt, acts, layer) * clt.output_scale[layer] - clt.b_dec[layer]
+        return (self.sum(y) + clt.b_dec[layer]) / clt.output_scale[layer]
+
+    def auxk_activations(self, h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+        if not self.enabled:
+            return losses.auxk_activations(h, dead, k_aux)
+        k = min(k_aux, int(self.sum(dead.sum(-1)).max()))
+        masked = h.masked_fill(~dead, torch.finfo(h.dtype).min)
+        t = self.kth_largest(masked.detach(), k)
+        return (masked * (masked >= t[..., None]).to(h.dtype)).relu() * dead
+
+    def apply(self, clt: CrossLayerTranscoder) -> CrossLayerTranscoder:
+        """Route the CLT's selection and decode through the shard group (in place)."""
+        if self.enabled:
+            clt.activate = lambda h, layers=slice(None): self.activate(clt, h, layers)
+            clt.decode_normalized = lambda a, bias=True, support=None: self.decode_normalized(clt, a, bias, support)
+            clt.decode_layer = lambda acts, layer: self.decode_layer(clt, acts, layer)
+        return clt
+
+
+__all__ = ["FeatureParallel", "ShardingError", "shard_clt", "unshard_clt"]

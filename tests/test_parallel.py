@@ -1,0 +1,101 @@
+"""Feature-sharded CLT on 2 CPU processes (gloo): the same forward outputs, losses and gradients as
+the unsharded CLT on the same batch, for TopK, BatchTopK and JumpReLU; shards reassemble into the
+full CLT; a feature count that the shards do not divide is a clear error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clt.config import TrainConfig
+from clt.model import CLTArchitecture
+from clt.parallel import FeatureParallel, ShardingError, shard_clt, unshard_clt
+from clt.training import CLTModule
+
+L, D, F = 3, 16, 32
+
+
+def module(activation: str) -> CLTModule:
+    cfg = TrainConfig()
+    cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, F, 3
+    cfg.clt.sparsity_coeff, cfg.clt.preact_coeff, cfg.clt.auxk_k = 1e-2, 1e-3, 4
+    cfg.trainer.max_steps = 10
+    torch.manual_seed(0)
+    m = CLTModule(cfg, CLTArchitecture(n_layers=L, d_model=D, d_sae=F, activation=activation, k=3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, L, D, generator=g), torch.randn(64, L, D, generator=g)
+    m.initialize_from_data(x, y)
+    with torch.no_grad():  # every parameter matters: non-zero encoder biases, some dead features
+        m.clt.b_enc.normal_(0, 0.1, generator=g)
+        m.tokens_since_fired[:, ::5] = 10**9
+    return m
+
+
+def _worker(rank: int, world: int, init: str, activation: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(40, L, D, generator=g) * 2, torch.randn(40, L, D, generator=g)
+        full = module(activation)
+        full.train()
+        ref_loss, ref_logs = full.loss(x, y)
+        ref_loss.backward()
+        ref_y = full.clt.decode_normalized(full.clt.encode_activate(x)[1]).detach()
+
+        sharded = module(activation)
+        lo, hi = rank * F // world, (rank + 1) * F // world
+        sharded.clt = shard_clt(sharded.clt, rank, world)
+        sharded.tokens_since_fired = sharded.tokens_since_fired[:, lo:hi].clone()
+        sharded.fp = FeatureParallel(enabled=True)
+        sharded.fp.apply(sharded.clt)
+        sharded.train()
+        loss, logs = sharded.loss(x, y)
+        loss.backward()
+        y_hat = sharded.clt.decode_normalized(sharded.clt.encode_activate(x)[1]).detach()
+
+        torch.testing.assert_close(y_hat, ref_y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+        for k in ("losses/mse", "losses/auxk", "losses/sparsity", "losses/preact", "metrics/l0",
+                  "sparsity/dead_fraction"):
+            if k in ref_logs:
+                torch.testing.assert_close(torch.as_tensor(logs[k]).float(), torch.as_tensor(ref_logs[k]).float(),
+                                           rtol=1e-5, atol=1e-7, msg=k)
+        if activation in ("topk", "batchtopk"):
+            assert float(ref_logs["losses/auxk"]) > 0  # AuxK ran, across shards
+        p, r = sharded.clt, full.clt
+        torch.testing.assert_close(p.W_enc.grad, r.W_enc.grad[:, lo:hi], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.b_enc.grad, r.b_enc.grad[:, lo:hi], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.b_dec.grad, r.b_dec.grad, rtol=1e-4, atol=1e-7)
+        for s in range(L):
+            torch.testing.assert_close(p.W_dec[s].grad, r.W_dec[s].grad[lo:hi], rtol=1e-4, atol=1e-7)
+        if activation == "jumprelu":
+            torch.testing.assert_close(p.threshold_param.grad, r.threshold_param.grad[:, lo:hi], rtol=1e-4,
+                                       atol=1e-7)
+        if activation == "batchtopk":
+            torch.testing.assert_close(p._last_min_kept, r._last_min_kept)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_feature_sharded_step_matches_unsharded(activation, tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, f"file://{tmp_path}/rendezvous", activation), nprocs=2, join=True)
+
+
+def test_shards_reassemble_and_bad_divisor_is_an_error():
+    full = module("jumprelu").clt.eval()
+    shards = [shard_clt(full, r, 4) for r in range(4)]
+    assert shards[1].d_sae == F // 4 and shards[1].arch.extra["shard"] == {"rank": 1, "world": 4, "d_sae": F}
+    back = unshard_clt(shards)
+    x = torch.randn(8, L, D)
+    torch.testing.assert_close(back(x)[1], full(x)[1])
+    with pytest.raises(ShardingError, match="not divisible by the 3 feature shards"):
+        shard_clt(full, 0, 3)
+    with pytest.raises(ShardingError, match="rank order"):
+        unshard_clt(shards[::-1])
