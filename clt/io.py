@@ -139,12 +139,18 @@ def import_circuit_tracer(directory: str | os.PathLike, device: str | torch.devi
 
 
 def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
-    """A CLT from a native checkpoint dir, a training run dir (its `clt/`), or a circuit-tracer export."""
+    """A CLT from a native checkpoint dir (sharded or not), a training run dir (its `clt/`), or a
+    circuit-tracer export."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}")
     if (p / "config.yaml").exists() and not (p / "config.json").exists():
         return import_circuit_tracer(p, device)
+    from .parallel import is_sharded, load_sharded
+
+    for cand in (p, p / "clt"):
+        if cand.is_dir() and is_sharded(cand):  # a feature-sharded checkpoint: reassembled
+            return load_sharded(cand, device=device)
     if not (p / "model.safetensors").exists() and (p / "clt" / "model.safetensors").exists():
         p = p / "clt"
     return CrossLayerTranscoder.from_pretrained(p, device)

@@ -166,3 +166,48 @@ class FeatureParallel:
 
 
 __all__ = ["FeatureParallel", "ShardingError", "shard_clt", "unshard_clt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded native checkpoints: one native checkpoint per shard, loadable into any world size
+
+
+def shard_dir(directory, rank: int, world: int):
+    from pathlib import Path
+
+    return Path(directory) / f"shard-{rank:03d}-of-{world:03d}"
+
+
+def save_sharded(local: CrossLayerTranscoder, directory, summary: dict | None = None):
+    """Each rank writes its own shard (atomically) under `directory`."""
+    info = local.arch.extra.get("shard")
+    if info is None:
+        raise ShardingError("save_sharded needs a shard made by shard_clt")
+    return local.save_pretrained(shard_dir(directory, info["rank"], info["world"]), summary=summary)
+
+
+def is_sharded(directory) -> bool:
+    from pathlib import Path
+
+    return any(Path(directory).glob("shard-*-of-*"))
+
+
+def load_sharded(directory, rank: int | None = None, world: int | None = None,
+                 device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    """The full CLT from a sharded checkpoint (rank=None), or its shard `rank` of `world` for any
+    world size dividing the feature count."""
+    from pathlib import Path
+
+    found = sorted(Path(directory).glob("shard-*-of-*"))
+    worlds = {int(p.name.split("-of-")[1]) for p in found}
+    if len(worlds) != 1:
+        raise ShardingError(f"{directory}: expected the shards of one sharding, found {[p.name for p in found]}")
+    saved_world = worlds.pop()
+    missing = [r for r in range(saved_world) if not shard_dir(directory, r, saved_world).exists()]
+    if missing:
+        raise ShardingError(f"{directory}: shards {missing} of {saved_world} are missing")
+    full = unshard_clt([CrossLayerTranscoder.from_pretrained(shard_dir(directory, r, saved_world), device)
+                        for r in range(saved_world)])
+    if rank is None:
+        return full
+    return shard_clt(full, rank, world or 1)

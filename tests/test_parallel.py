@@ -99,3 +99,26 @@ def test_shards_reassemble_and_bad_divisor_is_an_error():
         shard_clt(full, 0, 3)
     with pytest.raises(ShardingError, match="rank order"):
         unshard_clt(shards[::-1])
+
+
+def test_sharded_checkpoint_loads_into_any_world_size_and_one_process(tmp_path):
+    from clt.io import load_clt
+    from clt.parallel import load_sharded, save_sharded
+
+    full = module("topk").clt.eval()
+    for r in range(4):
+        save_sharded(shard_clt(full, r, 4), tmp_path / "clt")
+    x = torch.randn(8, L, D)
+    torch.testing.assert_close(load_clt(tmp_path).eval()(x)[1], full(x)[1])  # run dir -> clt/ -> shards
+    two = [load_sharded(tmp_path / "clt", r, 2) for r in range(2)]
+    assert two[0].d_sae == F // 2
+    torch.testing.assert_close(unshard_clt(two).eval()(x)[1], full(x)[1])
+    with pytest.raises(ShardingError, match="not divisible"):
+        load_sharded(tmp_path / "clt", 0, 5)
+    import shutil
+    shutil.rmtree(tmp_path / "clt" / "shard-002-of-004")
+    with pytest.raises(ShardingError, match=r"shards \[2\] of 4 are missing"):
+        load_sharded(tmp_path / "clt")
+    save_sharded(shard_clt(full, 0, 2), tmp_path / "clt")
+    with pytest.raises(ShardingError, match="one sharding"):
+        load_sharded(tmp_path / "clt")
