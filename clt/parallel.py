@@ -2,7 +2,7 @@
 
 Each rank of a shard group holds a contiguous slice of every layer's features: encoder rows,
 encoder biases, decoder rows and thresholds (`shard_clt`); the decoder bias and the normalisation
-scalars are replicated. `FeatureParallel.apply(clt)` then swaps three of the CLT's methods for
+scalars are replicated. `Parallel.apply(clt)` then swaps three of the CLT's methods for
 sharded ones, so `CrossLayerTranscoder`'s code stays as it is:
 
     activate   TopK / BatchTopK select globally: local candidates, all-gather, global threshold;
@@ -10,9 +10,11 @@ sharded ones, so `CrossLayerTranscoder`'s code stays as it is:
     decode     each rank decodes its own features; the partial outputs are summed over the group
                (backward: identity, since every rank computes the same loss from the full output)
 
-Loss terms that sum over features (sparsity, pre-activation loss, L0) go through
-`FeatureParallel.sum`, and AuxK's selection through `FeatureParallel.auxk_activations`; without
-sharding (`FeatureParallel()`) both are the plain single-process functions.
+Loss terms that sum over features (sparsity, pre-activation loss, L0) go through `Parallel.sum`,
+AuxK's selection through `Parallel.auxk_activations`. Data parallelism: gradients are averaged
+over replicas (DDP); what depends on the whole batch is made global here: the FVU normaliser
+(`batch_sst`), BatchTopK's selection (over data replicas and shards), dead-feature statistics and
+logged metrics. `Parallel()` is the plain single process.
 """
 
 from __future__ import annotations
@@ -85,55 +87,80 @@ def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
     return full
 
 
-class FeatureParallel:
-    """Collectives over a feature-shard group (None: no sharding, every method is the local one)."""
+class Parallel:
+    """Collectives of a training process on a (data × feature-shard) mesh.
 
-    def __init__(self, group=None, enabled: bool = False):
-        self.group, self.enabled = group, enabled
-        self.world = dist.get_world_size(group) if enabled else 1
+    shard_group: the ranks holding the other feature shards of the same replica (None: unsharded).
+    data_group: the ranks holding the other data-parallel replicas of the same shard (None: one
+    replica). select_group: the ranks BatchTopK selects over (its batch spans the data replicas
+    and its features the shards): the world of the mesh. `Parallel()` is the single process."""
 
-    # -- reductions ------------------------------------------------------------------------------
+    def __init__(self, shard_group=None, data_group=None, select_group=None, shards: bool = False,
+                 data: bool = False):
+        self.shard_group, self.data_group, self.select_group = shard_group, data_group, select_group
+        self.shards, self.data = shards, data
+        self.world = dist.get_world_size(shard_group) if shards else 1  # feature shards
+        self.replicas = dist.get_world_size(data_group) if data else 1
+
+    # -- reductions over the feature shards ------------------------------------------------------
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over shards of a per-shard partial (differentiable; gradient passes through)."""
-        return _SumShards.apply(t, self.group) if self.enabled else t
+        return _SumShards.apply(t, self.shard_group) if self.shards else t
 
     def any(self, t: torch.Tensor) -> bool:
         """Whether any shard has a True (every rank takes the same branch)."""
-        if not self.enabled:
+        if not self.shards:
             return bool(t.any())
         flag = t.any().to(torch.int32).reshape(1)
-        dist.all_reduce(flag, group=self.group)
+        dist.all_reduce(flag, group=self.shard_group)
         return bool(flag.item())
 
-    def max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
+    def _gather_cat(self, t: torch.Tensor, group) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
     def kth_largest(self, v: torch.Tensor, k: int) -> torch.Tensor:
         """v: [..., m] local values -> the k-th largest over all shards' values: [...]."""
         cand = v.topk(min(k, v.shape[-1]), dim=-1).values
-        parts = [torch.empty_like(cand) for _ in range(self.world)]
-        dist.all_gather(parts, cand.contiguous(), group=self.group)
-        allc = torch.cat(parts, dim=-1)
+        allc = self._gather_cat(cand, self.shard_group) if self.shards else cand
         return allc.topk(min(k, allc.shape[-1]), dim=-1).values[..., -1]
+
+    # -- reductions over the data replicas (statistics of the global batch; no gradient) ---------
+    @torch.no_grad()
+    def data_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.data:
+            t = t.clone()
+            dist.all_reduce(t, group=self.data_group)
+        return t
+
+    @torch.no_grad()
+    def batch_sst(self, y: torch.Tensor) -> torch.Tensor:
+        """y: [N, L, d] local -> [L]: E‖y − E y‖² over the global batch (two passes: exact)."""
+        if not self.data:
+            return (y - y.mean(0)).pow(2).sum(-1).mean(0)
+        n = self.data_sum(torch.tensor(float(y.shape[0]), device=y.device))
+        mean = self.data_sum(y.sum(0)) / n
+        return self.data_sum((y - mean).pow(2).sum(-1).sum(0)) / n
+
+    def data_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over replicas of a per-replica mean (equal local batches)."""
+        return self.data_sum(t.detach()) / self.replicas if self.data else t
 
     # -- sharded CLT operations ------------------------------------------------------------------
     def activate(self, clt: CrossLayerTranscoder, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
         kind = clt.arch.activation
-        if kind == "topk":
+        if kind == "topk" and self.shards:
             t = self.kth_largest(h.detach(), clt.arch.k)  # [N, L]
             return (h * (h >= t[..., None]).to(h.dtype)).relu()
         if kind == "batchtopk" and clt.training:
             n, n_layers, f = h.shape
             flat = h.detach().transpose(0, 1).reshape(n_layers, n * f)
-            k = clt.arch.k * n
+            k = clt.arch.k * n * self.replicas  # k per token of the global batch
             top = flat.topk(min(k, flat.shape[-1]), dim=-1).values
-            parts = [torch.empty_like(top) for _ in range(self.world)]
-            dist.all_gather(parts, top.contiguous(), group=self.group)
-            kept = torch.cat(parts, -1).topk(k, dim=-1).values  # the global k·N largest per layer
+            with torch.no_grad():
+                kept = self._gather_cat(top, self.select_group).topk(k, dim=-1).values  # global k·N largest
             t = kept[:, -1]
             pos = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min(-1).values
             clt._last_min_kept = torch.where(torch.isinf(pos), torch.zeros_like(pos), pos)
@@ -149,7 +176,7 @@ class FeatureParallel:
         return (self.sum(y) + clt.b_dec[layer]) / clt.output_scale[layer]
 
     def auxk_activations(self, h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-        if not self.enabled:
+        if not self.shards:
             return losses.auxk_activations(h, dead, k_aux)
         k = min(k_aux, int(self.sum(dead.sum(-1)).max()))
         masked = h.masked_fill(~dead, torch.finfo(h.dtype).min)
@@ -157,15 +184,16 @@ class FeatureParallel:
         return (masked * (masked >= t[..., None]).to(h.dtype)).relu() * dead
 
     def apply(self, clt: CrossLayerTranscoder) -> CrossLayerTranscoder:
-        """Route the CLT's selection and decode through the shard group (in place)."""
-        if self.enabled:
+        """Route the CLT's selection and decode through the mesh (in place)."""
+        if self.shards or (self.data and clt.arch.activation == "batchtopk"):
             clt.activate = lambda h, layers=slice(None): self.activate(clt, h, layers)
+        if self.shards:
             clt.decode_normalized = lambda a, bias=True, support=None: self.decode_normalized(clt, a, bias, support)
             clt.decode_layer = lambda acts, layer: self.decode_layer(clt, acts, layer)
         return clt
 
 
-__all__ = ["FeatureParallel", "ShardingError", "shard_clt", "unshard_clt"]
+__all__ = ["Parallel", "ShardingError", "load_sharded", "save_sharded", "shard_clt", "unshard_clt"]
 
 
 # ---------------------------------------------------------------------------------------------

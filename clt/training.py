@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .data import ActivationSource, DataPosition
 from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
-from .parallel import FeatureParallel
+from .parallel import Parallel
 
 
 class CLTModule(L.LightningModule):
@@ -29,7 +29,7 @@ class CLTModule(L.LightningModule):
         self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init)
         # tokens since each feature last fired (dead-feature tracking), part of the training state
         self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
-        self.fp = FeatureParallel()  # feature-shard collectives (identity unless sharded)
+        self.fp = Parallel()  # collectives of the (data × feature-shard) mesh; none by default
         self.data_position: dict | None = None  # position after the last batch trained on
         self.restored_position: dict | None = None  # position read from a checkpoint
 
@@ -68,7 +68,7 @@ class CLTModule(L.LightningModule):
         h, a = clt.encode_activate(x)  # [N, L, F] each
         y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
         y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
-        mse, sse, sst = losses.reconstruction(y_hat, y_n)
+        mse, sse, sst = losses.reconstruction(y_hat, y_n, sst=self.fp.batch_sst(y_n.detach()))
         total = mse
         logs = {"losses/mse": mse}
         if c.activation in ("jumprelu", "relu"):
@@ -90,14 +90,17 @@ class CLTModule(L.LightningModule):
                 total = total + c.auxk_coeff * aux
             logs["losses/auxk"] = aux
         logs["losses/total"] = total
+        if self.fp.data:  # logged losses: means over the global batch (the returned total stays local)
+            logs = {k: self.fp.data_mean(v) if k.startswith("losses/") else v for k, v in logs.items()}
 
         with torch.no_grad():
-            fired = (a != 0).any(0)
-            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            fired = self.fp.data_sum((a != 0).any(0).to(torch.int32)) > 0  # anywhere in the global batch
+            self.tokens_since_fired.add_(x.shape[0] * self.fp.replicas).masked_fill_(fired, 0)
             if c.activation == "batchtopk":
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
-            fvu, l0 = fvu_per_layer(sse, sst), self.fp.sum(l0_per_layer(a))
-            logs |= {"metrics/fvu": mse.detach(), "metrics/l0": l0.mean(),
+            sse = self.fp.data_mean(sse)
+            fvu, l0 = fvu_per_layer(sse, sst), self.fp.data_mean(self.fp.sum(l0_per_layer(a)))
+            logs |= {"metrics/fvu": sse.sum() / sst.sum().clamp_min(1e-12), "metrics/l0": l0.mean(),
                      "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world}
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from clt.config import TrainConfig
 from clt.model import CLTArchitecture
-from clt.parallel import FeatureParallel, ShardingError, shard_clt, unshard_clt
+from clt.parallel import Parallel, ShardingError, shard_clt, unshard_clt
 from clt.training import CLTModule
 
 L, D, F = 3, 16, 32
@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
         lo, hi = rank * F // world, (rank + 1) * F // world
         sharded.clt = shard_clt(sharded.clt, rank, world)
         sharded.tokens_since_fired = sharded.tokens_since_fired[:, lo:hi].clone()
-        sharded.fp = FeatureParallel(enabled=True)
+        sharded.fp = Parallel(shards=True, select_group=None)
         sharded.fp.apply(sharded.clt)
         sharded.train()
         loss, logs = sharded.loss(x, y)
@@ -122,3 +122,50 @@ def test_sharded_checkpoint_loads_into_any_world_size_and_one_process(tmp_path):
     save_sharded(shard_clt(full, 0, 2), tmp_path / "clt")
     with pytest.raises(ShardingError, match="one sharding"):
         load_sharded(tmp_path / "clt")
+
+
+def _dp_worker(rank: int, world: int, init: str, activation: str, steps: int) -> None:
+    """Data parallel by hand (gradients averaged over the replicas, as DDP does) vs one process on
+    the same global batches."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        ref, dp = module(activation), module(activation)
+        dp.fp = Parallel(data=True)
+        dp.fp.apply(dp.clt)
+        for m in (ref, dp):
+            m.cfg.clt.dead_after_tokens = 200  # some features die and revive during the run
+            m.train()
+        opts = [torch.optim.Adam(m.clt.parameters(), lr=3e-3) for m in (ref, dp)]
+        g = torch.Generator().manual_seed(3)
+        n = 24
+        for step in range(steps):
+            x, y = torch.randn(world * n, L, D, generator=g) * 2, torch.randn(world * n, L, D, generator=g)
+            mine = slice(rank * n, (rank + 1) * n)
+            loss_ref, logs_ref = ref.loss(x, y)
+            loss_dp, logs_dp = dp.loss(x[mine], y[mine])
+            for m, loss, opt in ((ref, loss_ref, opts[0]), (dp, loss_dp, opts[1])):
+                opt.zero_grad()
+                loss.backward()
+                if m is dp:
+                    for p in m.clt.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
+                opt.step()
+            for k in ("metrics/fvu", "metrics/l0", "losses/auxk"):
+                if k in logs_ref:
+                    torch.testing.assert_close(torch.as_tensor(logs_dp[k]).float(),
+                                               torch.as_tensor(logs_ref[k]).float(), rtol=1e-4, atol=1e-6,
+                                               msg=f"{k} at step {step}")
+        assert torch.equal(dp.tokens_since_fired, ref.tokens_since_fired)
+        for (name, p), q in zip(dp.clt.named_parameters(), ref.clt.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(dp.clt.batchtopk_threshold, ref.clt.batchtopk_threshold)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_data_parallel_steps_match_one_process_on_the_global_batches(activation, tmp_path):
+    mp.spawn(_dp_worker, args=(2, f"file://{tmp_path}/rendezvous", activation, 8), nprocs=2, join=True)
