@@ -35,10 +35,11 @@ class DataPosition:
 
 
 class ActivationSource:
-    def __init__(self, subject: Subject, cfg: DataConfig, batch_tokens: int, seed: int = 0):
+    def __init__(self, subject: Subject, cfg: DataConfig, batch_tokens: int, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         self.subject, self.cfg = subject, cfg
         self.batch_tokens, self.seed = batch_tokens, seed
-        self.text = WindowStream(cfg, subject.tokenizer)
+        self.text = WindowStream(cfg, subject.tokenizer, shard)  # shard: (replica, replicas)
         self.dtype = getattr(torch, cfg.buffer_dtype)
 
     @torch.no_grad()

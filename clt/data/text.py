@@ -100,10 +100,15 @@ class WindowStream:
     """Documents -> packed token windows [T] = [BOS, t_1 … t_{T−1}]; documents joined by EOS.
 
     The first `eval_docs` documents are held out for evaluation (`eval_windows`); training windows
-    start after them and wrap around the corpus forever (epoch += 1)."""
+    start after them and wrap around the corpus forever (epoch += 1). `shard=(i, n)`: data-parallel
+    replica i of n reads a disjoint share of the training documents
+    (`datasets.distributed.split_dataset_by_node`); positions then count that share's documents."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
+    def __init__(self, cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)):
         self.cfg = cfg
+        if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise DataError(f"data shard {shard[0]} of {shard[1]} does not exist")
+        self.shard = shard
         self.tok = tokenizer
         self.ds, self.column = load_text_dataset(cfg)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -115,6 +120,18 @@ class WindowStream:
     def _docs(self, skip: int) -> Iterator[str]:
         docs = iter_documents(self.ds, self.column, self.cfg.min_doc_chars)
         for i, text in enumerate(docs):
+            if i >= skip:
+                yield text
+
+    def _train_docs(self, skip: int) -> Iterator[str]:
+        """Training documents of this shard, after the first `skip` of them."""
+        if self.shard[1] == 1:
+            yield from self._docs(self.cfg.eval_docs + skip)
+            return
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self.ds.skip(self.cfg.eval_docs), rank=self.shard[0], world_size=self.shard[1])
+        for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars)):
             if i >= skip:
                 yield text
 
@@ -142,7 +159,7 @@ class WindowStream:
         docs, carry, epoch = pos.docs, list(pos.carry), pos.epoch
         while True:
             produced, from_start = False, docs == 0 and not carry
-            for text in self._docs(self.cfg.eval_docs + docs):
+            for text in self._train_docs(docs):
                 docs += 1
                 carry += self._tokens(text)
                 while len(carry) >= n:
