@@ -18,8 +18,6 @@ our import honours; circuit-tracer's own loader would read it as ReLU.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,28 +25,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_directory
 from .model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
 
 HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 HOOKS_BACK = {v: k for k, v in HOOK_NAMES.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _atomic_dir(directory: Path):
-    """A temp dir next to `directory`; `commit(tmp)` replaces `directory` with it."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-
-
-def _commit(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 @torch.no_grad()
@@ -68,8 +50,7 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | os.PathLike,
         cfg["k"] = arch.k
     cfg["clt"] = {"architecture": asdict(arch)}
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         for layer in range(arch.n_layers):
             enc = {f"W_enc_{layer}": f.W_enc[layer], f"b_enc_{layer}": f.b_enc[layer], f"b_dec_{layer}": f.b_dec[layer]}
             if act == "jumprelu":
@@ -79,10 +60,6 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | os.PathLike,
             save_file({k: v.to(dt).contiguous() for k, v in enc.items()}, tmp / f"W_enc_{layer}.safetensors")
             save_file({f"W_dec_{layer}": f.W_dec[layer].to(dt).contiguous()}, tmp / f"W_dec_{layer}.safetensors")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

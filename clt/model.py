@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from kernels.reference import sparse_matmul
 
 from . import activations as act
 from .config import CLTError
+from .files import atomic_directory
 
 FORMAT_VERSION = 1
 
@@ -196,9 +195,7 @@ class CrossLayerTranscoder(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, summary: dict | None = None) -> Path:
         """Write `config.json` + `model.safetensors` atomically (temp dir, then rename)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "clt"})
             config = {"format_version": FORMAT_VERSION, "architecture": asdict(self.arch),
@@ -206,17 +203,6 @@ class CrossLayerTranscoder(nn.Module):
                                         "output_scale": self.output_scale.tolist()},
                       "summary": summary or {}}
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            if directory.exists():
-                old = directory.with_name(directory.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

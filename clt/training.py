@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from . import loss as losses
 from .config import TrainConfig
 from .data import ActivationSource, DataPosition
+from .files import write_atomic
 from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
 from .parallel import Parallel
@@ -244,12 +245,6 @@ class Checkpoints(L.Callback):
 # A whole run
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(cfg: TrainConfig) -> dict:
     """Train a CLT as configured; resume when `run_dir` (or `resume`) holds a checkpoint.
     Returns the final report (per-layer FVU/L0, eval/*, paths)."""
@@ -295,7 +290,7 @@ def run(cfg: TrainConfig) -> dict:
         module.initialize_from_data(x, y)
         del x, y
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
@@ -335,5 +330,5 @@ def _wandb_id(run_dir: Path) -> str:
     import uuid
     path = run_dir / "wandb_id"
     if not path.exists():
-        _write_atomic(path, uuid.uuid4().hex[:12])
+        write_atomic(path, uuid.uuid4().hex[:12])
     return path.read_text().strip()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from .replacement import AttributionError
 
 GRAPH_FORMAT = 1
@@ -339,7 +340,7 @@ def write_graph_files(graph: Graph, pruned: Pruned, out_dir: str | os.PathLike, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = to_json(graph, pruned, slug, node_threshold)
-    _write_atomic(out / f"{slug}.json", json.dumps(data))
+    write_atomic(out / f"{slug}.json", json.dumps(data))
     index_path = out / "graph-metadata.json"
     index = {"graphs": []}
     if index_path.exists():
@@ -348,11 +349,6 @@ def write_graph_files(graph: Graph, pruned: Pruned, out_dir: str | os.PathLike, 
         except json.JSONDecodeError:
             pass
     index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
-    _write_atomic(index_path, json.dumps(index, indent=2))
+    write_atomic(index_path, json.dumps(index, indent=2))
     return out / f"{slug}.json"
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
