@@ -268,15 +268,17 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     n_sel = len(selected)
     N = n_sel + L * T + T + K
     cols = torch.cat([selected, torch.arange(n_active, rows.n_cols, device=dev)])
+    feature_rows = edge[row_of[selected]]  # [n_sel, n_cols], gathered once
     adj = torch.zeros(N, N)
-    adj[:n_sel, : n_sel + L * T + T] = edge[row_of[selected]][:, cols].cpu()
+    adj[:n_sel, : n_sel + L * T + T] = feature_rows[:, cols].cpu()
     adj[N - K:, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
 
     unvisited = torch.zeros(N)
     rest = (~visited).nonzero().flatten()
     if len(rest):
-        unvisited[:n_sel] = edge[row_of[selected]][:, rest].sum(1).cpu()
+        unvisited[:n_sel] = feature_rows[:, rest].sum(1).cpu()
         unvisited[N - K:] = edge[:K][:, rest].sum(1).cpu()
+    del feature_rows
 
     h0, logit0 = node_bias(rm, ctx)
     values_t, bias_t = torch.zeros(N), torch.zeros(N)
