@@ -31,9 +31,38 @@ def resolve(cfg: DictConfig) -> TrainConfig:
         return current
     from hydra import compose
     defaults = load_config(compose(config_name="config", overrides=[f"run_dir={run_dir}"]))
-    merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict())
+    from hydra.core.hydra_config import HydraConfig
+    named = tuple(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict(), named)
     merged["run_dir"], merged["resume"] = str(run_dir), current.resume
     return load_config(OmegaConf.create(merged))
+
+
+def pin_run_dir(cfg: DictConfig) -> None:
+    """One run directory for every process of a run: unless given on the command line, it is
+    `runs/slurm-<job>` under Slurm (so a requeued job finds its checkpoint), `<sweep dir>/<job
+    number>` in a multirun, else the start time; and the processes Lightning launches for the other
+    devices get it on their command line (they would resolve a later time)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    given = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
+    if given & {"run_dir", "resume"}:
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if hc.mode == RunMode.MULTIRUN:
+        cfg.run_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
+    elif job:
+        cfg.run_dir = f"runs/slurm-{job}"
+    else:
+        cfg.run_dir = str(cfg.run_dir)  # resolve ${now:…} once
+    if hc.mode == RunMode.RUN:
+        sys.argv.append(f"run_dir={cfg.run_dir}")
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -41,6 +70,7 @@ def main(cfg: DictConfig) -> None:
     from clt.training import run
 
     try:
+        pin_run_dir(cfg)
         run(resolve(cfg))
     except CLTError as e:  # bad config, data, subject model or checkpoint: the message says what
         print(f"error: {e}", file=sys.stderr)

@@ -86,6 +86,13 @@ class CLTConfig:
     # decode path: "auto" (Triton on CUDA, else torch sparse when ≤ 10% active, else dense),
     # "triton" (fused sparse kernels), "sparse" (torch embedding-bag), "dense" (matmuls)
     decode: str = "auto"
+    # Feature-sharded model parallelism (clt/parallel.py): each rank holds a slice of every layer's
+    # features (encoder rows, decoder rows, thresholds); TopK/BatchTopK select globally, decoder
+    # partial sums are all-reduced. Combinable with data parallelism on a (replicas × shards) mesh.
+    shard_features: bool = False
+    # Feature shards per replica when shard_features: 0 = the devices of one node (trainer.devices);
+    # must divide the world size (devices × num_nodes) and d_sae.
+    feature_shards: int = 0
 
 
 @dataclass
@@ -100,16 +107,22 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = 1
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1  # processes (GPUs) per node; > 1 launches one process each (gloo on CPU, NCCL on GPU)
+    num_nodes: int = 1  # nodes; under Slurm = the job's nodes (srun sets one task per device)
+    # "auto" (one process) or "ddp": data parallel, and the (replicas × feature shards) mesh when
+    # clt.shard_features; anything with devices × num_nodes > 1 or sharding uses our DDP strategy
     strategy: str = "auto"
     precision: str = "32-true"
     max_steps: int = 300
-    batch_tokens: int = 512  # tokens per CLT step
+    batch_tokens: int = 512  # tokens per CLT step: the global batch, split over the data-parallel replicas
     log_every: int = 5
     ckpt_every: int = 100  # Lightning state (exact resume) + native CLT format
     eval_every: int = 100  # eval/* on held-out windows (0 disables)
     num_threads: int = 0  # torch CPU threads (0 = torch default)
+    # Under Slurm: on SIGUSR1/SIGUSR2 (sbatch --signal=USR1@90, preemption), checkpoint at the end of
+    # the current step, `scontrol requeue` the job and exit; the requeued job resumes from run_dir.
+    requeue: bool = True
 
 
 @dataclass
@@ -160,6 +173,9 @@ class TrainConfig:
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
         _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")
         _check(t.ckpt_every > 0, "trainer.ckpt_every", t.ckpt_every, "> 0")
+        _check(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "≥ 1")
+        _check(t.strategy in ("auto", "ddp"), "trainer.strategy", t.strategy, "auto | ddp")
+        _check(c.feature_shards >= 0, "clt.feature_shards", c.feature_shards, "≥ 0 (0 = devices per node)")
         _check(self.logger.name in ("csv", "wandb"), "logger.name", self.logger.name, "csv | wandb")
         return self
 
@@ -185,8 +201,11 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
 
 
 # Keys that may differ between a run and its resumption (everything else must match).
+# The world size and the mesh may change (trainer.batch_tokens is the global batch, whatever the world).
 RESUMABLE_CHANGES = ("resume", "report", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every",
-                     "trainer.eval_every", "trainer.num_threads", "logger")
+                     "trainer.eval_every", "trainer.num_threads", "logger", "trainer.accelerator",
+                     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.requeue",
+                     "clt.shard_features", "clt.feature_shards")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -214,10 +233,14 @@ def check_resume(saved: dict, current: dict) -> None:
         raise ConfigError(f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides")
 
 
-def resume_config(saved: dict, defaults: dict, current: dict) -> dict:
+def resume_config(saved: dict, defaults: dict, current: dict, named: tuple[str, ...] = ()) -> dict:
     """The config of a resumed run: the saved one, plus what the command line changed explicitly
-    (keys where `current` differs from `defaults`). Changing a non-resumable key is an error."""
+    (keys where `current` differs from `defaults`, and keys or groups named on the command line,
+    `named`, even when set to their default: `trainer.devices=1`). Changing a non-resumable key is
+    an error."""
     explicit = config_diff(defaults, current)
+    explicit += [k for k in config_diff(saved, current) if k not in explicit
+                 and any(k == n or k.startswith(n + ".") for n in named)]
     conflicts = [k for k in explicit if not _resumable(k) and _get(saved, k) != _get(current, k)]
     if conflicts:
         detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in conflicts)

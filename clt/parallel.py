@@ -57,11 +57,8 @@ def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTra
     local = CrossLayerTranscoder(arch).to(clt.W_enc.device)
     state = {}
     for k, v in clt.state_dict().items():
-        if k in ("W_enc", "b_enc", "threshold_param"):  # [L, F, ...]
-            v = v[:, lo:hi]
-        elif k.startswith("W_dec."):  # [F, L − s, d]
-            v = v[lo:hi]
-        state[k] = v.clone()
+        dim = shard_dim(k)
+        state[k] = (v if dim is None else v.narrow(dim, lo, hi - lo)).clone()
     local.load_state_dict(state)
     return local
 
@@ -78,13 +75,24 @@ def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
     states = [s.state_dict() for s in shards]
     state = {}
     for k, v in states[0].items():
-        if k in ("b_enc", "threshold_param") or k == "W_enc":
-            v = torch.cat([s[k] for s in states], dim=1)
-        elif k.startswith("W_dec."):
-            v = torch.cat([s[k] for s in states], dim=0)
-        state[k] = v
+        dim = shard_dim(k)
+        state[k] = v if dim is None else torch.cat([s[k] for s in states], dim=dim)
     full.load_state_dict(state)
     return full
+
+
+def is_sharded_param(name: str) -> bool:
+    """Whether a CLT parameter/buffer (name relative to the CLT) is split over the feature shards."""
+    return name in ("W_enc", "b_enc", "threshold_param") or name.startswith("W_dec.")
+
+
+def shard_dim(name: str) -> int | None:
+    """The feature dimension of a CLT tensor (name relative to the CLT), None if replicated."""
+    if name in ("W_enc", "b_enc", "threshold_param"):  # [L, F, ...]
+        return 1
+    if name.startswith("W_dec."):  # [F, L − s, d]
+        return 0
+    return None
 
 
 class Parallel:
@@ -183,6 +191,24 @@ class Parallel:
         t = self.kth_largest(masked.detach(), k)
         return (masked * (masked >= t[..., None]).to(h.dtype)).relu() * dead
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, named_params, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) CLT: squared norms of the
+        sharded parameters summed over the shards, replicated ones counted once."""
+        params = [(n, p) for n, p in named_params if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        dev = params[0][1].grad.device
+        sharded = sum((p.grad.float().pow(2).sum() for n, p in params if is_sharded_param(n)),
+                      torch.zeros((), device=dev))
+        replicated = sum((p.grad.float().pow(2).sum() for n, p in params if not is_sharded_param(n)),
+                         torch.zeros((), device=dev))
+        total = (self.sum(sharded) + replicated).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for _, p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
     def apply(self, clt: CrossLayerTranscoder) -> CrossLayerTranscoder:
         """Route the CLT's selection and decode through the mesh (in place)."""
         if self.shards or (self.data and clt.arch.activation == "batchtopk"):
@@ -239,3 +265,184 @@ def load_sharded(directory, rank: int | None = None, world: int | None = None,
     if rank is None:
         return full
     return shard_clt(full, rank, world or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh and the Lightning strategy
+
+
+def mesh_shape(world: int, feature_shards: int, d_sae: int, batch_tokens: int) -> tuple[int, int]:
+    """(replicas, shards) of a world of `world` processes; clear errors when they do not fit."""
+    if world % feature_shards:
+        raise ShardingError(f"{feature_shards} feature shards do not divide the {world} processes "
+                            "(trainer.devices × trainer.num_nodes); set clt.feature_shards to a divisor")
+    if d_sae % feature_shards:
+        raise ShardingError(f"clt.d_sae={d_sae} is not divisible by the {feature_shards} feature shards "
+                            f"(world size {world}); choose d_sae or clt.feature_shards so that it is")
+    replicas = world // feature_shards
+    if batch_tokens % replicas:
+        raise ShardingError(f"trainer.batch_tokens={batch_tokens} (the global batch) is not divisible by "
+                            f"the {replicas} data-parallel replicas")
+    return replicas, feature_shards
+
+
+def build_mesh(world: int, rank: int, shards: int) -> tuple[Parallel, int, int]:
+    """Process groups of the (replicas × shards) mesh, rank = replica · shards + shard (the shards of
+    a replica are neighbours: on one node with NVLink). Every rank creates every group, in the same
+    order. Returns (Parallel, replica, shard)."""
+    replicas = world // shards
+    shard_groups = [dist.new_group(list(range(r * shards, (r + 1) * shards))) for r in range(replicas)]
+    data_groups = [dist.new_group(list(range(s, world, shards))) for s in range(shards)]
+    replica, shard = divmod(rank, shards)
+    fp = Parallel(shard_group=shard_groups[replica], data_group=data_groups[shard], select_group=None,
+                  shards=shards > 1, data=replicas > 1)
+    return fp, replica, shard
+
+
+def _lightning_ddp():
+    from lightning.pytorch.strategies import DDPStrategy
+    return DDPStrategy
+
+
+class CLTStrategy(_lightning_ddp()):
+    """Lightning's DDP, on the (replicas × feature shards) mesh: DDP averages gradients over the
+    data group only (the ranks holding the same shard); the CLTModule gets the mesh's `Parallel`
+    (`self.parallel`) in its `setup`. With shards, Lightning checkpoints are written per shard
+    (`last.shard-SSS-of-WWW.ckpt`, by the first replica) plus a small index at the requested path,
+    and load into any mesh (re-sharded on load)."""
+
+    def __init__(self, feature_shards: int = 1, **kwargs):
+        kwargs.setdefault("forward_sync_buffers", False)  # buffers are kept equal by the module itself
+        super().__init__(**kwargs)
+        self.feature_shards = feature_shards
+        self.parallel, self.replica, self.shard = Parallel(), 0, 0
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        self.parallel, self.replica, self.shard = build_mesh(self.world_size, self.global_rank,
+                                                             self.feature_shards)
+        self._ddp_kwargs["process_group"] = self.parallel.data_group
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.feature_shards
+
+    # -- sharded Lightning checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        from pathlib import Path
+
+        if self.feature_shards == 1:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path, world = Path(filepath), self.feature_shards
+        if self.replica == 0:
+            own = {**checkpoint, "clt_shard": {"rank": self.shard, "world": world}}
+            self.checkpoint_io.save_checkpoint(own, shard_checkpoint(path, self.shard, world))
+        self.barrier("clt_shards_saved")  # the index is written last: it points at complete shards
+        if self.global_rank == 0:
+            keep = ("epoch", "global_step", "pytorch-lightning_version", "clt_config")
+            index = {k: checkpoint[k] for k in keep if k in checkpoint}
+            self.checkpoint_io.save_checkpoint({**index, "clt_feature_shards": world}, path)
+            for old in path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"):
+                if not old.name.endswith(f"-of-{world:03d}{path.suffix}"):
+                    old.unlink()  # shards of an earlier mesh, superseded
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        return _load_for(self, checkpoint_path, self.shard, self.feature_shards, weights_only)
+
+
+def _load_for(strategy, path, shard: int, shards: int, weights_only=None) -> dict:
+    ckpt = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+    names = [f"clt.{n}" for n, _ in strategy.lightning_module.clt.named_parameters()]
+    return load_training_state(ckpt, path, names, shard, shards)
+
+
+def _lightning_single():
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    return SingleDeviceStrategy
+
+
+class CLTSingleDevice(_lightning_single()):
+    """One process; reads a training checkpoint written by any mesh (re-assembled on load)."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        return _load_for(self, checkpoint_path, 0, 1, weights_only)
+
+
+def shard_checkpoint(path, rank: int, world: int):
+    from pathlib import Path
+
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shard-{rank:03d}-of-{world:03d}{path.suffix}")
+
+
+def _training_dim(key: str) -> int | None:
+    """Feature dimension of a LightningModule state_dict entry."""
+    if key == "tokens_since_fired":  # [L, F]
+        return 1
+    return shard_dim(key[4:]) if key.startswith("clt.") else None
+
+
+def load_training_state(ckpt: dict, path, param_names: list[str], rank: int, world: int) -> dict:
+    """A Lightning checkpoint (or the index of a sharded one) -> the training state of shard `rank`
+    of `world`: module state, optimizer moments and dead-feature counters re-sharded when the
+    checkpoint was written by another mesh. `param_names`: the optimizer's parameters in order."""
+    saved = int(ckpt.get("clt_feature_shards", 1))
+    if saved == world == 1:
+        return ckpt
+    if saved == world:
+        parts = [_read_shard(path, rank, world, ckpt)]
+        return parts[0]
+    parts = [ckpt] if saved == 1 else [_read_shard(path, r, saved, ckpt) for r in range(saved)]
+    full = _concat_states(parts, param_names) if saved > 1 else ckpt
+    return _slice_state(full, param_names, rank, world)
+
+
+def _read_shard(path, rank: int, world: int, index: dict) -> dict:
+    f = shard_checkpoint(path, rank, world)
+    if not f.exists():
+        raise ShardingError(f"{path} was written by {world} feature shards but {f.name} is missing")
+    part = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    if part.get("global_step") != index.get("global_step") or part.get("clt_shard") != {"rank": rank, "world": world}:
+        raise ShardingError(f"{f} is not shard {rank} of {world} at step {index.get('global_step')} "
+                            f"(found {part.get('clt_shard')} at step {part.get('global_step')}): "
+                            "the checkpoint's shards come from different saves or meshes")
+    return part
+
+
+def _map_training_tensors(ckpt: dict, param_names: list[str], fn) -> dict:
+    """A copy of `ckpt` whose sharded tensors (module state and Adam moments) are fn(key, dim, value)."""
+    out = dict(ckpt)
+    out["state_dict"] = {k: (v if _training_dim(k) is None else fn(("state", k), _training_dim(k), v))
+                         for k, v in ckpt["state_dict"].items()}
+    opts = []
+    for o in ckpt.get("optimizer_states", []):
+        state = {}
+        for i, st in o["state"].items():
+            dim = _training_dim(param_names[i])
+            state[i] = {k: (fn(("opt", i, k), dim, v) if dim is not None and torch.is_tensor(v) and v.dim() > 0
+                            else v) for k, v in st.items()}
+        opts.append({**o, "state": state})
+    out["optimizer_states"] = opts
+    out.pop("clt_shard", None)
+    out.pop("clt_feature_shards", None)
+    return out
+
+
+def _concat_states(parts: list[dict], param_names: list[str]) -> dict:
+    def get(key, p):
+        if key[0] == "state":
+            return p["state_dict"][key[1]]
+        return p["optimizer_states"][0]["state"][key[1]][key[2]]
+
+    return _map_training_tensors(parts[0], param_names,
+                                 lambda key, dim, v: torch.cat([get(key, p) for p in parts], dim=dim))
+
+
+def _slice_state(full: dict, param_names: list[str], rank: int, world: int) -> dict:
+    def cut(key, dim, v):
+        n = v.shape[dim]
+        if n % world:
+            raise ShardingError(f"the checkpoint's {n} features per layer are not divisible by {world} shards")
+        return v.narrow(dim, rank * n // world, n // world).clone()
+
+    return _map_training_tensors(full, param_names, cut)

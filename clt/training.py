@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import loss as losses
 from .config import TrainConfig
-from .data import ActivationSource, DataPosition
+from .data import ActivationSource, DataPosition, TextPosition
 from .files import write_atomic
 from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
-from .parallel import Parallel
+from .parallel import CLTSingleDevice, CLTStrategy, Parallel, mesh_shape, save_sharded, shard_clt
 
 
 class CLTModule(L.LightningModule):
@@ -31,8 +31,26 @@ class CLTModule(L.LightningModule):
         # tokens since each feature last fired (dead-feature tracking), part of the training state
         self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
         self.fp = Parallel()  # collectives of the (data × feature-shard) mesh; none by default
+        self.replica = 0  # this process's data-parallel replica
         self.data_position: dict | None = None  # position after the last batch trained on
         self.restored_position: dict | None = None  # position read from a checkpoint
+        self.silent_fraction: float | None = None  # features that never fired (set at the end of fit)
+
+    def setup(self, stage: str) -> None:
+        """Take this process's place on the mesh (CLTStrategy): keep its feature shard of the full
+        CLT (initialised identically on every rank) and route selection and decode through the
+        mesh's collectives. Runs before the optimizer is built and before a checkpoint is restored."""
+        strategy = self.trainer.strategy
+        fp = getattr(strategy, "parallel", None)
+        if fp is None:
+            return
+        self.fp, self.replica = fp, strategy.replica
+        if fp.shards:
+            F, s = self.clt.d_sae, strategy.shard
+            lo, hi = s * F // fp.world, (s + 1) * F // fp.world
+            self.clt = shard_clt(self.clt, s, fp.world)
+            self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
+        fp.apply(self.clt)
 
     # -- initialisation from data (DESIGN.md §1) -------------------------------------------------
     @torch.no_grad()
@@ -107,6 +125,18 @@ class CLTModule(L.LightningModule):
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
         return total, logs
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.fp.shards and gradient_clip_val:  # the norm of the whole CLT, over the shards
+            self.fp.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_end(self) -> None:
+        with torch.no_grad():
+            steps_tokens = self.trainer.global_step * self.cfg.trainer.batch_tokens
+            silent = self.tokens_since_fired >= min(self.cfg.clt.dead_after_tokens, steps_tokens)
+            self.silent_fraction = (self.fp.sum(silent.float().mean()) / self.fp.world).item()
+
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
         opt = torch.optim.Adam(self.clt.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -124,14 +154,42 @@ class CLTModule(L.LightningModule):
 
     # -- exact resume: data position and RNG travel with Lightning's checkpoint --------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["clt_data_position"] = self.data_position
+        positions = [self.data_position]
+        if self.fp.data:  # every replica's position: each streams its own share of the text
+            positions = [None] * self.fp.replicas
+            torch.distributed.all_gather_object(positions, self.data_position, group=self.fp.data_group)
+        checkpoint["clt_data_positions"] = positions
         checkpoint["clt_rng"] = torch.get_rng_state()
         checkpoint["clt_config"] = self.cfg.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.restored_position = checkpoint.get("clt_data_position")
+        positions = checkpoint.get("clt_data_positions", [checkpoint.get("clt_data_position")])
+        self.restored_position = resume_position(positions, self.fp.replicas, self.replica)
         if "clt_rng" in checkpoint:
             torch.set_rng_state(checkpoint["clt_rng"])
+
+
+def resume_position(positions: list[dict | None], replicas: int, replica: int) -> dict | None:
+    """Where replica `replica` of `replicas` resumes, from the positions of the saved run's replicas.
+    Same number of replicas: exactly where it stopped. Another number: the text shards change, so
+    every new replica starts a fresh share of the documents after the last one any saved replica
+    had reached (no document is trained on twice; at most one buffer per replica is skipped)."""
+    if len(positions) == replicas:
+        return positions[replica]
+    if any(p is None for p in positions):
+        return None
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    saved = [DataPosition.from_dict(p) for p in positions]
+    text = [p.text or TextPosition() for p in saved]
+    epoch = max(t.epoch for t in text)
+    current = [t for t in text if t.epoch == epoch]
+    offset = max(t.offset + len(positions) * t.docs for t in current)
+    block = max(p.block for p in saved) + 1
+    rank_zero_warn(f"resuming {len(positions)} data-parallel replicas as {replicas}: the text is re-split "
+                   f"after training document {offset} of pass {epoch} (exact resume needs the same "
+                   "number of replicas)")
+    return DataPosition(block, 0, TextPosition(0, [], epoch, offset)).to_dict()
 
 
 class _Batches(IterableDataset):
@@ -150,6 +208,12 @@ class ActivationDataModule(L.LightningDataModule):
         self.source, self.module = source, module
 
     def train_dataloader(self):
+        # each data-parallel replica streams its own share of the text and the global batch is
+        # split between them (the ranks of one replica's feature shards read the same batches)
+        fp, replica = self.module.fp, self.module.replica
+        if fp.data:
+            self.source.text.shard = (replica, fp.replicas)
+            self.source.batch_tokens = self.module.cfg.trainer.batch_tokens // fp.replicas
         # batch_size=None: the source already yields whole batches; generation runs in-process
         return DataLoader(_Batches(self.source, self.module), batch_size=None, num_workers=0)
 
@@ -162,8 +226,15 @@ class StepProgressBar(TQDMProgressBar):
     """tqdm bar over optimisation steps (the activation stream has no length), starting at the
     resumed step; shows tokens/s, FVU and L0."""
 
+    def on_train_start(self, trainer, *args):
+        super().on_train_start(trainer, *args)
+        self._steps(trainer)
+
     def on_train_epoch_start(self, trainer, *args):
         super().on_train_epoch_start(trainer, *args)
+        self._steps(trainer)
+
+    def _steps(self, trainer):
         self.train_progress_bar.reset(total=trainer.max_steps)
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
@@ -219,17 +290,39 @@ class Checkpoints(L.Callback):
     """Every `every` steps and at the end of training: Lightning's training state (weights,
     optimizer, schedule, step, data position, RNG; written atomically) to
     `<run_dir>/checkpoints/last.ckpt` for exact resume, and the CLT in the native format
-    (config.json + model.safetensors, atomically) to `<run_dir>/clt`."""
+    (config.json + model.safetensors, atomically) to `<run_dir>/clt`. Feature-sharded: one of each
+    per shard (`last.shard-SSS-of-WWW.ckpt`, `clt/shard-SSS-of-WWW/`), written by the first replica."""
 
     def __init__(self, run_dir: Path, every: int):
         self.ckpt, self.native, self.every = run_dir / "checkpoints" / "last.ckpt", run_dir / "clt", every
         self.saved_step = -1
 
     def save(self, trainer, module: CLTModule):
-        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.ckpt)
+        if trainer.is_global_zero:
+            self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("clt_ckpt_dir")
+        trainer.save_checkpoint(self.ckpt, weights_only=False)
+        if not module.fp.shards and trainer.is_global_zero:  # shards of an earlier mesh are superseded
+            for old in self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"):
+                old.unlink()
         summary = {"step": trainer.global_step, "tokens": trainer.global_step * module.cfg.trainer.batch_tokens}
-        module.clt.save_pretrained(self.native, summary=summary)
+        if module.fp.shards:
+            if module.replica == 0:
+                save_sharded(module.clt, self.native, summary=summary)
+            trainer.strategy.barrier("clt_native_shards")
+            if trainer.is_global_zero:  # a native checkpoint of another mesh (or unsharded) is superseded
+                import shutil
+                world = module.fp.world
+                for old in self.native.glob("shard-*-of-*"):
+                    if not old.name.endswith(f"-of-{world:03d}"):
+                        shutil.rmtree(old, ignore_errors=True)
+                for name in ("config.json", "model.safetensors"):
+                    (self.native / name).unlink(missing_ok=True)
+        elif trainer.is_global_zero:
+            module.clt.save_pretrained(self.native, summary=summary)
+            import shutil
+            for old in self.native.glob("shard-*-of-*"):
+                shutil.rmtree(old, ignore_errors=True)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -239,6 +332,60 @@ class Checkpoints(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.saved_step != trainer.global_step:
             self.save(trainer, pl_module)
+
+
+class Requeue(L.Callback):
+    """Slurm preemption: on SIGUSR1 or SIGUSR2 (`sbatch --signal=USR1@90`, submitit's USR2) the
+    handler only raises a flag; at the end of the current step the ranks agree, save the checkpoint,
+    rank 0 runs `scontrol requeue <job>` and training stops. The requeued job finds the checkpoint in
+    run_dir and resumes from it, exactly (same step, data position, RNG)."""
+
+    SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints, self.flag, self.requeued, self.previous = checkpoints, False, False, {}
+
+    @staticmethod
+    def job_id() -> str | None:
+        import os
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        return os.environ.get("SLURM_JOB_ID")
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def install(self) -> None:
+        """Catch the signals from now on (before the subject loads: a signal during set-up is acted
+        on at the end of the first step)."""
+        import signal
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (an embedding application): no preemption handling
+                return
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(self.flag, all=False):
+            return
+        import subprocess
+        self.checkpoints.save(trainer, pl_module)
+        job = self.job_id()
+        if trainer.is_global_zero:
+            print(f"preemption signal: checkpoint at step {trainer.global_step}; requeueing Slurm job {job}",
+                  flush=True)
+            if job:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"scontrol requeue {job} failed: {done.stderr.strip()}", flush=True)
+        self.requeued, trainer.should_stop = True, True
+
+    def on_train_end(self, trainer, pl_module):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,49 +422,91 @@ def run(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    subject = load_subject(cfg.model, "cuda" if use_cuda else "cpu")
-    source = ActivationSource(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed)
-    c = cfg.clt
+    t, c = cfg.trainer, cfg.clt
+    evaluate = Evaluate(None, torch.empty(0, dtype=torch.long), t.eval_every)
+    checkpoints = Checkpoints(run_dir, t.ckpt_every)
+    requeue = Requeue(checkpoints)
+    import sys
+    bar = StepProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)  # Slurm logs: not every step
+    callbacks = [checkpoints, evaluate, Throughput(t.batch_tokens), bar]
+    if t.requeue:
+        requeue.install()
+        callbacks.append(requeue)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(cfg),
+        precision=t.precision, max_steps=t.max_steps, logger=_loggers(cfg, run_dir), callbacks=callbacks,
+        log_every_n_steps=t.log_every, gradient_clip_val=cfg.optim.grad_clip or None,
+        default_root_dir=str(run_dir), plugins=_cluster_plugins(), limit_val_batches=0,
+        num_sanity_val_steps=0, enable_model_summary=False, enable_checkpointing=False)
+    strategy = trainer.strategy
+    if isinstance(strategy, CLTStrategy):  # the mesh: validated before any process is launched
+        strategy.feature_shards = (c.feature_shards or trainer.num_devices) if c.shard_features else 1
+        mesh_shape(trainer.world_size, strategy.feature_shards, c.d_sae, t.batch_tokens)
+
+    # every process: the subject on its own device, the data, the CLT initialised identically
+    subject = load_subject(cfg.model, strategy.root_device)
+    source = ActivationSource(subject, cfg.data, t.batch_tokens, cfg.seed)
     arch = CLTArchitecture(
         n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae, activation=c.activation, k=c.k,
         bandwidth=c.bandwidth, log_threshold=c.log_threshold, ste_to_input=c.ste_to_input, decode=c.decode,
         subject_model=cfg.model.name_or_path, input_hook=cfg.model.input_hook, output_hook=cfg.model.output_hook)
     module = CLTModule(cfg, arch)
-    eval_windows = source.text.eval_windows()  # also checks the dataset and its text column early
+    evaluate.subject, evaluate.windows = subject, source.text.eval_windows()  # checks the dataset early
     if not resuming:
-        x, y = source.first_activations(cfg.data.norm_batches)
+        x, y = source.first_activations(cfg.data.norm_batches)  # the same documents on every rank
         module.initialize_from_data(x, y)
         del x, y
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        if trainer.is_global_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
+    trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
+    if requeue.requeued:
+        return {"run_dir": str(run_dir), "requeued": True}
+    if not cfg.report or not trainer.is_global_zero:
+        return {"run_dir": str(run_dir)}
+    clt = module.clt
+    if module.fp.shards:  # the report needs the whole CLT: reassemble it from the saved shards
+        from .io import load_clt
+        clt = load_clt(run_dir / "clt", device=strategy.root_device)
+    return final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
+
+
+def make_strategy(cfg: TrainConfig):
+    """Our DDP strategy (the mesh) whenever more than one process may run or features are sharded;
+    else one device (which still reads checkpoints written by any mesh)."""
+    import os
+
+    t = cfg.trainer
+    d = t.devices
+    many = (isinstance(d, int) and (d > 1 or d == -1)) or (isinstance(d, str) and d not in ("1", "auto")) \
+        or (isinstance(d, (list, tuple)) and len(d) > 1)
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and _cluster_plugins()
+    if t.strategy == "ddp" or cfg.clt.shard_features or t.num_nodes > 1 or many or slurm_tasks:
+        return CLTStrategy(process_group_backend="nccl" if _wants_cuda(t) else "gloo")
+    return CLTSingleDevice(device=torch.device("cuda", 0) if _wants_cuda(t) else torch.device("cpu"))
+
+
+def _wants_cuda(t) -> bool:
+    return torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+
+
+def _cluster_plugins() -> list:
+    """Under Slurm (`srun`): Lightning's SLURM environment (ranks, nodes, the main address), with
+    requeueing left to our `Requeue` callback (checkpoint at a step boundary, then requeue)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
                              tags=list(cfg.logger.tags), config=cfg.to_dict(), id=_wandb_id(run_dir),
                              resume="allow")
-        loggers = [logger, _csv_logger(run_dir)]
-    else:
-        loggers = [_csv_logger(run_dir)]
-    t = cfg.trainer
-    evaluate = Evaluate(subject, eval_windows, t.eval_every)
-    callbacks = [
-        Checkpoints(run_dir, t.ckpt_every),
-        evaluate,
-        Throughput(t.batch_tokens),
-        StepProgressBar(refresh_rate=1),
-    ]
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-        max_steps=t.max_steps, logger=loggers, callbacks=callbacks, log_every_n_steps=t.log_every,
-        gradient_clip_val=cfg.optim.grad_clip or None, default_root_dir=str(run_dir),
-        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
-    if not cfg.report:
-        return {"run_dir": str(run_dir)}
-    silent = module.tokens_since_fired >= min(c.dead_after_tokens, trainer.global_step * t.batch_tokens)
-    return final_report(module.clt, source, subject, eval_windows, run_dir, silent.float().mean().item())
+        return [logger, _csv_logger(run_dir)]
+    return [_csv_logger(run_dir)]
 
 
 def _csv_logger(run_dir: Path):
@@ -328,7 +517,12 @@ def _csv_logger(run_dir: Path):
 def _wandb_id(run_dir: Path) -> str:
     """A W&B run id stored in the run directory, so a resumed run continues the same W&B run."""
     import uuid
+
+    from lightning.pytorch.utilities import rank_zero_only
+
     path = run_dir / "wandb_id"
+    if rank_zero_only.rank != 0:
+        return path.read_text().strip() if path.exists() else ""  # only rank 0's logger talks to W&B
     if not path.exists():
         write_atomic(path, uuid.uuid4().hex[:12])
     return path.read_text().strip()

@@ -76,6 +76,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return out
 
 
+def train_cli(overrides, timeout=600, env: dict | None = None):
+    """`python train.py OVERRIDES` in a subprocess (captured output)."""
+    import subprocess
+    import sys
+
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
     """Hydra overrides for a fast CPU run on the tiny model and the bundled corpus."""
     base = {

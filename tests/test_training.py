@@ -2,7 +2,6 @@
 resume after a kill, and the configuration errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,18 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, compose, tiny_overrides
+from conftest import REPO, compose, tiny_overrides, train_cli
 
 from clt.config import ConfigError, load_config
 from clt.model import CrossLayerTranscoder
 from clt.report import read_metrics
 from clt.training import run
-
-
-def train_cli(overrides, timeout=600):
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_300_steps_halve_fvu(tiny_model_dir, tmp_path):

@@ -83,17 +83,20 @@ def iter_documents(ds, column: str, min_chars: int = 1) -> Iterator[str]:
 @dataclass
 class TextPosition:
     """Where the window stream stands: documents consumed (after the held-out ones), the tokens
-    carried over from the last one, and how many passes over the corpus were completed."""
+    carried over from the last one, and how many passes over the corpus were completed. `offset`:
+    training documents skipped before the data-parallel split (set when a run resumes with another
+    number of replicas, so that no document is read twice; back to 0 at the next pass)."""
     docs: int = 0
     carry: list[int] = field(default_factory=list)
     epoch: int = 0
+    offset: int = 0
 
     def to_dict(self) -> dict:
-        return {"docs": self.docs, "carry": list(self.carry), "epoch": self.epoch}
+        return {"docs": self.docs, "carry": list(self.carry), "epoch": self.epoch, "offset": self.offset}
 
     @classmethod
     def from_dict(cls, d: dict) -> TextPosition:
-        return cls(int(d["docs"]), list(d["carry"]), int(d.get("epoch", 0)))
+        return cls(int(d["docs"]), list(d["carry"]), int(d.get("epoch", 0)), int(d.get("offset", 0)))
 
 
 class WindowStream:
@@ -123,14 +126,16 @@ class WindowStream:
             if i >= skip:
                 yield text
 
-    def _train_docs(self, skip: int) -> Iterator[str]:
-        """Training documents of this shard, after the first `skip` of them."""
+    def _train_docs(self, skip: int, offset: int = 0) -> Iterator[str]:
+        """Training documents of this shard (of the stream after `offset` training documents),
+        after the first `skip` of them."""
         if self.shard[1] == 1:
-            yield from self._docs(self.cfg.eval_docs + skip)
+            yield from self._docs(self.cfg.eval_docs + offset + skip)
             return
         from datasets.distributed import split_dataset_by_node
 
-        ds = split_dataset_by_node(self.ds.skip(self.cfg.eval_docs), rank=self.shard[0], world_size=self.shard[1])
+        ds = split_dataset_by_node(self.ds.skip(self.cfg.eval_docs + offset), rank=self.shard[0],
+                                   world_size=self.shard[1])
         for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars)):
             if i >= skip:
                 yield text
@@ -156,20 +161,20 @@ class WindowStream:
     def windows(self, pos: TextPosition) -> Iterator[tuple[torch.Tensor, TextPosition]]:
         """Yield (window [T], position after it) forever, starting at `pos`."""
         n = self.cfg.context_size - 1
-        docs, carry, epoch = pos.docs, list(pos.carry), pos.epoch
+        docs, carry, epoch, offset = pos.docs, list(pos.carry), pos.epoch, pos.offset
         while True:
-            produced, from_start = False, docs == 0 and not carry
-            for text in self._train_docs(docs):
+            produced, from_start = False, docs == 0 and not carry and offset == 0
+            for text in self._train_docs(docs, offset):
                 docs += 1
                 carry += self._tokens(text)
                 while len(carry) >= n:
                     window, carry = carry[:n], carry[n:]
                     produced = True
                     yield (torch.tensor([self.bos] + window, dtype=torch.long),
-                           TextPosition(docs, list(carry), epoch))
+                           TextPosition(docs, list(carry), epoch, offset))
             if not produced and from_start:
                 raise DataError(
                     f"data.dataset={self.cfg.dataset!r} yields no training window: it is empty, or has "
                     f"less than one window of text after the {self.cfg.eval_docs} documents held out "
                     "for evaluation (data.eval_docs)")
-            docs, carry, epoch = 0, [], epoch + 1
+            docs, carry, epoch, offset = 0, [], epoch + 1, 0
