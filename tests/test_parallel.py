@@ -169,3 +169,55 @@ def _dp_worker(rank: int, world: int, init: str, activation: str, steps: int) ->
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_data_parallel_steps_match_one_process_on_the_global_batches(activation, tmp_path):
     mp.spawn(_dp_worker, args=(2, f"file://{tmp_path}/rendezvous", activation, 8), nprocs=2, join=True)
+
+
+def test_training_checkpoint_reshards_and_rejects_inconsistent_shards(tmp_path):
+    """Lightning-style training state (module state + Adam moments) of 2 shards -> 4 shards and
+    -> 1 process equals slicing the unsharded state; a missing shard or a shard from another save
+    is a clear error."""
+    from clt.parallel import load_training_state, shard_checkpoint
+
+    m = module("jumprelu")
+    names = [f"clt.{n}" for n, _ in m.clt.named_parameters()]
+    opt = torch.optim.Adam(m.clt.parameters())
+    x = torch.randn(16, L, D)
+    m.loss(x, x)[0].backward()
+    opt.step()
+    full = {"global_step": 7, "state_dict": m.state_dict(), "optimizer_states": [opt.state_dict()]}
+
+    def sliced(state, rank, world):  # the reference: narrow every feature dimension by hand
+        lo, hi = rank * F // world, (rank + 1) * F // world
+        sd = {k: (v[:, lo:hi] if k in ("clt.W_enc", "clt.b_enc", "clt.threshold_param", "tokens_since_fired")
+                  else v[lo:hi] if k.startswith("clt.W_dec.") else v) for k, v in state["state_dict"].items()}
+        opt_state = {}
+        for i, st in state["optimizer_states"][0]["state"].items():
+            n = names[i]
+            cut = (lambda v: v[:, lo:hi]) if n in ("clt.W_enc", "clt.b_enc", "clt.threshold_param") else \
+                (lambda v: v[lo:hi]) if n.startswith("clt.W_dec.") else (lambda v: v)
+            opt_state[i] = {k: cut(v) if k != "step" else v for k, v in st.items()}
+        return sd, opt_state
+
+    path = tmp_path / "last.ckpt"
+    for r in range(2):  # a 2-shard save, as CLTStrategy writes it
+        sd, st = sliced(full, r, 2)
+        torch.save({"global_step": 7, "state_dict": sd, "optimizer_states": [{**opt.state_dict(), "state": st}],
+                    "clt_shard": {"rank": r, "world": 2}}, shard_checkpoint(path, r, 2))
+    index = {"global_step": 7, "clt_feature_shards": 2}
+    for rank, world in ((0, 1), (1, 4), (3, 4), (1, 2)):
+        got = load_training_state(index, path, names, rank, world)
+        sd, st = sliced(full, rank, world)
+        for k, v in sd.items():
+            torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=0, msg=k)
+        for i, s in st.items():
+            for k, v in s.items():
+                torch.testing.assert_close(got["optimizer_states"][0]["state"][i][k], v, rtol=0, atol=0)
+
+    with pytest.raises(ShardingError, match="not divisible by 3 shards"):
+        load_training_state(index, path, names, 0, 3)
+    stale = torch.load(shard_checkpoint(path, 1, 2), weights_only=False) | {"global_step": 5}
+    torch.save(stale, shard_checkpoint(path, 1, 2))
+    with pytest.raises(ShardingError, match="come from different saves"):
+        load_training_state(index, path, names, 0, 1)
+    shard_checkpoint(path, 1, 2).unlink()
+    with pytest.raises(ShardingError, match="written by 2 feature shards but last.shard-001-of-002.ckpt is missing"):
+        load_training_state(index, path, names, 0, 1)
