@@ -524,5 +524,6 @@ def _wandb_id(run_dir: Path) -> str:
     if rank_zero_only.rank != 0:
         return path.read_text().strip() if path.exists() else ""  # only rank 0's logger talks to W&B
     if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, uuid.uuid4().hex[:12])
     return path.read_text().strip()

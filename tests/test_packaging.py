@@ -21,5 +21,5 @@ def test_train_help_lists_groups():
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0
-    for group in ("clt: batchtopk, jumprelu, relu, topk", "model:", "data:", "trainer: cpu, gpu", "logger:"):
+    for group in ("clt: batchtopk, jumprelu, relu, topk", "model:", "data:", "trainer: cpu, ddp, gpu", "logger:"):
         assert group in out.stdout, group
