@@ -31,11 +31,16 @@ def resolve(cfg: DictConfig) -> TrainConfig:
         return current
     from hydra import compose
     defaults = load_config(compose(config_name="config", overrides=[f"run_dir={run_dir}"]))
-    from hydra.core.hydra_config import HydraConfig
-    named = tuple(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-    merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict(), named)
+    merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict(), named_keys())
     merged["run_dir"], merged["resume"] = str(run_dir), current.resume
     return load_config(OmegaConf.create(merged))
+
+
+def named_keys() -> tuple[str, ...]:
+    """The keys and groups the command line sets (`clt.k=8`, `+x=1`, `~y`, `trainer=ddp`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return tuple(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
 
 
 def pin_run_dir(cfg: DictConfig) -> None:
@@ -43,18 +48,15 @@ def pin_run_dir(cfg: DictConfig) -> None:
     `runs/slurm-<job>` under Slurm (so a requeued job finds its checkpoint), `<sweep dir>/<job
     number>` in a multirun, else the start time; and the processes Lightning launches for the other
     devices get it on their command line (they would resolve a later time)."""
-    import os
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from clt.training import slurm_job_id
+
     hc = HydraConfig.get()
-    given = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
-    if given & {"run_dir", "resume"}:
+    if {"run_dir", "resume"} & set(named_keys()):
         return
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    job = slurm_job_id()
     if hc.mode == RunMode.MULTIRUN:
         cfg.run_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
     elif job:

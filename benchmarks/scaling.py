@@ -54,7 +54,7 @@ def make_module(a, device):
 
 
 def worker(rank: int, world: int, port: int, mode: str, a, out) -> None:
-    from clt.parallel import Parallel, shard_clt
+    from clt.parallel import Parallel, shard_clt, shard_range
 
     cuda = torch.cuda.is_available() and not a.cpu
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -66,9 +66,9 @@ def worker(rank: int, world: int, port: int, mode: str, a, out) -> None:
     m.train()
     n = a.batch // world if mode == "data" else a.batch
     if mode == "shard":
-        F = a.d_sae
+        lo, hi = shard_range(a.d_sae, rank, world)
         m.clt = shard_clt(m.clt, rank, world)
-        m.tokens_since_fired = m.tokens_since_fired[:, rank * F // world:(rank + 1) * F // world].clone()
+        m.tokens_since_fired = m.tokens_since_fired[:, lo:hi].clone()
         m.fp = Parallel(shards=True)
     elif mode == "data":
         m.fp = Parallel(data=True)

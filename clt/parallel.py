@@ -19,6 +19,10 @@ logged metrics. `Parallel()` is the plain single process.
 
 from __future__ import annotations
 
+import re
+import shutil
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -46,12 +50,17 @@ class _SumShards(torch.autograd.Function):
         return grad, None
 
 
+def shard_range(n_features: int, rank: int, world: int) -> tuple[int, int]:
+    """Features [lo, hi) of shard `rank` of `world`: contiguous, equal slices."""
+    return rank * n_features // world, (rank + 1) * n_features // world
+
+
 def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTranscoder:
     """The local shard (features [rank·F/W, (rank+1)·F/W) of every layer) of a full CLT."""
     F = clt.d_sae
     if F % world:
         raise ShardingError(f"clt.d_sae={F} is not divisible by the {world} feature shards")
-    lo, hi = rank * F // world, (rank + 1) * F // world
+    lo, hi = shard_range(F, rank, world)
     arch = type(clt.arch)(**{**clt.arch.__dict__, "d_sae": hi - lo,
                              "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}}})
     local = CrossLayerTranscoder(arch).to(clt.W_enc.device)
@@ -79,11 +88,6 @@ def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
         state[k] = v if dim is None else torch.cat([s[k] for s in states], dim=dim)
     full.load_state_dict(state)
     return full
-
-
-def is_sharded_param(name: str) -> bool:
-    """Whether a CLT parameter/buffer (name relative to the CLT) is split over the feature shards."""
-    return name in ("W_enc", "b_enc", "threshold_param") or name.startswith("W_dec.")
 
 
 def shard_dim(name: str) -> int | None:
@@ -199,9 +203,9 @@ class Parallel:
         if not params:
             return torch.zeros(())
         dev = params[0][1].grad.device
-        sharded = sum((p.grad.float().pow(2).sum() for n, p in params if is_sharded_param(n)),
+        sharded = sum((p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is not None),
                       torch.zeros((), device=dev))
-        replicated = sum((p.grad.float().pow(2).sum() for n, p in params if not is_sharded_param(n)),
+        replicated = sum((p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is None),
                          torch.zeros((), device=dev))
         total = (self.sum(sharded) + replicated).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -227,8 +231,6 @@ __all__ = ["Parallel", "ShardingError", "load_sharded", "save_sharded", "shard_c
 
 
 def shard_dir(directory, rank: int, world: int):
-    from pathlib import Path
-
     return Path(directory) / f"shard-{rank:03d}-of-{world:03d}"
 
 
@@ -241,8 +243,6 @@ def save_sharded(local: CrossLayerTranscoder, directory, summary: dict | None = 
 
 
 def is_sharded(directory) -> bool:
-    from pathlib import Path
-
     return any(Path(directory).glob("shard-*-of-*"))
 
 
@@ -250,8 +250,6 @@ def load_sharded(directory, rank: int | None = None, world: int | None = None,
                  device: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """The full CLT from a sharded checkpoint (rank=None), or its shard `rank` of `world` for any
     world size dividing the feature count."""
-    from pathlib import Path
-
     found = sorted(Path(directory).glob("shard-*-of-*"))
     worlds = {int(p.name.split("-of-")[1]) for p in found}
     if len(worlds) != 1:
@@ -268,7 +266,7 @@ def load_sharded(directory, rank: int | None = None, world: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# The mesh and the Lightning strategy
+# The mesh, and the sharded Lightning training state (the strategies using them: clt/training.py)
 
 
 def mesh_shape(world: int, feature_shards: int, d_sae: int, batch_tokens: int) -> tuple[int, int]:
@@ -299,78 +297,19 @@ def build_mesh(world: int, rank: int, shards: int) -> tuple[Parallel, int, int]:
     return fp, replica, shard
 
 
-def _lightning_ddp():
-    from lightning.pytorch.strategies import DDPStrategy
-    return DDPStrategy
-
-
-class CLTStrategy(_lightning_ddp()):
-    """Lightning's DDP, on the (replicas × feature shards) mesh: DDP averages gradients over the
-    data group only (the ranks holding the same shard); the CLTModule gets the mesh's `Parallel`
-    (`self.parallel`) in its `setup`. With shards, Lightning checkpoints are written per shard
-    (`last.shard-SSS-of-WWW.ckpt`, by the first replica) plus a small index at the requested path,
-    and load into any mesh (re-sharded on load)."""
-
-    def __init__(self, feature_shards: int = 1, **kwargs):
-        kwargs.setdefault("forward_sync_buffers", False)  # buffers are kept equal by the module itself
-        super().__init__(**kwargs)
-        self.feature_shards = feature_shards
-        self.parallel, self.replica, self.shard = Parallel(), 0, 0
-
-    def setup_distributed(self) -> None:
-        super().setup_distributed()
-        self.parallel, self.replica, self.shard = build_mesh(self.world_size, self.global_rank,
-                                                             self.feature_shards)
-        self._ddp_kwargs["process_group"] = self.parallel.data_group
-
-    @property
-    def replicas(self) -> int:
-        return self.world_size // self.feature_shards
-
-    # -- sharded Lightning checkpoints -------------------------------------------------------------
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        from pathlib import Path
-
-        if self.feature_shards == 1:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path, world = Path(filepath), self.feature_shards
-        if self.replica == 0:
-            own = {**checkpoint, "clt_shard": {"rank": self.shard, "world": world}}
-            self.checkpoint_io.save_checkpoint(own, shard_checkpoint(path, self.shard, world))
-        self.barrier("clt_shards_saved")  # the index is written last: it points at complete shards
-        if self.global_rank == 0:
-            keep = ("epoch", "global_step", "pytorch-lightning_version", "clt_config")
-            index = {k: checkpoint[k] for k in keep if k in checkpoint}
-            self.checkpoint_io.save_checkpoint({**index, "clt_feature_shards": world}, path)
-            for old in path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"):
-                if not old.name.endswith(f"-of-{world:03d}{path.suffix}"):
-                    old.unlink()  # shards of an earlier mesh, superseded
-
-    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        return _load_for(self, checkpoint_path, self.shard, self.feature_shards, weights_only)
-
-
-def _load_for(strategy, path, shard: int, shards: int, weights_only=None) -> dict:
-    ckpt = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-    names = [f"clt.{n}" for n, _ in strategy.lightning_module.clt.named_parameters()]
-    return load_training_state(ckpt, path, names, shard, shards)
-
-
-def _lightning_single():
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-    return SingleDeviceStrategy
-
-
-class CLTSingleDevice(_lightning_single()):
-    """One process; reads a training checkpoint written by any mesh (re-assembled on load)."""
-
-    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        return _load_for(self, checkpoint_path, 0, 1, weights_only)
+def remove_other_shardings(paths, world: int) -> None:
+    """Delete the shard files or directories (named `…-of-WWW…`) not written by `world` shards:
+    those of an earlier mesh, superseded by a newer save (world=1: every shard)."""
+    for p in paths:
+        if int(re.search(r"-of-(\d+)", p.name).group(1)) == world:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def shard_checkpoint(path, rank: int, world: int):
-    from pathlib import Path
-
     path = Path(path)
     return path.with_name(f"{path.stem}.shard-{rank:03d}-of-{world:03d}{path.suffix}")
 
@@ -387,13 +326,10 @@ def load_training_state(ckpt: dict, path, param_names: list[str], rank: int, wor
     of `world`: module state, optimizer moments and dead-feature counters re-sharded when the
     checkpoint was written by another mesh. `param_names`: the optimizer's parameters in order."""
     saved = int(ckpt.get("clt_feature_shards", 1))
-    if saved == world == 1:
-        return ckpt
     if saved == world:
-        parts = [_read_shard(path, rank, world, ckpt)]
-        return parts[0]
-    parts = [ckpt] if saved == 1 else [_read_shard(path, r, saved, ckpt) for r in range(saved)]
-    full = _concat_states(parts, param_names) if saved > 1 else ckpt
+        return ckpt if world == 1 else _read_shard(path, rank, world, ckpt)
+    full = ckpt if saved == 1 else _concat_states([_read_shard(path, r, saved, ckpt) for r in range(saved)],
+                                                   param_names)
     return _slice_state(full, param_names, rank, world)
 
 
@@ -415,11 +351,11 @@ def _map_training_tensors(ckpt: dict, param_names: list[str], fn) -> dict:
     out["state_dict"] = {k: (v if _training_dim(k) is None else fn(("state", k), _training_dim(k), v))
                          for k, v in ckpt["state_dict"].items()}
     opts = []
-    for o in ckpt.get("optimizer_states", []):
+    for j, o in enumerate(ckpt.get("optimizer_states", [])):
         state = {}
         for i, st in o["state"].items():
             dim = _training_dim(param_names[i])
-            state[i] = {k: (fn(("opt", i, k), dim, v) if dim is not None and torch.is_tensor(v) and v.dim() > 0
+            state[i] = {k: (fn(("opt", j, i, k), dim, v) if dim is not None and torch.is_tensor(v) and v.dim() > 0
                             else v) for k, v in st.items()}
         opts.append({**o, "state": state})
     out["optimizer_states"] = opts
@@ -432,7 +368,8 @@ def _concat_states(parts: list[dict], param_names: list[str]) -> dict:
     def get(key, p):
         if key[0] == "state":
             return p["state_dict"][key[1]]
-        return p["optimizer_states"][0]["state"][key[1]][key[2]]
+        _, j, i, k = key
+        return p["optimizer_states"][j]["state"][i][k]
 
     return _map_training_tensors(parts[0], param_names,
                                  lambda key, dim, v: torch.cat([get(key, p) for p in parts], dim=dim))
@@ -443,6 +380,7 @@ def _slice_state(full: dict, param_names: list[str], rank: int, world: int) -> d
         n = v.shape[dim]
         if n % world:
             raise ShardingError(f"the checkpoint's {n} features per layer are not divisible by {world} shards")
-        return v.narrow(dim, rank * n // world, n // world).clone()
+        lo, hi = shard_range(n, rank, world)
+        return v.narrow(dim, lo, hi - lo).clone()
 
     return _map_training_tensors(full, param_names, cut)

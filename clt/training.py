@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import loss as losses
@@ -18,7 +19,72 @@ from .data import ActivationSource, DataPosition, TextPosition
 from .files import write_atomic
 from .metrics import fvu_per_layer, l0_per_layer, spliced_eval
 from .model import CLTArchitecture, CrossLayerTranscoder
-from .parallel import CLTSingleDevice, CLTStrategy, Parallel, mesh_shape, save_sharded, shard_clt
+from .parallel import (
+    Parallel,
+    build_mesh,
+    load_training_state,
+    mesh_shape,
+    remove_other_shardings,
+    save_sharded,
+    shard_checkpoint,
+    shard_clt,
+    shard_range,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Lightning strategies on the mesh of clt/parallel.py (kept here, with the rest of the Lightning
+# wiring, so that `load_clt` can read sharded checkpoints through clt.parallel without importing
+# Lightning)
+
+
+class CLTStrategy(DDPStrategy):
+    """Lightning's DDP, on the (replicas × feature shards) mesh: DDP averages gradients over the
+    data group only (the ranks holding the same shard); the CLTModule gets the mesh's `Parallel`
+    (`self.parallel`) in its `setup`. With shards, Lightning checkpoints are written per shard
+    (`last.shard-SSS-of-WWW.ckpt`, by the first replica) plus a small index at the requested path,
+    and load into any mesh (re-sharded on load)."""
+
+    def __init__(self, feature_shards: int = 1, **kwargs):
+        kwargs.setdefault("forward_sync_buffers", False)  # buffers are kept equal by the module itself
+        super().__init__(**kwargs)
+        self.feature_shards = feature_shards
+        self.parallel, self.replica, self.shard = Parallel(), 0, 0
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        self.parallel, self.replica, self.shard = build_mesh(self.world_size, self.global_rank,
+                                                             self.feature_shards)
+        self._ddp_kwargs["process_group"] = self.parallel.data_group
+
+    # -- sharded Lightning checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if self.feature_shards == 1:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path, world = Path(filepath), self.feature_shards
+        if self.replica == 0:
+            own = {**checkpoint, "clt_shard": {"rank": self.shard, "world": world}}
+            self.checkpoint_io.save_checkpoint(own, shard_checkpoint(path, self.shard, world))
+        self.barrier("clt_shards_saved")  # the index is written last: it points at complete shards
+        if self.global_rank == 0:
+            keep = ("epoch", "global_step", "pytorch-lightning_version", "clt_config")
+            index = {k: checkpoint[k] for k in keep if k in checkpoint}
+            self.checkpoint_io.save_checkpoint({**index, "clt_feature_shards": world}, path)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        return _load_for(self, checkpoint_path, self.shard, self.feature_shards, weights_only)
+
+
+def _load_for(strategy, path, shard: int, shards: int, weights_only=None) -> dict:
+    ckpt = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+    names = [f"clt.{n}" for n, _ in strategy.lightning_module.clt.named_parameters()]
+    return load_training_state(ckpt, path, names, shard, shards)
+
+
+class CLTSingleDevice(SingleDeviceStrategy):
+    """One process; reads a training checkpoint written by any mesh (re-assembled on load)."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        return _load_for(self, checkpoint_path, 0, 1, weights_only)
 
 
 class CLTModule(L.LightningModule):
@@ -46,9 +112,8 @@ class CLTModule(L.LightningModule):
             return
         self.fp, self.replica = fp, strategy.replica
         if fp.shards:
-            F, s = self.clt.d_sae, strategy.shard
-            lo, hi = s * F // fp.world, (s + 1) * F // fp.world
-            self.clt = shard_clt(self.clt, s, fp.world)
+            lo, hi = shard_range(self.clt.d_sae, strategy.shard, fp.world)
+            self.clt = shard_clt(self.clt, strategy.shard, fp.world)
             self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
         fp.apply(self.clt)
 
@@ -302,27 +367,20 @@ class Checkpoints(L.Callback):
             self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("clt_ckpt_dir")
         trainer.save_checkpoint(self.ckpt, weights_only=False)
-        if not module.fp.shards and trainer.is_global_zero:  # shards of an earlier mesh are superseded
-            for old in self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"):
-                old.unlink()
         summary = {"step": trainer.global_step, "tokens": trainer.global_step * module.cfg.trainer.batch_tokens}
         if module.fp.shards:
             if module.replica == 0:
                 save_sharded(module.clt, self.native, summary=summary)
             trainer.strategy.barrier("clt_native_shards")
-            if trainer.is_global_zero:  # a native checkpoint of another mesh (or unsharded) is superseded
-                import shutil
-                world = module.fp.world
-                for old in self.native.glob("shard-*-of-*"):
-                    if not old.name.endswith(f"-of-{world:03d}"):
-                        shutil.rmtree(old, ignore_errors=True)
-                for name in ("config.json", "model.safetensors"):
-                    (self.native / name).unlink(missing_ok=True)
         elif trainer.is_global_zero:
             module.clt.save_pretrained(self.native, summary=summary)
-            import shutil
-            for old in self.native.glob("shard-*-of-*"):
-                shutil.rmtree(old, ignore_errors=True)
+        if trainer.is_global_zero:  # what an earlier mesh (or an unsharded run) wrote is superseded
+            world = module.fp.world
+            remove_other_shardings(self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), world)
+            remove_other_shardings(self.native.glob("shard-*-of-*"), world)
+            if module.fp.shards:
+                for name in ("config.json", "model.safetensors"):
+                    (self.native / name).unlink(missing_ok=True)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -332,6 +390,14 @@ class Checkpoints(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.saved_step != trainer.global_step:
             self.save(trainer, pl_module)
+
+
+def slurm_job_id() -> str | None:
+    """This Slurm job's id for scontrol (`<array job>_<task>` for an array task), None outside Slurm."""
+    import os
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 class Requeue(L.Callback):
@@ -344,13 +410,6 @@ class Requeue(L.Callback):
 
     def __init__(self, checkpoints: Checkpoints):
         self.checkpoints, self.flag, self.requeued, self.previous = checkpoints, False, False, {}
-
-    @staticmethod
-    def job_id() -> str | None:
-        import os
-        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-            return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        return os.environ.get("SLURM_JOB_ID")
 
     def _handler(self, signum, frame):
         self.flag = True
@@ -371,7 +430,7 @@ class Requeue(L.Callback):
             return
         import subprocess
         self.checkpoints.save(trainer, pl_module)
-        job = self.job_id()
+        job = slurm_job_id()
         if trainer.is_global_zero:
             print(f"preemption signal: checkpoint at step {trainer.global_step}; requeueing Slurm job {job}",
                   flush=True)

@@ -43,12 +43,15 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
-def sbatch_command(args, template: Path, extra: list[str]) -> list[str]:
+def sbatch_command(args, template: Path, extra: list[str], export: dict[str, str]) -> list[str]:
     cmd = ["sbatch", "--parsable", f"--nodes={args.nodes}", f"--ntasks-per-node={args.tasks_per_node}"]
     if args.cpu:
-        cmd += ["--gpus-per-node=0", "--export=ALL,CLT_TRAINER=cpu"]
+        cmd += ["--gpus-per-node=0"]
+        export = {**export, "CLT_TRAINER": "cpu"}
     else:
         cmd += [f"--gpus-per-node={args.tasks_per_node}"]
+    if export:
+        cmd += ["--export=" + ",".join(["ALL", *(f"{k}={v}" for k, v in export.items())])]
     if args.cpus_per_task:
         cmd += [f"--cpus-per-task={args.cpus_per_task}"]
     if args.partition:
@@ -78,25 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     (REPO / "runs").mkdir(exist_ok=True)  # the templates log to runs/slurm-<job>.out
     configs = expand(overrides)
-    env = None
     if len(configs) == 1:
         template = HERE / ("single_node.sbatch" if args.nodes == 1 else "multi_node.sbatch")
-        cmd = sbatch_command(args, template, []) + configs[0]
+        cmd = sbatch_command(args, template, [], {}) + configs[0]
     else:
         sweep_dir = Path(args.sweep_dir or REPO / "runs" / time.strftime("sweep-%Y-%m-%d_%H-%M-%S")).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_file = sweep_dir / "sweep.txt"
         sweep_file.write_text("".join(shlex.join(c) + "\n" for c in configs))
-        export = f"--export=ALL,CLT_SWEEP_FILE={sweep_file},CLT_SWEEP_DIR={sweep_dir}"
-        cmd = sbatch_command(args, HERE / "sweep.sbatch", [f"--array=0-{len(configs) - 1}"])
-        if args.cpu:  # one --export with everything
-            cmd = [c for c in cmd if not c.startswith("--export=")]
-            export += ",CLT_TRAINER=cpu"
-        cmd.insert(-1, export)
+        cmd = sbatch_command(args, HERE / "sweep.sbatch", [f"--array=0-{len(configs) - 1}"],
+                             {"CLT_SWEEP_FILE": str(sweep_file), "CLT_SWEEP_DIR": str(sweep_dir)})
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         print(f"error: sbatch refused the job: {done.stderr.strip()}", file=sys.stderr)
         return 2
