@@ -1,4 +1,5 @@
-"""The `clt` command: `clt attribute …`, `clt export-circuit-tracer …`, `clt import-circuit-tracer …`
+"""The `clt` command: `clt attribute …`, `clt export-circuit-tracer …`, `clt import-circuit-tracer …`,
+`clt push …`
 (also `python -m clt …`). Training is `python train.py` (Hydra)."""
 
 from __future__ import annotations
@@ -38,16 +39,24 @@ def import_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main}
+def push_main(argv: list[str]) -> int:
+    from .push import main as push
+
+    return push(argv)
+
+
+COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
-        print("usage: clt {attribute,export-circuit-tracer,import-circuit-tracer} …  (each with --help)\n"
+        print("usage: clt {attribute,export-circuit-tracer,import-circuit-tracer,push} …  (each with --help)\n"
               "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
               "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
-              "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint", file=sys.stderr)
+              "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
+              "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "attribute":
         from .attribute import main as attribute_main

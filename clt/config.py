@@ -60,6 +60,15 @@ class DataConfig:
     eval_windows: int = 8  # held-out windows used by each evaluation
     norm_batches: int = 4  # subject forward passes used to estimate the normalisation scalars
     min_doc_chars: int = 1  # documents shorter than this are skipped
+    # Activation cache written by `python -m clt.cache` (data=cached): batches are read from this
+    # directory instead of generated, and the text settings above are the cache's (its manifest).
+    cache: str | None = None
+    # Order of cached tokens: "global" (every pass visits the shards in a new random order; the
+    # shards covering `buffer_tokens` are mixed together, so memory stays bounded) or "stream" (the
+    # online order: consecutive windows in blocks of `buffer_tokens`, the same batches as generating
+    # online with the same seed)
+    cache_order: str = "global"
+    cache_verify: bool = True  # check each shard's sha256 the first time it is read
 
 
 @dataclass
@@ -134,6 +143,58 @@ class LoggerConfig:
 
 
 @dataclass
+class HubConfig:
+    # Push the trained CLT (native + circuit-tracer export + model card) to this Hugging Face Hub
+    # repo at the end of training ("user/name"); None = do not push. The token comes from
+    # `huggingface-cli login` or HF_TOKEN; HF_ENDPOINT selects another Hub.
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None  # branch to push to (None = main)
+
+
+@dataclass
+class CacheConfig:
+    """`python -m clt.cache`: generate the activation cache once (conf/cache.yaml)."""
+    dir: str = "cache/default"  # the cache directory (shards/, manifest.json)
+    tokens: int = 1_048_576  # tokens to cache (fewer if the corpus ends first; BOS not counted)
+    shard_tokens: int = 65_536  # tokens per shard file (rounded up to whole windows)
+    # Storage: "bfloat16" (4·L·d bytes per token for x and y) or "int8" (a scale per token and
+    # layer, about half the size)
+    dtype: str = "bfloat16"
+    # This generation's slice of the shards (a Slurm array task): task i of `tasks` writes the i-th
+    # contiguous share. -1 = from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (else 0 of 1).
+    task: int = -1
+    tasks: int = -1
+
+
+@dataclass
+class CacheJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device: str = "auto"  # subject model device: auto (cuda if available) | cpu | cuda
+
+    def validate(self) -> CacheJobConfig:
+        c = self.cache
+        _check(c.tokens > 0, "cache.tokens", c.tokens, "> 0")
+        _check(c.shard_tokens > 0, "cache.shard_tokens", c.shard_tokens, "> 0")
+        _check(c.dtype in CACHE_DTYPES, "cache.dtype", c.dtype, " | ".join(CACHE_DTYPES))
+        _check(c.tasks == -1 or c.tasks >= 1, "cache.tasks", c.tasks, "≥ 1 (or -1: from Slurm)")
+        _check(c.task == -1 or c.task >= 0, "cache.task", c.task, "≥ 0 (or -1: from Slurm)")
+        _check(self.data.cache is None, "data.cache", self.data.cache,
+               "unset when generating a cache (the output is cache.dir)")
+        _check(self.data.context_size >= 2, "data.context_size", self.data.context_size, "≥ 2")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto | cpu | cuda")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CACHE_DTYPES = ("bfloat16", "int8")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +202,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     seed: int = 0
     run_dir: str = "runs/default"  # everything of a run: config, checkpoints, logs, plots
     resume: str | None = None  # a run directory to resume (its config must match this one)
@@ -170,6 +232,7 @@ class TrainConfig:
                f"≥ trainer.batch_tokens = {t.batch_tokens}")
         _check(d.buffer_dtype in ("float32", "bfloat16"), "data.buffer_dtype", d.buffer_dtype,
                "float32 | bfloat16")
+        _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
         _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")
         _check(t.ckpt_every > 0, "trainer.ckpt_every", t.ckpt_every, "> 0")
@@ -188,22 +251,23 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
-def load_config(cfg: DictConfig | dict) -> TrainConfig:
-    """Merge a Hydra/OmegaConf config onto the typed schema and validate it."""
-    schema = OmegaConf.structured(TrainConfig)
+def load_config(cfg: DictConfig | dict, schema_cls: type = TrainConfig):
+    """Merge a Hydra/OmegaConf config onto the typed schema (TrainConfig, or CacheJobConfig for
+    `python -m clt.cache`) and validate it."""
+    schema = OmegaConf.structured(schema_cls)
     try:
         merged = OmegaConf.merge(schema, cfg)
     except Exception as e:  # omegaconf raises its own errors for unknown keys / wrong types
         raise ConfigError(f"bad configuration: {e}") from e
     obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, TrainConfig)
+    assert isinstance(obj, schema_cls)
     return obj.validate()
 
 
 # Keys that may differ between a run and its resumption (everything else must match).
 # The world size and the mesh may change (trainer.batch_tokens is the global batch, whatever the world).
 RESUMABLE_CHANGES = ("resume", "report", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every",
-                     "trainer.eval_every", "trainer.num_threads", "logger", "trainer.accelerator",
+                     "trainer.eval_every", "trainer.num_threads", "logger", "hub", "data.cache_verify", "trainer.accelerator",
                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.requeue",
                      "clt.shard_features", "clt.feature_shards")
 
@@ -272,6 +336,7 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=TrainConfig)
+    ConfigStore.instance().store(name="cache_schema", node=CacheJobConfig)
 
 
 register_schema()

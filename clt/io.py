@@ -17,6 +17,7 @@ our import honours; circuit-tracer's own loader would read it as ReLU.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -115,10 +116,15 @@ def import_circuit_tracer(directory: str | os.PathLike, device: str | torch.devi
     return clt.to(device)
 
 
-def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
-    """A CLT from a native checkpoint dir (sharded or not), a training run dir (its `clt/`), or a
-    circuit-tracer export."""
+def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu", **hub) -> CrossLayerTranscoder:
+    """A CLT from a native checkpoint dir (sharded or not), a training run dir (its `clt/`), a
+    circuit-tracer export, or a Hub repo id ("user/name"; `hub`: revision, subfolder, cache_dir,
+    local_files_only, token)."""
     p = Path(path)
+    if not p.exists() and looks_like_repo_id(str(path)):
+        p = hub_download(str(path), **hub)
+    elif hub.get("subfolder"):
+        p = p / hub["subfolder"]
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}")
     if (p / "config.yaml").exists() and not (p / "config.json").exists():
@@ -131,3 +137,127 @@ def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> Cro
     if not (p / "model.safetensors").exists() and (p / "clt" / "model.safetensors").exists():
         p = p / "clt"
     return CrossLayerTranscoder.from_pretrained(p, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Hub: push a trained CLT (native + circuit-tracer export + model card), load one back
+
+
+def _checkpoint_parts(path: Path) -> tuple[Path, Path | None]:
+    """(native checkpoint dir, run dir or None) of a run dir or a native checkpoint dir."""
+    if (path / "clt").is_dir():
+        return path / "clt", path
+    run = path.parent if (path.parent / "config.json").exists() and path.name == "clt" else None
+    return path, run
+
+
+def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | None = None,
+                private: bool = False, token: str | None = None, commit_message: str | None = None,
+                export: bool = True, dtype: str = "float32") -> str:
+    """Upload a trained CLT to the Hub repo `repo_id` (created if needed; `revision`: a branch,
+    created from main if needed): the native checkpoint at the repo root (`config.json`,
+    `model.safetensors`, as written by training), circuit-tracer's layout under `circuit_tracer/`,
+    a model card (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score,
+    how to load), and from a run dir its `report.json`, `loss_curve.png` and training config.
+    `checkpoint`: a run dir or a native checkpoint dir (sharded ones are reassembled). Returns the
+    commit URL. Uses huggingface_hub (token from `huggingface-cli login` / HF_TOKEN, Hub from
+    HF_ENDPOINT)."""
+    import shutil
+    import tempfile
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .card import model_card
+
+    native, run = _checkpoint_parts(Path(checkpoint))
+    clt = load_clt(native)
+    with tempfile.TemporaryDirectory(prefix="clt-push-") as tmp:
+        stage = Path(tmp)
+        if (native / "model.safetensors").exists():  # the files training wrote, as they are
+            for name in ("config.json", "model.safetensors"):
+                shutil.copy2(native / name, stage / name)
+        else:  # feature-sharded: one whole checkpoint
+            clt.save_pretrained(stage / "native")
+            for f in (stage / "native").iterdir():
+                f.rename(stage / f.name)
+            (stage / "native").rmdir()
+        if export:
+            export_circuit_tracer(clt, stage / "circuit_tracer", dtype=dtype)
+        report, train_cfg = None, None
+        if run is not None:
+            if (run / "report.json").exists():
+                report = json.loads((run / "report.json").read_text())
+            train_cfg = json.loads((run / "config.json").read_text())
+            for src, dst in (("report.json", "report.json"), ("loss_curve.png", "loss_curve.png"),
+                             ("config.json", "training_config.json")):
+                if (run / src).exists():
+                    shutil.copy2(run / src, stage / dst)
+        summary = json.loads((stage / "config.json").read_text()).get("summary", {})
+        (stage / "README.md").write_text(model_card(clt.arch, repo_id, report or summary, train_cfg,
+                                                    circuit_tracer=export))
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(folder_path=stage, repo_id=repo_id, revision=revision,
+                                     commit_message=commit_message or f"Upload CLT ({clt.arch.n_layers} layers × "
+                                                                      f"{clt.arch.d_sae} features)")
+        except HfHubHTTPError as e:
+            raise CheckpointError(f"pushing {checkpoint} to {repo_id} failed: {e}") from e
+    return str(getattr(info, "commit_url", info))
+
+
+def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                 token: str | None = None) -> Path:
+    """Download a CLT from the Hub into the local cache (huggingface_hub's; offline mode and
+    `local_files_only` read only from it) and return its directory: native (`config.json` +
+    `model.safetensors`) or circuit-tracer (`config.yaml` + `W_enc_*`/`W_dec_*`)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def get(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, subfolder=subfolder or None, revision=revision,
+                                    cache_dir=cache_dir, local_files_only=local_files_only, token=token))
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "") + (f"/{subfolder}" if subfolder else "")
+    try:
+        try:
+            get("model.safetensors")
+            return get("config.json").parent
+        except EntryNotFoundError:  # not native: circuit-tracer's layout
+            cfg = get("config.yaml")
+        n_layers = (yaml.safe_load(cfg.read_text()).get("clt") or {}).get("architecture", {}).get("n_layers")
+        layer = 0
+        while n_layers is None or layer < n_layers:
+            try:
+                get(f"W_enc_{layer}.safetensors")
+            except EntryNotFoundError:
+                if n_layers is None and layer > 0:
+                    break
+                raise
+            get(f"W_dec_{layer}.safetensors")
+            layer += 1
+        return cfg.parent
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"no CLT at {where}: the repo does not exist or needs a token (HF_TOKEN)") from e
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"no revision {revision!r} in {repo_id}") from e
+    except EntryNotFoundError as e:
+        raise CheckpointError(f"{where} holds no CLT (neither config.json + model.safetensors nor a "
+                              "circuit-tracer config.yaml)") from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"{where} is not in the local Hugging Face cache and the Hub cannot be "
+                              f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}") from e
+
+
+def looks_like_repo_id(name: str) -> bool:
+    parts = str(name).split("/")
+    return len(parts) in (1, 2) and all(parts) and not str(name).startswith((".", "~"))

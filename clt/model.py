@@ -206,9 +206,24 @@ class CrossLayerTranscoder(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
-                        ) -> CrossLayerTranscoder:
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                        revision: str | None = None, subfolder: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | None = None) -> CrossLayerTranscoder:
+        """A native checkpoint directory, or a Hub repo id ("user/name", downloaded through
+        huggingface_hub's cache: `revision`, `subfolder`, `cache_dir`, `local_files_only`; offline
+        mode (HF_HUB_OFFLINE=1) reads the cache only). A circuit-tracer layout is imported."""
+        directory = Path(name_or_path) / (subfolder or "")
+        if not directory.exists():
+            from .io import hub_download, looks_like_repo_id
+
+            if looks_like_repo_id(str(name_or_path)):
+                directory = hub_download(str(name_or_path), revision=revision, subfolder=subfolder,
+                                         cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        if (directory / "config.yaml").exists() and not (directory / "config.json").exists():
+            from .io import import_circuit_tracer
+
+            return import_circuit_tracer(directory, device)
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         if not cfg_path.exists() or not weights.exists():
             raise CheckpointError(f"{directory} is not a CLT checkpoint: expected config.json and "

@@ -243,6 +243,8 @@ def resume_position(positions: list[dict | None], replicas: int, replica: int) -
         return positions[replica]
     if any(p is None for p in positions):
         return None
+    if all("cache" in p for p in positions):  # cached data: every replica reads the same blocks
+        return positions[0]
     from lightning.pytorch.utilities import rank_zero_warn
 
     saved = [DataPosition.from_dict(p) for p in positions]
@@ -262,9 +264,7 @@ class _Batches(IterableDataset):
         self.source, self.module = source, module
 
     def __iter__(self):
-        restored = self.module.restored_position
-        start = DataPosition.from_dict(restored) if restored else None
-        return self.source.batches(start)
+        return self.source.batches(self.module.restored_position)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -277,8 +277,7 @@ class ActivationDataModule(L.LightningDataModule):
         # split between them (the ranks of one replica's feature shards read the same batches)
         fp, replica = self.module.fp, self.module.replica
         if fp.data:
-            self.source.text.shard = (replica, fp.replicas)
-            self.source.batch_tokens = self.module.cfg.trainer.batch_tokens // fp.replicas
+            self.source.shard_data(replica, fp.replicas, self.module.cfg.trainer.batch_tokens)
         # batch_size=None: the source already yields whole batches; generation runs in-process
         return DataLoader(_Batches(self.source, self.module), batch_size=None, num_workers=0)
 
@@ -504,13 +503,13 @@ def run(cfg: TrainConfig) -> dict:
 
     # every process: the subject on its own device, the data, the CLT initialised identically
     subject = load_subject(cfg.model, strategy.root_device)
-    source = ActivationSource(subject, cfg.data, t.batch_tokens, cfg.seed)
+    source = make_source(cfg, subject)
     arch = CLTArchitecture(
         n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae, activation=c.activation, k=c.k,
         bandwidth=c.bandwidth, log_threshold=c.log_threshold, ste_to_input=c.ste_to_input, decode=c.decode,
         subject_model=cfg.model.name_or_path, input_hook=cfg.model.input_hook, output_hook=cfg.model.output_hook)
     module = CLTModule(cfg, arch)
-    evaluate.subject, evaluate.windows = subject, source.text.eval_windows()  # checks the dataset early
+    evaluate.subject, evaluate.windows = subject, source.eval_windows()  # checks the dataset early
     if not resuming:
         x, y = source.first_activations(cfg.data.norm_batches)  # the same documents on every rank
         module.initialize_from_data(x, y)
@@ -522,13 +521,33 @@ def run(cfg: TrainConfig) -> dict:
     trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
     if requeue.requeued:
         return {"run_dir": str(run_dir), "requeued": True}
-    if not cfg.report or not trainer.is_global_zero:
+    if not trainer.is_global_zero:
         return {"run_dir": str(run_dir)}
-    clt = module.clt
-    if module.fp.shards:  # the report needs the whole CLT: reassemble it from the saved shards
-        from .io import load_clt
-        clt = load_clt(run_dir / "clt", device=strategy.root_device)
-    return final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
+    report = {"run_dir": str(run_dir)}
+    if cfg.report:
+        clt = module.clt
+        if module.fp.shards:  # the report needs the whole CLT: reassemble it from the saved shards
+            from .io import load_clt
+            clt = load_clt(run_dir / "clt", device=strategy.root_device)
+        report = final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
+    if cfg.hub.repo_id:  # the native CLT, its circuit-tracer export and a model card with the report
+        from .io import push_to_hub
+        report["hub"] = push_to_hub(run_dir, cfg.hub.repo_id, revision=cfg.hub.revision, private=cfg.hub.private)
+        print(f"pushed to the Hub: {report['hub']}")
+    return report
+
+
+def make_source(cfg: TrainConfig, subject):
+    """Where batches come from: the subject model online, or an activation cache (data.cache), whose
+    text settings then replace the run's (so config.json records what was trained on)."""
+    if not cfg.data.cache:
+        return ActivationSource(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed)
+    from .data.cache import CachedActivations
+
+    source = CachedActivations(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed, cfg.model)
+    for k, v in source.text_config().items():
+        setattr(cfg.data, k, v)
+    return source
 
 
 def make_strategy(cfg: TrainConfig):

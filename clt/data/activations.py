@@ -76,10 +76,18 @@ class ActivationSource:
         x, y, _ = self._generate(self.text.windows(TextPosition()), n)
         return x, y
 
-    def batches(self, start: DataPosition | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    def shard_data(self, replica: int, replicas: int, global_batch: int) -> None:
+        """Data-parallel replica `replica` of `replicas`: its own share of the text documents and
+        its share of the global batch."""
+        self.text.shard = (replica, replicas)
+        self.batch_tokens = global_batch // replicas
+
+    def eval_windows(self) -> torch.Tensor:
+        return self.text.eval_windows()
+
+    def batches(self, start: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         """Yield (x, y: [batch_tokens, L, d], position after this batch as a dict) forever."""
-        pos = start or DataPosition(text=TextPosition())
+        pos = DataPosition.from_dict(start) if start else DataPosition(text=TextPosition())
         block, skip = pos.block, pos.batch
         text_pos = pos.text or TextPosition()
         windows = self.text.windows(text_pos)

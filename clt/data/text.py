@@ -158,23 +158,32 @@ class WindowStream:
                 buf = buf[n:]
         return torch.tensor(out, dtype=torch.long).view(-1, self.cfg.context_size)
 
-    def windows(self, pos: TextPosition) -> Iterator[tuple[torch.Tensor, TextPosition]]:
-        """Yield (window [T], position after it) forever, starting at `pos`."""
+    def windows(self, pos: TextPosition, with_docs: bool = False) -> Iterator[tuple]:
+        """Yield (window [T], position after it) forever, starting at `pos`; with `with_docs`, also
+        the training-document index of every token of the window ([T], the BOS counts as the
+        document of the token after it; documents counted from the start of the pass)."""
         n = self.cfg.context_size - 1
         docs, carry, epoch, offset = pos.docs, list(pos.carry), pos.epoch, pos.offset
+        carry_docs = [max(docs - 1, 0)] * len(carry)
         while True:
             produced, from_start = False, docs == 0 and not carry and offset == 0
             for text in self._train_docs(docs, offset):
+                tokens = self._tokens(text)
+                carry += tokens
+                carry_docs += [docs] * len(tokens)
                 docs += 1
-                carry += self._tokens(text)
                 while len(carry) >= n:
                     window, carry = carry[:n], carry[n:]
                     produced = True
-                    yield (torch.tensor([self.bos] + window, dtype=torch.long),
+                    out = (torch.tensor([self.bos] + window, dtype=torch.long),
                            TextPosition(docs, list(carry), epoch, offset))
+                    if with_docs:
+                        out += (torch.tensor(carry_docs[:1] + carry_docs[:n], dtype=torch.long),)
+                    carry_docs = carry_docs[n:]
+                    yield out
             if not produced and from_start:
                 raise DataError(
                     f"data.dataset={self.cfg.dataset!r} yields no training window: it is empty, or has "
                     f"less than one window of text after the {self.cfg.eval_docs} documents held out "
                     "for evaluation (data.eval_docs)")
-            docs, carry, epoch, offset = 0, [], epoch + 1, 0
+            docs, carry, carry_docs, epoch, offset = 0, [], [], epoch + 1, 0
