@@ -217,8 +217,8 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
     `model.safetensors`) or circuit-tracer (`config.yaml` + `W_enc_*`/`W_dec_*`)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -232,14 +232,14 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
         try:
             get("model.safetensors")
             return get("config.json").parent
-        except EntryNotFoundError:  # not native: circuit-tracer's layout
+        except RemoteEntryNotFoundError:  # not native: circuit-tracer's layout
             cfg = get("config.yaml")
         n_layers = (yaml.safe_load(cfg.read_text()).get("clt") or {}).get("architecture", {}).get("n_layers")
         layer = 0
         while n_layers is None or layer < n_layers:
             try:
                 get(f"W_enc_{layer}.safetensors")
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:
                 if n_layers is None and layer > 0:
                     break
                 raise
@@ -247,14 +247,15 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
             layer += 1
         return cfg.parent
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"no CLT at {where}: the repo does not exist or needs a token (HF_TOKEN)") from e
+        raise CheckpointError(f"no CLT at {where}: no such local directory, and no such Hub repo (or it needs "
+                              "a token: HF_TOKEN)") from e
     except RevisionNotFoundError as e:
         raise CheckpointError(f"no revision {revision!r} in {repo_id}") from e
-    except EntryNotFoundError as e:
+    except RemoteEntryNotFoundError as e:
         raise CheckpointError(f"{where} holds no CLT (neither config.json + model.safetensors nor a "
                               "circuit-tracer config.yaml)") from e
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{where} is not in the local Hugging Face cache and the Hub cannot be "
+        raise CheckpointError(f"{where}: no such local directory, and not in the local Hugging Face cache while the Hub cannot be "
                               f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}") from e
 
 

@@ -154,3 +154,25 @@ def test_missing_slurm_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("error: sbatch not found: Slurm is not installed here")
+
+
+def test_cache_generation_as_a_job_array(slurm, tiny_model_dir, tmp_path):
+    """slurm/cache.sbatch --array=0-1: each task writes its slice of the shards; the cache that
+    results is the one a single process writes."""
+    args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", "cache.tokens=2000",
+            "cache.shard_tokens=500", "data.context_size=32", "data.eval_docs=2"]
+    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
+                           f"--output={tmp_path}/cache-%a.out", str(REPO / "slurm" / "cache.sbatch"), *args,
+                           f"cache.dir={tmp_path / 'array'}"], cwd=REPO, env=slurm, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
+    logs = [p.read_text() for p in sorted(tmp_path.glob("cache-*.out"))]
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
+    assert any("cache task 0 of 2" in t for t in logs) and any("cache task 1 of 2" in t for t in logs)
+    single = subprocess.run([sys.executable, "-m", "clt.cache", *args, f"cache.dir={tmp_path / 'single'}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    from clt.data.cache import read_manifest  # (merges, should both tasks have finished at the same instant)
+    manifests = [read_manifest(tmp_path / d) for d in ("array", "single")]
+    assert manifests[0] == manifests[1] and manifests[0]["n_shards"] == 4
