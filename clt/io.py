@@ -260,5 +260,7 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
 
 
 def looks_like_repo_id(name: str) -> bool:
+    """"user/name" or "name", and not a path into a local directory (`runs/x` when `runs/` exists)."""
     parts = str(name).split("/")
-    return len(parts) in (1, 2) and all(parts) and not str(name).startswith((".", "~"))
+    return (len(parts) in (1, 2) and all(parts) and not str(name).startswith((".", "~"))
+            and not (len(parts) == 2 and Path(parts[0]).is_dir()))

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 from clt.config import DataConfig
-from clt.data import ActivationSource, DataError, DataPosition, TextPosition, WindowStream
+from clt.data import ActivationSource, DataError, TextPosition, WindowStream
 from clt.subject import Subject
 
 
@@ -65,7 +65,7 @@ def test_batches_resume_from_position(subject):
     it = src.batches()
     batches = [next(it) for _ in range(20)]  # crosses block boundaries (256/32 = 8 per block)
     for cut in (3, 7, 8, 13):
-        resumed = src.batches(DataPosition.from_dict(batches[cut][2]))
+        resumed = src.batches(batches[cut][2])  # the position dict, as checkpoints store it
         for x, y, _ in batches[cut + 1:cut + 6]:
             x2, y2, _ = next(resumed)
             assert torch.equal(x, x2) and torch.equal(y, y2)
