@@ -46,7 +46,7 @@ def main() -> None:
     from clt.config import CacheConfig, CacheJobConfig
     from clt.data import ActivationSource
     from clt.data.cache import CachedActivations, generate
-    from clt.metrics import fvu_per_layer
+    from clt.metrics import reconstruction_stats
     from clt.model import CLTArchitecture
     from clt.subject import load_subject
     from clt.training import CLTModule
@@ -120,10 +120,8 @@ def main() -> None:
                 total.backward()
                 opt.step()
             with torch.no_grad():
-                _, y_hat = module.clt(eval_x)
-                sse = (y_hat - eval_y.float()).pow(2).sum((0, 2))
-                sst = (eval_y.float() - eval_y.float().mean(0)).pow(2).sum((0, 2))
-                res[f"trained_{dt}_heldout_fvu"] = fvu_per_layer(sse, sst).mean().item()
+                stats = reconstruction_stats(module.clt, eval_x, eval_y)
+            res[f"trained_{dt}_heldout_fvu"] = stats["fvu"].mean().item()
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

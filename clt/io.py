@@ -173,15 +173,13 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | 
     native, run = _checkpoint_parts(Path(checkpoint))
     clt = load_clt(native)
     with tempfile.TemporaryDirectory(prefix="clt-push-") as tmp:
-        stage = Path(tmp)
+        stage = Path(tmp) / "repo"
         if (native / "model.safetensors").exists():  # the files training wrote, as they are
+            stage.mkdir()
             for name in ("config.json", "model.safetensors"):
                 shutil.copy2(native / name, stage / name)
         else:  # feature-sharded: one whole checkpoint
-            clt.save_pretrained(stage / "native")
-            for f in (stage / "native").iterdir():
-                f.rename(stage / f.name)
-            (stage / "native").rmdir()
+            clt.save_pretrained(stage)
         if export:
             export_circuit_tracer(clt, stage / "circuit_tracer", dtype=dtype)
         report, train_cfg = None, None

@@ -214,16 +214,12 @@ class CrossLayerTranscoder(nn.Module):
         huggingface_hub's cache: `revision`, `subfolder`, `cache_dir`, `local_files_only`; offline
         mode (HF_HUB_OFFLINE=1) reads the cache only). A circuit-tracer layout is imported."""
         directory = Path(name_or_path) / (subfolder or "")
-        if not directory.exists():
-            from .io import hub_download, looks_like_repo_id
+        circuit_tracer = (directory / "config.yaml").exists() and not (directory / "config.json").exists()
+        if not directory.exists() or circuit_tracer:  # a Hub repo or circuit-tracer's layout: the general loader
+            from .io import load_clt
 
-            if looks_like_repo_id(str(name_or_path)):
-                directory = hub_download(str(name_or_path), revision=revision, subfolder=subfolder,
-                                         cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        if (directory / "config.yaml").exists() and not (directory / "config.json").exists():
-            from .io import import_circuit_tracer
-
-            return import_circuit_tracer(directory, device)
+            return load_clt(name_or_path, device, revision=revision, subfolder=subfolder, cache_dir=cache_dir,
+                            local_files_only=local_files_only, token=token)
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         if not cfg_path.exists() or not weights.exists():
             raise CheckpointError(f"{directory} is not a CLT checkpoint: expected config.json and "

@@ -34,6 +34,17 @@ class DataPosition:
         return cls(int(d["block"]), int(d["batch"]), TextPosition.from_dict(d["text"]))
 
 
+@torch.no_grad()
+def window_activations(subject: Subject, windows: torch.Tensor, dtype: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """windows: [B, T] -> x, y: [B·(T−1), L, d] on the CPU (in `dtype`, default the subject's), with
+    the BOS positions dropped."""
+    x, y = subject.capture(windows)
+    L, d = x.shape[-2:]
+    dtype = dtype or x.dtype
+    return x[:, 1:].reshape(-1, L, d).to("cpu", dtype), y[:, 1:].reshape(-1, L, d).to("cpu", dtype)
+
+
 class ActivationSource:
     def __init__(self, subject: Subject, cfg: DataConfig, batch_tokens: int, seed: int = 0,
                  shard: tuple[int, int] = (0, 1)):
@@ -42,14 +53,9 @@ class ActivationSource:
         self.text = WindowStream(cfg, subject.tokenizer, shard)  # shard: (replica, replicas)
         self.dtype = getattr(torch, cfg.buffer_dtype)
 
-    @torch.no_grad()
     def activations(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """windows: [B, T] -> x, y: [B·(T−1), L, d] with the BOS positions dropped."""
-        x, y = self.subject.capture(windows)
-        L, d = x.shape[-2:]
-        x = x[:, 1:].reshape(-1, L, d).to("cpu", self.dtype)
-        y = y[:, 1:].reshape(-1, L, d).to("cpu", self.dtype)
-        return x, y
+        return window_activations(self.subject, windows, self.dtype)
 
     def _generate(self, windows: Iterator[tuple[torch.Tensor, TextPosition]], n_tokens: int
                   ) -> tuple[torch.Tensor, torch.Tensor, TextPosition]:

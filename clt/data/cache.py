@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import CacheJobConfig, CLTError, DataConfig, ModelConfig
-from ..files import write_atomic
+from ..config import CacheJobConfig, CLTError, DataConfig, ModelConfig, _get, config_diff
+from ..files import atomic_file, write_atomic
+from .activations import window_activations
 from .text import TextPosition, WindowStream
 
 FORMAT = 1
@@ -93,21 +94,11 @@ def _describe(plan: dict) -> str:
             f"{plan['shard_windows']}")
 
 
-def _plan_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _plan_diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: cache has {a.get(k)!r}, asked {b.get(k)!r}")
-    return out
-
-
 def write_or_check_plan(root: Path, plan: dict) -> None:
     path = root / "plan.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = _plan_diff(old, plan)
+        diff = [f"{k}: cache has {_get(old, k)!r}, asked {_get(plan, k)!r}" for k in config_diff(old, plan)]
         if diff:
             raise CacheError(f"cache.dir={str(root)!r} holds another cache ({_describe(old)}); this "
                              f"generation differs in {'; '.join(diff)}. Use another cache.dir, or the "
@@ -146,22 +137,21 @@ def shard_ok(root: Path, s: int, verify: bool) -> bool:
 def write_shard(root: Path, s: int, first_window: int, windows: torch.Tensor, docs: torch.Tensor,
                 x: torch.Tensor, y: torch.Tensor, storage: str) -> dict:
     """windows, docs: [W, T]; x, y: [W·(T−1), L, d] -> the shard file, then its sidecar."""
+    xf, yf = x.float(), y.float()
     tensors = {"tokens": windows[:, 1:].reshape(-1).to(torch.int32).contiguous(),
                "docs": docs[:, 1:].reshape(-1).contiguous(),
-               "y_sum": y.float().sum(0).contiguous()}  # [L, d], for the manifest's mean of y
+               "y_sum": yf.sum(0).contiguous()}  # [L, d], for the manifest's mean of y
     if storage == "int8":
-        (tensors["x_q"], tensors["x_scale"]), (tensors["y_q"], tensors["y_scale"]) = quantize(x), quantize(y)
+        (tensors["x_q"], tensors["x_scale"]), (tensors["y_q"], tensors["y_scale"]) = quantize(xf), quantize(yf)
     else:
         tensors["x"], tensors["y"] = x.to(torch.bfloat16).contiguous(), y.to(torch.bfloat16).contiguous()
     path = shard_path(root, s)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        # one metadata entry: safetensors writes a map of several in no fixed order (checksums would differ)
-        save_file(tensors, str(tmp), metadata={"format": "clt-activation-cache"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        xf, yf = x.float(), y.float()
+        with atomic_file(path) as tmp:
+            # one metadata entry: safetensors writes a map of several in no fixed order (checksums would differ)
+            save_file(tensors, str(tmp), metadata={"format": "clt-activation-cache"})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         meta = {"index": s, "first_window": first_window, "windows": int(windows.shape[0]),
                 "tokens": int(x.shape[0]), "docs": [int(docs[:, 1:].min()), int(docs[:, 1:].max())],
                 "sha256": sha256(path), "bytes": path.stat().st_size,
@@ -170,8 +160,7 @@ def write_shard(root: Path, s: int, first_window: int, windows: torch.Tensor, do
         write_atomic(sidecar_path(root, s), json.dumps(meta))
         return meta
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # a shard without its sidecar is not finished
         done = sum(1 for _ in (root / "shards").glob("shard-*.json"))
         what = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
         raise CacheError(f"writing shard {s} of {root} failed: {what}. The {done} finished shards are "
@@ -203,9 +192,8 @@ def generate(subject, job: CacheJobConfig, progress: bool = True) -> dict | None
     sw, n_windows, n_shards = plan["shard_windows"], plan["n_windows"], plan["n_shards"]
     stream = WindowStream(data, subject.tokenizer)
     if task == 0 and not (root / "eval.safetensors").exists():
-        tmp = root / f".eval.safetensors.tmp{os.getpid()}"
-        save_file({"windows": stream.eval_windows().contiguous()}, str(tmp))
-        os.replace(tmp, root / "eval.safetensors")
+        with atomic_file(root / "eval.safetensors") as tmp:
+            save_file({"windows": stream.eval_windows().contiguous()}, str(tmp))
 
     lo, hi = task * n_shards // tasks, (task + 1) * n_shards // tasks
     end = _end(root)
@@ -240,11 +228,10 @@ def generate(subject, job: CacheJobConfig, progress: bool = True) -> dict | None
             wt, dt = torch.stack(wins), torch.stack(docs)  # [W, T]
             xs, ys = [], []
             for i in range(0, len(wt), data.batch_windows):  # the forward batches of online generation
-                x, y = subject.capture(wt[i:i + data.batch_windows].to(subject.device))
-                L, d = x.shape[-2:]
-                xs.append(x[:, 1:].reshape(-1, L, d).cpu())
-                ys.append(y[:, 1:].reshape(-1, L, d).cpu())
-                bar.update(xs[-1].shape[0])
+                x, y = window_activations(subject, wt[i:i + data.batch_windows])
+                xs.append(x)
+                ys.append(y)
+                bar.update(x.shape[0])
             write_shard(root, s, first, wt, dt, torch.cat(xs), torch.cat(ys), c.dtype)
         if ended:
             write_atomic(root / "end.json", json.dumps({"n_windows": w}))
@@ -294,7 +281,8 @@ def finalize(root: str | os.PathLike, required: bool = True, verify: bool = Fals
     y_norm = [sum(m["y_norm_sum"][i] for m in metas) / tokens for i in range(L)]
     y_mean = sum(_tensor(shard_path(root, s), "y_sum") for s in range(n_shards)) / tokens  # [L, d]
     y_var = [sum(m["y_sq_sum"][i] for m in metas) / tokens - y_mean[i].pow(2).sum().item() for i in range(L)]
-    save_file({"y_mean": y_mean.contiguous()}, str(root / "stats.safetensors"))
+    with atomic_file(root / "stats.safetensors") as tmp:
+        save_file({"y_mean": y_mean.contiguous()}, str(tmp))
     manifest = {**plan, "n_windows": n_windows, "n_shards": n_shards, "tokens": tokens,
                 "documents": metas[-1]["docs"][1] + 1,
                 "shards": [{"file": shard_path(root, m["index"]).name, "windows": m["windows"],
@@ -440,12 +428,9 @@ class CachedActivations:
     def eval_windows(self) -> torch.Tensor:
         return load_file(str(self.root / "eval.safetensors"))["windows"]
 
-    @torch.no_grad()
     def activations(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """windows: [B, T] -> x, y: [B·(T−1), L, d] from the subject model (for evaluation)."""
-        x, y = self.subject.capture(windows)
-        L, d = x.shape[-2:]
-        return (x[:, 1:].reshape(-1, L, d).to("cpu", self.dtype), y[:, 1:].reshape(-1, L, d).to("cpu", self.dtype))
+        return window_activations(self.subject, windows, self.dtype)
 
     def first_activations(self, n_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first windows of the stream, as online (`ActivationSource.first_activations`)."""
