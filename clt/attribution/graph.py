@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_atomic
+from ..files import atomic_file, write_atomic
 from .replacement import AttributionError
 
 GRAPH_FORMAT = 1
@@ -115,9 +115,8 @@ class Graph:
         path.parent.mkdir(parents=True, exist_ok=True)
         d = asdict(self)
         d["format"] = GRAPH_FORMAT
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(d, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(d, tmp)
         return path
 
     @classmethod

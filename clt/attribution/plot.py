@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import torch
 
+from ..files import atomic_file
 from .graph import Graph, Pruned
 
 POSITIVE, NEGATIVE = "#2563eb", "#dc2626"
@@ -88,10 +89,9 @@ def plot_graph(graph: Graph, pruned: Pruned, path: str | os.PathLike, max_edges:
     ax.legend(loc="upper left", fontsize=7, ncol=6, frameon=False, bbox_to_anchor=(0, 1.08))
     ax.set_title(title or graph.prompt[:80], fontsize=9, pad=22)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=130)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def top_features(graph: Graph, k: int = 5) -> list[tuple[int, list[tuple[float, int]]]]:
