@@ -1,5 +1,5 @@
-"""The `clt` command: `clt attribute …`, `clt export-circuit-tracer …`, `clt import-circuit-tracer …`,
-`clt push …`
+"""The `clt` command: `clt attribute …`, `clt features …`, `clt export-circuit-tracer …`,
+`clt import-circuit-tracer …`, `clt push …`
 (also `python -m clt …`). Training is `python train.py` (Hydra)."""
 
 from __future__ import annotations
@@ -45,14 +45,22 @@ def push_main(argv: list[str]) -> int:
     return push(argv)
 
 
-COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main}
+def features_main(argv: list[str]) -> int:
+    from .features.__main__ import entry
+
+    return entry(argv)
+
+
+COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main,
+            "features": features_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
-        print("usage: clt {attribute,export-circuit-tracer,import-circuit-tracer,push} …  (each with --help)\n"
+        print("usage: clt {attribute,features,export-circuit-tracer,import-circuit-tracer,push} …  (each with --help)\n"
               "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
+              "  features               feature cards of a CLT (same as python -m clt.features)\n"
               "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
               "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
               "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",

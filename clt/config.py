@@ -195,6 +195,60 @@ CACHE_DTYPES = ("bfloat16", "int8")
 
 
 @dataclass
+class FeaturesConfig:
+    """`python -m clt.features CHECKPOINT`: feature cards in one streaming pass (conf/features.yaml)."""
+    checkpoint: str = ""  # the CLT: run dir, native dir, circuit-tracer export or Hub id (required)
+    out: str = ""  # the store directory; "" = next to the CLT (<run dir>/features or <native dir>/features)
+    tokens: int = 262_144  # tokens scanned (rounded up to whole windows; fewer if the text ends first)
+    batch_windows: int = 8  # windows per batch (one subject forward pass online; memory ∝ windows × L × F)
+    top_k: int = 20  # max-activating contexts per feature (at most one per document)
+    context_left: int = 23  # tokens shown before the example's token (same window and document only)
+    context_right: int = 8  # … and after it
+    stratum_samples: int = 3  # interval samples kept per feature and log stratum (2 strata per decade)
+    intervals: int = 5  # equal-width activation intervals of [0, max] shown below the top examples
+    interval_examples: int = 5  # examples shown per interval
+    n_logits: int = 10  # top and bottom logit effects
+    n_neighbours: int = 10  # upstream and downstream features by virtual weight
+    # Exclude positions whose CLT input norm at any layer exceeds this multiple of the layer's mean
+    # norm (attention-sink outliers); 0 = keep all. BOS is never scanned (the trainer drops it too).
+    outlier_norm: float = 0.0
+    save_every: int = 256  # windows between resume points (the state is saved atomically)
+    # This pass's share of the tokens (a Slurm array task): task i of `tasks` scans the i-th
+    # contiguous share of the windows. -1 = from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (else 0 of 1).
+    task: int = -1
+    tasks: int = -1
+
+
+@dataclass
+class FeaturesJobConfig:
+    # The subject model: "" = the one the CLT was trained on; the CLT's hooks are always used.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path=""))
+    # The text scanned (data.cache=DIR: read an activation cache, no subject forward pass at all)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+
+    def validate(self) -> FeaturesJobConfig:
+        f = self.features
+        _check(bool(f.checkpoint), "features.checkpoint", f.checkpoint, "a CLT (run dir, native dir, "
+               "circuit-tracer export or Hub id): python -m clt.features CHECKPOINT")
+        _check(f.tokens > 0, "features.tokens", f.tokens, "> 0 tokens to scan")
+        for name in ("batch_windows", "top_k", "intervals", "n_logits", "save_every"):
+            _check(getattr(f, name) > 0, f"features.{name}", getattr(f, name), "> 0")
+        for name in ("context_left", "context_right", "stratum_samples", "interval_examples", "n_neighbours"):
+            _check(getattr(f, name) >= 0, f"features.{name}", getattr(f, name), "≥ 0")
+        _check(f.outlier_norm >= 0, "features.outlier_norm", f.outlier_norm, "≥ 0 (0 = off)")
+        _check(f.tasks == -1 or f.tasks >= 1, "features.tasks", f.tasks, "≥ 1 (or -1: from Slurm)")
+        _check(f.task == -1 or f.task >= 0, "features.task", f.task, "≥ 0 (or -1: from Slurm)")
+        _check(self.data.context_size >= 2, "data.context_size", self.data.context_size, "≥ 2")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto | cpu | cuda")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -337,6 +391,7 @@ def register_schema() -> None:
 
     ConfigStore.instance().store(name="schema", node=TrainConfig)
     ConfigStore.instance().store(name="cache_schema", node=CacheJobConfig)
+    ConfigStore.instance().store(name="features_schema", node=FeaturesJobConfig)
 
 
 register_schema()

@@ -168,14 +168,16 @@ def write_shard(root: Path, s: int, first_window: int, windows: torch.Tensor, do
                          "resume from the first missing shard") from e
 
 
-def _task(cfg) -> tuple[int, int]:
+def array_task(cfg, what: str = "cache") -> tuple[int, int]:
+    """(task, tasks) of a job split over a Slurm array: `cfg.task` / `cfg.tasks`, -1 = from
+    SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (else 0 of 1)."""
     task, tasks = cfg.task, cfg.tasks
     if tasks == -1:
         tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
     if task == -1:
         task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
     if not 0 <= task < tasks:
-        raise CacheError(f"cache.task={task} does not exist among cache.tasks={tasks}")
+        raise CacheError(f"{what}.task={task} does not exist among {what}.tasks={tasks}")
     return task, tasks
 
 
@@ -186,7 +188,7 @@ def generate(subject, job: CacheJobConfig, progress: bool = True) -> dict | None
     from tqdm import tqdm
 
     root, c, data = Path(job.cache.dir), job.cache, job.data
-    task, tasks = _task(c)
+    task, tasks = array_task(c)
     plan = make_plan(subject, job.model, data, c.tokens, c.shard_tokens, c.dtype)
     write_or_check_plan(root, plan)
     sw, n_windows, n_shards = plan["shard_windows"], plan["n_windows"], plan["n_shards"]
@@ -382,6 +384,16 @@ class CachedActivations:
         manifest (size always; sha256 the first time when data.cache_verify)."""
         if s in self.loaded:
             return self.loaded[s]
+        t = self.shard_tensors(s)
+        out = (t["x"].to(self.dtype), t["y"].to(self.dtype), t["tokens"].long())
+        if len(self.loaded) >= 2:
+            self.loaded.pop(next(iter(self.loaded)))
+        self.loaded[s] = out
+        return out
+
+    def shard_tensors(self, s: int) -> dict[str, torch.Tensor]:
+        """Shard s as stored (x, y dequantised; tokens, docs), checked against the manifest (size
+        always; sha256 the first time when data.cache_verify)."""
         entry, path = self.manifest["shards"][s], self.root / "shards" / self.manifest["shards"][s]["file"]
         fix = (f"regenerate it: python -m clt.cache cache.dir={self.root} with the cache's settings "
                "(only damaged shards are rewritten)")
@@ -401,14 +413,8 @@ class CachedActivations:
         except Exception as e:
             raise CacheError(f"{path} is unreadable ({e}); {fix}") from e
         if "x_q" in t:
-            x, y = dequantize(t["x_q"], t["x_scale"]), dequantize(t["y_q"], t["y_scale"])
-        else:
-            x, y = t["x"], t["y"]
-        out = (x.to(self.dtype), y.to(self.dtype), t["tokens"].long())
-        if len(self.loaded) >= 2:
-            self.loaded.pop(next(iter(self.loaded)))
-        self.loaded[s] = out
-        return out
+            t["x"], t["y"] = dequantize(t.pop("x_q"), t.pop("x_scale")), dequantize(t.pop("y_q"), t.pop("y_scale"))
+        return t
 
     def window_rows(self, w0: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows [w0, w0 + n) of the stream (wrapping around the cache) -> x, y [n·(T−1), L, d],

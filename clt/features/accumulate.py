@@ -1,0 +1,339 @@
+"""One streaming pass over activations: per-feature statistics, top-k contexts, interval samples
+(DESIGN.md §8). Everything here is exact and mergeable: the result does not depend on the batch
+size, on the order of the batches, or on how the tokens were split over array tasks.
+
+Token positions are global: token g of the pass is token g mod P of window g // P (P tokens per
+window, BOS dropped). Per feature (layer l, index f), over the N tokens counted:
+
+    count      #{g : a_g > 0}                     activation_frequency = count / N
+    total      Σ a_g  (float64)                   mean activation = total / count
+    max, min   of the non-zero a_g
+    hist       log-spaced bins of the non-zero a_g: bin 0 < 10^LO ≤ bins 1…B−2 (BINS_PER_DECADE per
+               decade) < 10^HI ≤ bin B−1
+    top        the k largest per-document maxima: for every document, its best token
+               (value desc, then position asc), and the k best documents by the same order
+    samples    per log stratum (STRATA_PER_DECADE per decade, plus under/overflow), the s tokens
+               with the smallest pseudo-random priority hash(l, f, g): a uniform sample of the
+               stratum's tokens that merges exactly (bottom-s of a fixed hash)
+
+Top and sample entries carry their context: C tokens of the same window and document around the
+token (left tokens first, -1 where the window or the document ends) and the feature's activation
+on each of them, gathered when the entry is offered (the whole window is in the batch then).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LO, HI = -3, 3                 # histogram range: [1e-3, 1e3) in the CLT's activation units
+BINS_PER_DECADE = 32           # ≈ 7.5 % relative bin width
+N_BINS = (HI - LO) * BINS_PER_DECADE + 2
+STRATA_PER_DECADE = 2          # interval-sample strata (under/overflow strata at the ends)
+N_STRATA = (HI - LO) * STRATA_PER_DECADE + 2
+EMPTY = float("inf")           # the order key of an empty slot
+
+
+def log_bin(v: torch.Tensor, per_decade: int) -> torch.Tensor:
+    """v > 0 -> bin index: 0 below 10^LO, 1 + floor((log10 v − LO)·per_decade), last at ≥ 10^HI."""
+    n = (HI - LO) * per_decade
+    b = torch.floor((torch.log10(v.double()) - LO) * per_decade).long() + 1
+    return b.clamp(0, n + 1)
+
+
+def bin_edges(per_decade: int = BINS_PER_DECADE) -> torch.Tensor:
+    """The inner edges 10^LO … 10^HI of `log_bin` ([n + 1], float64)."""
+    n = (HI - LO) * per_decade
+    return torch.tensor([10.0 ** (LO + i / per_decade) for i in range(n + 1)], dtype=torch.float64)
+
+
+def priority(layer: int, feature: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random priority in [0, 2^52) for (layer, feature, token), as float64 (exact):
+    splitmix64's finaliser over a unique id, on int64 with wrap-around."""
+    x = (g * 1_000_003 + feature) * 131 + layer
+    x = x * -7046029254386353131 + 1442695040888963407
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return (x & ((1 << 52) - 1)).double()
+
+
+def lexsort(*keys: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting by keys[0], then keys[1], … (all ascending)."""
+    perm = torch.arange(keys[0].numel(), device=keys[0].device)
+    for key in reversed(keys):
+        perm = perm[torch.argsort(key[perm], stable=True)]
+    return perm
+
+
+def run_starts(*keys: torch.Tensor) -> torch.Tensor:
+    """For keys sorted so that equal tuples are adjacent: True where a new tuple starts."""
+    new = torch.zeros(keys[0].numel(), dtype=torch.bool, device=keys[0].device)
+    if keys[0].numel():
+        new[0] = True
+        for k in keys:
+            new[1:] |= k[1:] != k[:-1]
+    return new
+
+
+@dataclass
+class Entries:
+    """A flat list of candidate entries (M of them) for the groups of a `SlotBuffer`."""
+    group: torch.Tensor   # [M] int64
+    order: torch.Tensor   # [M] float64, smaller = better
+    idx: torch.Tensor     # [M] int64 global token index (tie-break: smaller first)
+    val: torch.Tensor     # [M] float32 activation at the token
+    doc: torch.Tensor     # [M] int64 document
+    tok: torch.Tensor     # [M, C] int32 context tokens (-1 = none)
+    act: torch.Tensor     # [M, C] float16 activation on the context tokens
+
+    def take(self, keep: torch.Tensor) -> Entries:
+        return Entries(*(getattr(self, f)[keep] for f in Entries.__dataclass_fields__))
+
+
+class SlotBuffer:
+    """`cap` best entries per group, by (order, idx) ascending; with `dedup`, at most one entry per
+    (group, document) (its best). Slots of a group are kept sorted, empty ones last."""
+
+    FIELDS = ("order", "idx", "val", "doc", "tok", "act")
+
+    def __init__(self, n_groups: int, cap: int, context: int, dedup: bool, device="cpu"):
+        self.cap, self.dedup = cap, dedup
+        self.order = torch.full((n_groups, cap), EMPTY, dtype=torch.float64, device=device)
+        self.idx = torch.full((n_groups, cap), -1, dtype=torch.int64, device=device)
+        self.val = torch.zeros(n_groups, cap, dtype=torch.float32, device=device)
+        self.doc = torch.full((n_groups, cap), -1, dtype=torch.int64, device=device)
+        self.tok = torch.full((n_groups, cap, context), -1, dtype=torch.int32, device=device)
+        self.act = torch.zeros(n_groups, cap, context, dtype=torch.float16, device=device)
+
+    def worst(self, group: torch.Tensor) -> torch.Tensor:
+        """Order key an entry of `group` must not exceed to have a chance (EMPTY while not full)."""
+        return self.order[group, -1]
+
+    def entries(self, groups: torch.Tensor | None = None) -> Entries:
+        """The filled slots (of `groups`, default all) as entries."""
+        g = torch.arange(self.order.shape[0], device=self.order.device) if groups is None else groups
+        filled = self.idx[g] >= 0
+        rows = g[:, None].expand(-1, self.cap)[filled]
+        return Entries(rows, self.order[g][filled], self.idx[g][filled], self.val[g][filled],
+                       self.doc[g][filled], self.tok[g][filled], self.act[g][filled])
+
+    def offer(self, e: Entries) -> None:
+        """Merge candidate entries into the buffer."""
+        if e.group.numel() == 0:
+            return
+        groups = torch.unique(e.group)
+        old = self.entries(groups)
+        e = Entries(*(torch.cat([getattr(old, f), getattr(e, f)]) for f in Entries.__dataclass_fields__))
+        if self.dedup:  # one entry per (group, document): its best
+            perm = lexsort(e.group, e.doc, e.order, e.idx)
+            e = e.take(perm[run_starts(e.group[perm], e.doc[perm])])
+        perm = lexsort(e.group, e.order, e.idx)
+        e = e.take(perm)
+        start = run_starts(e.group)
+        first = torch.cummax(torch.where(start, torch.arange(len(start), device=start.device), 0), 0).values
+        rank = torch.arange(len(start), device=start.device) - first
+        e, rank = e.take(rank < self.cap), rank[rank < self.cap]
+        self.order[groups] = EMPTY
+        self.idx[groups] = -1
+        self.val[groups] = 0
+        self.doc[groups] = -1
+        self.tok[groups] = -1
+        self.act[groups] = 0
+        for f in self.FIELDS:
+            getattr(self, f)[e.group, rank] = getattr(e, f)
+
+    def state(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def load(self, state: dict) -> None:
+        for f in self.FIELDS:
+            getattr(self, f).copy_(state[f])
+
+
+class CardAccumulator:
+    """Streaming statistics of the features `features[l]` (indices into layer l; None = all F) of
+    every layer. `update(l, a, tokens, docs, g0, per)` takes one batch of whole windows."""
+
+    def __init__(self, n_layers: int, d_sae: int, top_k: int = 20, samples: int = 2, left: int = 24,
+                 right: int = 8, features: list[torch.Tensor | None] | None = None, device="cpu"):
+        self.L, self.F, self.top_k, self.samples = n_layers, d_sae, top_k, samples
+        self.left, self.right = left, right
+        self.features = features or [None] * n_layers
+        self.widths = [d_sae if f is None else len(f) for f in self.features]
+        self.offsets = [0, *torch.tensor(self.widths).cumsum(0).tolist()]  # row of (l, j) = offsets[l] + j
+        R, C = self.offsets[-1], left + 1 + right
+        self.n_tokens = 0
+        self.count = torch.zeros(R, dtype=torch.int64, device=device)
+        self.total = torch.zeros(R, dtype=torch.float64, device=device)
+        self.max = torch.zeros(R, dtype=torch.float32, device=device)
+        self.min = torch.full((R,), float("inf"), dtype=torch.float32, device=device)
+        self.hist = torch.zeros(R, N_BINS, dtype=torch.int32, device=device)
+        self.top = SlotBuffer(R, top_k, C, dedup=True, device=device)
+        self.strata = SlotBuffer(R * N_STRATA, samples, C, dedup=False, device=device)
+
+    # -- one batch ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, layer: int, a: torch.Tensor, tokens: torch.Tensor, docs: torch.Tensor, g0: int,
+               per: int, counted: torch.Tensor | None = None) -> None:
+        """a: [n, F_l] activations of layer `layer`'s selected features on n = W·per tokens (whole
+        windows, global positions g0 …); tokens, docs: [n]; counted: [n] bool (False = excluded
+        position: no statistics, never an example; default all). Call `add_tokens` once per batch."""
+        if counted is not None:
+            a = a * counted[:, None]
+        t, j = (a > 0).nonzero(as_tuple=True)          # the non-zeros: token, feature column
+        v = a[t, j].float()
+        row = self.offsets[layer] + j
+        self.count.index_add_(0, row, torch.ones_like(row))
+        self.total.index_add_(0, row, v.double())
+        self.max.scatter_reduce_(0, row, v, "amax")
+        self.min.scatter_reduce_(0, row, v, "amin")
+        self.hist.view(-1).index_add_(0, row * N_BINS + log_bin(v, BINS_PER_DECADE),
+                                      torch.ones_like(row, dtype=torch.int32))
+        g = g0 + t
+
+        # top-k: the best token of every (feature, document) in the batch, then the buffer merge
+        dloc = docs - docs.min() if len(docs) else docs
+        key = row * (int(dloc.max()) + 1 if len(docs) else 1) + dloc[t]
+        uk, inv = torch.unique(key, return_inverse=True)
+        best = torch.zeros(len(uk), dtype=v.dtype, device=v.device).scatter_reduce_(0, inv, v, "amax")
+        at_best = v == best[inv]
+        big = torch.iinfo(torch.int64).max
+        first = torch.full((len(uk),), big, dtype=torch.int64, device=v.device)
+        first.scatter_reduce_(0, inv[at_best], g[at_best], "amin")
+        crow = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, row)
+        cj = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, j)
+        order = -best.double()
+        keep = order <= self.top.worst(crow)
+        self._offer(self.top, crow[keep], order[keep], first[keep], best[keep], cj[keep], a, tokens, docs, g0, per)
+
+        # interval samples: bottom-s priority per (feature, stratum)
+        prio = priority(layer, self.feature_ids(layer)[j], g)
+        srow = row * N_STRATA + log_bin(v, STRATA_PER_DECADE)
+        keep = prio <= self.strata.worst(srow)
+        self._offer(self.strata, srow[keep], prio[keep], g[keep], v[keep], j[keep], a, tokens, docs, g0, per)
+
+    def add_tokens(self, n: int) -> None:
+        self.n_tokens += int(n)
+
+    def feature_ids(self, layer: int) -> torch.Tensor:
+        f = self.features[layer]
+        return torch.arange(self.F, device=self.count.device) if f is None else f.to(self.count.device)
+
+    def _offer(self, buf: SlotBuffer, group, order, g, val, j, a, tokens, docs, g0, per) -> None:
+        if group.numel() == 0:
+            return
+        p = g - g0                                                  # [M] position in the batch
+        offs = torch.arange(-self.left, self.right + 1, device=p.device)
+        q = p[:, None] + offs                                       # [M, C]
+        w0 = (p // per * per)[:, None]
+        ok = (q >= w0) & (q < w0 + per)
+        qc = q.clamp(0, len(tokens) - 1)
+        ok &= docs[qc] == docs[p][:, None]
+        tok = torch.where(ok, tokens[qc].to(torch.int32), -1)
+        act = torch.where(ok, a[qc, j[:, None]], 0).to(torch.float16)
+        buf.offer(Entries(group, order, g, val, docs[p], tok, act))
+
+    # -- merging and saving ---------------------------------------------------------------------
+    STATS = ("count", "total", "max", "min", "hist")
+
+    def merge(self, other: CardAccumulator) -> None:
+        """Add another accumulator's tokens (a disjoint token range) to this one."""
+        self.n_tokens += other.n_tokens
+        self.count += other.count
+        self.total += other.total
+        torch.maximum(self.max, other.max, out=self.max)
+        torch.minimum(self.min, other.min, out=self.min)
+        self.hist += other.hist
+        self.top.offer(other.top.entries())
+        self.strata.offer(other.strata.entries())
+
+    def state(self) -> dict:
+        return {"n_tokens": self.n_tokens, **{k: getattr(self, k) for k in self.STATS},
+                "top": self.top.state(), "strata": self.strata.state()}
+
+    def load(self, state: dict) -> None:
+        self.n_tokens = int(state["n_tokens"])
+        for k in self.STATS:
+            getattr(self, k).copy_(state[k])
+        self.top.load(state["top"])
+        self.strata.load(state["strata"])
+
+    def memory_bytes(self) -> int:
+        ts = [*(getattr(self, k) for k in self.STATS), *self.top.state().values(), *self.strata.state().values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the statistics to what a card shows
+
+
+def _bin_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lo, hi: [R] -> the bounds [R, N_BINS] of every log bin, clamped to [lo, hi] (the
+    under/overflow bins span [lo, 10^LO) and [10^HI, hi])."""
+    edges = bin_edges().to(lo.device)
+    R = len(lo)
+    lower = torch.cat([lo[:, None], edges.expand(R, -1)], 1)
+    upper = torch.cat([edges.expand(R, -1), hi[:, None]], 1)
+    return torch.minimum(torch.maximum(lower, lo[:, None]), hi[:, None]), \
+        torch.minimum(torch.maximum(upper, lo[:, None]), hi[:, None])
+
+
+def quantiles(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n: int = 100) -> torch.Tensor:
+    """hist: [R, N_BINS] log histograms of the non-zero activations, vmin, vmax: [R] -> the n
+    quantiles (1/n … n/n) [R, n], geometric interpolation inside a bin, clamped to [min, max]
+    (monotone, the last ≤ max); rows without activations: zeros."""
+    R = hist.shape[0]
+    lo, hi = vmin.double(), vmax.double()
+    lo = torch.where(torch.isfinite(lo), lo, 0.0)
+    lower, upper = _bin_bounds(lo, hi)
+    cum = hist.double().cumsum(1)                                      # [R, B]
+    count = cum[:, -1:]
+    r = count * torch.arange(1, n + 1, dtype=torch.float64, device=hist.device) / n   # [R, n]
+    b = torch.searchsorted(cum.contiguous(), r.contiguous()).clamp(max=hist.shape[1] - 1)
+    below = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)
+    frac = ((r - below) / hist.double().gather(1, b).clamp(min=1)).clamp(0, 1)
+    a, z = lower.gather(1, b), upper.gather(1, b)
+    geometric = a * (z / a.clamp(min=1e-300)) ** frac
+    q = torch.where(a > 0, geometric, a + (z - a) * frac)
+    q = torch.minimum(torch.maximum(q, lo[:, None]), hi[:, None]).cummax(1).values
+    return torch.where(count > 0, q, 0.0).reshape(R, n)
+
+
+def display_histogram(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n_bins: int = 50,
+                      chunk: int = 2048) -> torch.Tensor:
+    """hist: [R, N_BINS] -> [R, n_bins] int64: the log histogram re-binned to equal-width bins over
+    [0, max] (the circuit-tracer card's `histogram`); each log bin's count is spread over the bins
+    its range [≥ min, ≤ max] overlaps, in proportion to the overlap, and rounded by largest
+    remainders so that the bars sum exactly to the count."""
+    out = []
+    for s in range(0, hist.shape[0], chunk):
+        h = hist[s:s + chunk].double()
+        lo = torch.where(torch.isfinite(vmin[s:s + chunk]), vmin[s:s + chunk], 0.0).double()
+        hi = vmax[s:s + chunk].double()
+        a, z = _bin_bounds(lo, hi)                                     # [r, B]
+        width = (hi / n_bins).clamp(min=1e-300)[:, None, None]
+        i = torch.arange(n_bins, dtype=torch.float64, device=h.device)
+        left, right = i * width, (i + 1) * width                       # [r, 1, n]
+        ov = (torch.minimum(z[..., None], right) - torch.maximum(a[..., None], left)).clamp(min=0)
+        span = (z - a)[..., None]
+        point = span <= 0                                              # a bin of zero width: where it sits
+        inside = (a[..., None] >= left) & ((a[..., None] < right) | (i == n_bins - 1))
+        w = torch.where(point, inside.double(), ov / span.clamp(min=1e-300))
+        share = (h[..., None] * w).sum(1)                              # [r, n]
+        floor = share.floor()
+        rest = (h.sum(1) - floor.sum(1)).round().long()                # units still to place
+        rank = torch.argsort(torch.argsort(floor - share, dim=1, stable=True), dim=1)
+        out.append((floor + (rank < rest[:, None]).double()).long())
+    return torch.cat(out) if out else torch.zeros(0, n_bins, dtype=torch.long)
+
+
+def stratum_range(s: int) -> tuple[float, float]:
+    n = (HI - LO) * STRATA_PER_DECADE
+    lo = 0.0 if s == 0 else 10.0 ** (LO + (s - 1) / STRATA_PER_DECADE)
+    hi = math.inf if s == n + 1 else 10.0 ** (LO + s / STRATA_PER_DECADE)
+    return lo, hi
