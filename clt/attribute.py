@@ -3,7 +3,9 @@
 CHECKPOINT: a training run dir (`runs/…`), its native `clt/` dir, or a circuit-tracer export.
 Writes to DIR: graph.pt (the full graph), {slug}.json + graph-metadata.json (the circuit-tracer
 viewer's files, pruned), graph.png (the pruned graph), scores.json; prints the top features per
-logit and the replacement/completeness scores.
+logit and the replacement/completeness scores. The graph file's `metadata.scan` points at the CLT's
+feature store (CHECKPOINT/features, or the Hub repo's), where the viewers find the feature cards;
+`--cards` computes (and adds to the store) the cards of the graph's features that it lacks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slug", default="graph", help="name of the graph in the viewer files")
     p.add_argument("--top", type=int, default=5, help="features printed per logit")
     p.add_argument("--no-plot", action="store_true", help="skip graph.png")
+    p.add_argument("--cards", action="store_true",
+                   help="compute the feature cards of the pruned graph's features (those the store lacks) "
+                        "and add them to the store")
+    p.add_argument("--features", default=None, help="the feature store (default: next to the CLT)")
+    p.add_argument("--cards-tokens", type=int, default=65_536,
+                   help="tokens scanned for --cards when there is no store yet (else the store's count)")
+    p.add_argument("--cache", default=None, help="activation cache to scan for --cards (default: online)")
     return p
+
+
+def store_location(checkpoint: str, features: str | None) -> tuple[str, str | None]:
+    """(metadata.scan, the local store dir or None): a local store's absolute path (circuit-tracer's
+    frontend reads a scan that starts with "/" from its --features_dir server), or a Hub repo id
+    (its frontend then reads the repo's features/ folder)."""
+    from .features.pipeline import default_store_dir
+
+    if features:
+        d = Path(features).resolve()
+        return str(d), str(d)
+    if Path(checkpoint).exists():
+        d = default_store_dir(checkpoint).resolve()
+        return str(d), str(d)
+    return checkpoint, None
+
+
+def graph_cards(args: argparse.Namespace, clt, subject, pruned_features: list[torch.Tensor], store: str) -> Path:
+    """The cards of these features (per layer), computed into `store` (with the store's settings
+    when it exists)."""
+    from dataclasses import replace
+
+    from .config import DataConfig, FeaturesConfig, FeaturesJobConfig
+    from .features.pipeline import compute_store
+    from .features.store import FeatureStore
+
+    data, f = DataConfig(), FeaturesConfig(checkpoint=str(args.checkpoint), out=store, tokens=args.cards_tokens,
+                                           task=0, tasks=1)
+    run_cfg = Path(args.checkpoint) / "config.json"
+    if run_cfg.exists() and "data" in json.loads(run_cfg.read_text()):  # a run dir: the text it was trained on
+        data = DataConfig(**json.loads(run_cfg.read_text())["data"])
+    if (Path(store) / "manifest.json").exists():  # add to a store: its settings and text
+        m = FeatureStore(store).manifest
+        keys = {k: v for k, v in m["settings"].items() if k in FeaturesConfig.__dataclass_fields__}
+        f = replace(f, **(keys | {"checkpoint": str(args.checkpoint), "out": store, "task": 0, "tasks": 1}))
+        text = {k: v for k, v in m["text"].items() if k in DataConfig.__dataclass_fields__}
+        data = replace(data, **text)
+    if args.cache:
+        data = replace(data, cache=args.cache)
+    job = FeaturesJobConfig(data=data, features=f).validate()
+    return compute_store(job, clt=clt, subject=subject, features=pruned_features, device=str(clt.W_enc.device))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -60,12 +110,26 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr)
     subject = load_subject(ModelConfig(name_or_path=name, dtype=args.dtype, input_hook=arch.input_hook,
                                        output_hook=arch.output_hook), device)
+    scan, store = store_location(str(args.checkpoint), args.features)
+    if args.cards and store is None:
+        raise CLTError(f"--cards needs a local feature store for the Hub CLT {args.checkpoint}: pass --features DIR")
     t0 = time.perf_counter()
     graph = attribute(args.prompt, clt, subject, max_n_logits=args.max_n_logits,
                       desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
-                      batch_size=args.batch_size, scan=str(args.checkpoint))
+                      batch_size=args.batch_size, scan=scan)
+    graph.info["clt"] = str(args.checkpoint)
     seconds = time.perf_counter() - t0
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    if args.cards:
+        assert store is not None
+        kept = torch.nonzero(pruned.node_mask[:graph.n_features]).flatten().tolist()
+        layers = [graph.feature_of(i) for i in kept]  # (layer, position, feature)
+        wanted = [torch.tensor(sorted({f for l, _, f in layers if l == layer}), dtype=torch.long)
+                  for layer in range(arch.n_layers)]
+        t1 = time.perf_counter()
+        graph_cards(args, clt, subject, wanted, store)
+        print(f"cards of the graph's {sum(len(w) for w in wanted)} features in {store} "
+              f"({time.perf_counter() - t1:.1f} s)")
     out = Path(args.out)
     graph.to_pt(out / "graph.pt")
     write_graph_files(graph, pruned, out, args.slug, args.node_threshold)

@@ -22,7 +22,7 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def model_card(arch: CLTArchitecture, repo_id: str, metrics: dict | None, train_cfg: dict | None,
-               circuit_tracer: bool = True) -> str:
+               circuit_tracer: bool = True, features: dict | None = None) -> str:
     """metrics: the run's report.json (or the checkpoint's summary): fvu_per_layer, l0_per_layer,
     eval/* ...; train_cfg: the run's config.json."""
     m, cfg = metrics or {}, train_cfg or {}
@@ -78,6 +78,16 @@ def model_card(arch: CLTArchitecture, repo_id: str, metrics: dict | None, train_
                   "```python",
                   f'clt = CrossLayerTranscoder.from_pretrained("{repo_id}", subfolder="circuit_tracer")',
                   "```", "", "or point circuit-tracer's transcoder loader at that folder.", ""]
+    if features:
+        text = features.get("text", {})
+        lines += ["## Feature cards", "",
+                  f"`features/` holds a card for {'every' if features.get('complete') else 'some'} feature "
+                  f"(firing frequency, activation histogram and quantiles, max-activating contexts, logit effects "
+                  f"through all target layers, virtual-weight neighbours), computed over "
+                  f"{features.get('n_tokens', 0):,} tokens of `{text.get('dataset', '?')}`, in circuit-tracer's "
+                  "binary feature layout: its frontend shows them for graphs whose `scan` is this repo.", "",
+                  "```python", "from clt.features import FeatureStore", "",
+                  f'card = FeatureStore.of("{repo_id}").card(layer, feature)', "```", ""]
     lines += ["## Architecture", "", "```json", json.dumps(asdict(arch), indent=2), "```", ""]
     if cfg:
         lines += ["## Training configuration", "", "<details><summary>config.json</summary>", "", "```yaml",

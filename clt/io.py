@@ -157,7 +157,7 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | 
     """Upload a trained CLT to the Hub repo `repo_id` (created if needed; `revision`: a branch,
     created from main if needed): the native checkpoint at the repo root (`config.json`,
     `model.safetensors`, as written by training), circuit-tracer's layout under `circuit_tracer/`,
-    a model card (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score,
+    the feature cards under `features/` (when `clt features` wrote a store for this CLT), a model card (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score,
     how to load), and from a run dir its `report.json`, `loss_curve.png` and training config.
     `checkpoint`: a run dir or a native checkpoint dir (sharded ones are reassembled). Returns the
     commit URL. Uses huggingface_hub (token from `huggingface-cli login` / HF_TOKEN, Hub from
@@ -191,9 +191,13 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | 
                              ("config.json", "training_config.json")):
                 if (run / src).exists():
                     shutil.copy2(run / src, stage / dst)
+        features = _feature_store(run or native, clt)
+        if features is not None:  # the feature cards, as `clt features` wrote them
+            shutil.copytree(features.dir, stage / "features")
         summary = json.loads((stage / "config.json").read_text()).get("summary", {})
         (stage / "README.md").write_text(model_card(clt.arch, repo_id, report or summary, train_cfg,
-                                                    circuit_tracer=export))
+                                                    circuit_tracer=export,
+                                                    features=features.manifest if features else None))
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -205,6 +209,26 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | 
         except HfHubHTTPError as e:
             raise CheckpointError(f"pushing {checkpoint} to {repo_id} failed: {e}") from e
     return str(getattr(info, "commit_url", info))
+
+
+def _feature_store(checkpoint: Path, clt: CrossLayerTranscoder):
+    """The feature store next to a checkpoint if it was built for this CLT (else None, with a
+    warning when it is another CLT's)."""
+    import sys
+
+    from .features.pipeline import default_store_dir
+    from .features.store import FeatureError, FeatureStore
+
+    d = default_store_dir(checkpoint)
+    if not (d / "manifest.json").exists():
+        return None
+    store = FeatureStore(d)
+    try:
+        store.check(clt)
+    except FeatureError as e:
+        print(f"warning: not pushing the feature cards: {e}", file=sys.stderr)
+        return None
+    return store
 
 
 def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | None = None,

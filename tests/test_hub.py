@@ -161,3 +161,41 @@ def test_push_cli_revision_and_errors(trained, tmp_path):
             print("ERR", e)
     """, env | {"HF_HUB_OFFLINE": "1"})
     assert "no such local directory, and not in the local Hugging Face cache" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_push_uploads_the_feature_cards_and_the_hub_clt_finds_them(trained, tmp_path):
+    import shutil
+
+    from clt.config import DataConfig, FeaturesConfig, FeaturesJobConfig, ModelConfig
+    from clt.features import FeatureStore
+    from clt.features.pipeline import compute_store
+
+    hub, run, _, _ = trained
+    env = hub_env(hub, tmp_path)
+    local = tmp_path / "run"
+    shutil.copytree(run, local)
+    job = FeaturesJobConfig(model=ModelConfig(name_or_path="", dtype="float32"),
+                            data=DataConfig(context_size=32, eval_docs=2),
+                            features=FeaturesConfig(checkpoint=str(local), tokens=1500, task=0, tasks=1))
+    store = compute_store(job.validate(), progress=False)
+    assert store == local / "features"
+    done = subprocess.run([sys.executable, "-m", "clt.push", str(local), "alice/tiny-cards", "--no-export"],
+                          cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = hub.files("alice/tiny-cards")
+    for f in store.iterdir():
+        assert files[f"features/{f.name}"] == f.read_bytes(), f.name
+    assert 'FeatureStore.of("alice/tiny-cards")' in files["README.md"].decode()
+    want = FeatureStore(store).record(1, 2)
+    done = python("""
+        import json
+        from clt.features import FeatureStore
+        print("CARD", json.dumps(FeatureStore.of("alice/tiny-cards").record(1, 2)))
+        try:
+            FeatureStore.of("alice/tiny-clt")
+        except Exception as e:
+            print("ERR", e)
+    """, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.split("CARD ", 1)[1].splitlines()[0]) == want
+    assert "ERR alice/tiny-clt has no feature cards" in done.stdout

@@ -181,3 +181,35 @@ def test_attribute_cli_bad_input(tiny_checkpoint, tmp_path, capsys):
     code, err = run(str(tmp_path / "missing"), "hello")
     assert code == 2 and "no checkpoint" in err
     assert not out.exists()  # nothing written on bad input
+
+
+def test_attribute_cards_for_the_graph_features_only(tiny_checkpoint, tmp_path, capsys):
+    """--cards computes the cards of the graph's feature nodes into the store next to the CLT, the
+    graph file's scan points at that store, and a second run finds them there (no recomputation)."""
+    import shutil
+
+    from clt.features import FeatureStore
+
+    ckpt = tmp_path / "clt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    out = tmp_path / "g"
+    args = [str(ckpt), "The capital of France is", "--out", str(out), "--batch-size", "16", "--no-plot",
+            "--cards", "--cards-tokens", "1500", "--node-threshold", "1", "--edge-threshold", "1"]
+    assert attribute_main(args) == 0, capsys.readouterr().err
+    data = json.loads((out / "graph.json").read_text())
+    store = ckpt / "features"
+    assert data["metadata"]["scan"] == str(store.resolve()) and data["metadata"]["scan"].startswith("/")
+    st = FeatureStore(store)
+    feats = {(int(n["layer"]), int(n["node_id"].split("_")[1])) for n in data["nodes"]
+             if n["feature_type"] == "cross layer transcoder"}
+    assert feats and all(st.has(layer, f) for layer, f in feats)
+    present = sum(len(p) for p in st.present())
+    assert present < 3 * 48 and not st.manifest["complete"]  # only the graph's features
+    for layer, f in feats:
+        card = st.card(layer, f)
+        assert card.n_tokens == st.manifest["n_tokens"] > 1000 and card.layer == layer and card.feature == f
+    before = (store / "manifest.json").stat().st_mtime_ns
+    assert attribute_main(args) == 0
+    assert (store / "manifest.json").stat().st_mtime_ns == before  # nothing left to compute
+    # a CLT from the Hub has no local store: --cards says what to pass
+    assert attribute_main(["alice/none", "hello", "--out", str(tmp_path / "h"), "--cards"]) == 2

@@ -204,6 +204,19 @@ class FeatureStore:
                                f"reads {FORMAT}")
         self.index = json.loads(gzip.decompress((self.dir / "index.json.gz").read_bytes()))
 
+    @classmethod
+    def of(cls, checkpoint: str | os.PathLike, **hub) -> FeatureStore:
+        """The store of a CLT: next to a local checkpoint, or the `features/` folder of its Hub
+        repo (downloaded through huggingface_hub's cache; `hub`: revision, cache_dir,
+        local_files_only, token)."""
+        from .pipeline import find_store
+
+        d = find_store(str(checkpoint), **hub)
+        if d is None:
+            raise FeatureError(f"{checkpoint} has no feature cards (no features/manifest.json next to it or in its "
+                               "Hub repo); compute them with python -m clt.features CHECKPOINT")
+        return cls(d)
+
     @property
     def checksum(self) -> str:
         return self.manifest["clt"]["checksum"]

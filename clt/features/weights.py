@@ -49,6 +49,8 @@ def logit_effects(clt: CrossLayerTranscoder, W_U: torch.Tensor, gamma: torch.Ten
     W_U, gamma = W_U.float(), gamma.float().to(W_U.device)
     out = []
     ids = torch.arange(clt.d_sae) if features is None else features
+    if len(ids) == 0:
+        return (torch.zeros(0, n), torch.zeros(0, n, dtype=torch.long)) * 2
     for s in range(0, len(ids), chunk):
         v = residual_writes(clt, layer, ids[s:s + chunk]).to(W_U.device)
         if centre:
