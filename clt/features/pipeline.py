@@ -11,6 +11,7 @@ subject model online), then the weight-only parts, then the store (DESIGN.md §8
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -285,9 +286,10 @@ def merge_tasks(clt: CrossLayerTranscoder, f: FeaturesConfig, work: Path, tasks:
     paths = [work / f"task-{i:03d}-of-{tasks:03d}.pt" for i in range(tasks)]
     states = []
     for p in paths:
-        if not p.exists():
+        try:
+            s = torch.load(p, map_location=device, weights_only=False)
+        except FileNotFoundError:  # not started, or merged by another task already
             return None
-        s = torch.load(p, map_location=device, weights_only=False)
         if not s["done"]:
             return None
         states.append(s)
@@ -529,9 +531,28 @@ def compute_store(job: FeaturesJobConfig, *, clt: CrossLayerTranscoder | None = 
     source = CacheSource(job.data, model, clt) if job.data.cache else OnlineSource(job.data, subject)
     work = out.with_name(out.name + ".work")
     run_pass(clt, source, f, work, checksum, task, tasks, features, dev, progress, job.to_dict())
-    acc = merge_tasks(clt, f, work, tasks, features, dev)
-    if acc is None:
-        return None
+    with _merge_lock(work):  # array tasks finishing together: one merges, the others find it done
+        acc = merge_tasks(clt, f, work, tasks, features, dev)
+        if acc is None:
+            return out if tasks > 1 and (out / "manifest.json").exists() and not work.exists() else None
+        return _write(out, work, acc, clt, subject, f, source, model, checksum, tasks, existing, progress)
+
+
+@contextlib.contextmanager
+def _merge_lock(work: Path):
+    import fcntl
+
+    try:
+        lock = open(work / ".merge.lock", "w")
+    except FileNotFoundError:  # another task merged and removed the work directory
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write(out, work, acc, clt, subject, f, source, model, checksum, tasks, existing, progress) -> Path:
     records = card_records(acc, clt.folded(), subject.model, subject.tokenizer, f, str(f.checkpoint), progress)
     if existing is not None:  # keep its cards, add the new ones
         new = records
