@@ -25,8 +25,9 @@ DEMO_CARD_TOKENS ?= 65536
 
 demo: $(STAMP)
 	$(PY) train.py run_dir=$(DEMO_RUN)
-	$(PY) -m clt.features $(DEMO_RUN) features.tokens=$(DEMO_CARD_TOKENS)
-	$(PY) -m clt.features render $(DEMO_RUN)/features --out $(DEMO_RUN)/card.png
+	ln -sfn $(notdir $(DEMO_RUN)) runs/demo     # runs/demo: the latest demo run (the README's commands)
+	$(PY) -m clt.features runs/demo features.tokens=$(DEMO_CARD_TOKENS)
+	$(PY) -m clt.features render runs/demo/features --out runs/demo/card.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests

@@ -30,8 +30,9 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+# the repo first (benchmarks/kernels.py must not shadow the kernels package), then benchmarks/ for throughput
+sys.path = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"] + \
+    [str(REPO / "benchmarks")]
 
 
 def bare_pass(clt, source, n_windows: int, bw: int, dev) -> float:

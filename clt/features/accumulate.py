@@ -24,6 +24,7 @@ on each of them, gathered when the entry is offered (the whole window is in the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,17 +83,15 @@ def run_starts(*keys: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Entries:
-    """A flat list of candidate entries (M of them) for the groups of a `SlotBuffer`."""
+    """A flat list of candidate entries (M of them) for the groups of a `SlotBuffer`. Their
+    contexts are produced on demand (`context(i)` for the indices i that get a slot), so that
+    candidates that do not make it cost no gather."""
     group: torch.Tensor   # [M] int64
     order: torch.Tensor   # [M] float64, smaller = better
     idx: torch.Tensor     # [M] int64 global token index (tie-break: smaller first)
     val: torch.Tensor     # [M] float32 activation at the token
     doc: torch.Tensor     # [M] int64 document
-    tok: torch.Tensor     # [M, C] int32 context tokens (-1 = none)
-    act: torch.Tensor     # [M, C] float16 activation on the context tokens
-
-    def take(self, keep: torch.Tensor) -> Entries:
-        return Entries(*(getattr(self, f)[keep] for f in Entries.__dataclass_fields__))
+    context: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # i -> tok [m, C] int32, act [m, C] f16
 
 
 class SlotBuffer:
@@ -100,6 +99,7 @@ class SlotBuffer:
     (group, document) (its best). Slots of a group are kept sorted, empty ones last."""
 
     FIELDS = ("order", "idx", "val", "doc", "tok", "act")
+    KEYS = ("order", "idx", "val", "doc")
 
     def __init__(self, n_groups: int, cap: int, context: int, dedup: bool, device="cpu"):
         self.cap, self.dedup = cap, dedup
@@ -114,38 +114,53 @@ class SlotBuffer:
         """Order key an entry of `group` must not exceed to have a chance (EMPTY while not full)."""
         return self.order[group, -1]
 
-    def entries(self, groups: torch.Tensor | None = None) -> Entries:
-        """The filled slots (of `groups`, default all) as entries."""
-        g = torch.arange(self.order.shape[0], device=self.order.device) if groups is None else groups
-        filled = self.idx[g] >= 0
-        rows = g[:, None].expand(-1, self.cap)[filled]
-        return Entries(rows, self.order[g][filled], self.idx[g][filled], self.val[g][filled],
-                       self.doc[g][filled], self.tok[g][filled], self.act[g][filled])
+    def entries(self) -> Entries:
+        """Every filled slot as an entry (to merge into another buffer)."""
+        filled = self.idx >= 0
+        rows = torch.arange(self.order.shape[0], device=self.order.device)[:, None].expand(-1, self.cap)[filled]
+        tok, act = self.tok[filled], self.act[filled]
+        return Entries(rows, self.order[filled], self.idx[filled], self.val[filled], self.doc[filled],
+                       lambda i: (tok[i], act[i]))
 
     def offer(self, e: Entries) -> None:
-        """Merge candidate entries into the buffer."""
+        """Merge candidate entries into the buffer. Sorting sees only the scalar keys; the contexts
+        of the entries that keep or get a slot are gathered once at the end."""
         if e.group.numel() == 0:
             return
+        dev = e.group.device
         groups = torch.unique(e.group)
-        old = self.entries(groups)
-        e = Entries(*(torch.cat([getattr(old, f), getattr(e, f)]) for f in Entries.__dataclass_fields__))
+        filled = self.idx[groups] >= 0                                        # [G, cap]
+        og = groups[:, None].expand(-1, self.cap)[filled]
+        slot_of_old = (groups[:, None] * self.cap + torch.arange(self.cap, device=dev))[filled]
+        M = len(e.group)
+        group = torch.cat([og, e.group])
+        order = torch.cat([self.order[groups][filled], e.order])
+        idx = torch.cat([self.idx[groups][filled], e.idx])
+        doc = torch.cat([self.doc[groups][filled], e.doc])
+        val = torch.cat([self.val[groups][filled], e.val])
+        src = torch.cat([slot_of_old, -1 - torch.arange(M, device=dev)])      # ≥ 0: an old slot; < 0: candidate
+        keep = torch.arange(len(group), device=dev)
         if self.dedup:  # one entry per (group, document): its best
-            perm = lexsort(e.group, e.doc, e.order, e.idx)
-            e = e.take(perm[run_starts(e.group[perm], e.doc[perm])])
-        perm = lexsort(e.group, e.order, e.idx)
-        e = e.take(perm)
-        start = run_starts(e.group)
-        first = torch.cummax(torch.where(start, torch.arange(len(start), device=start.device), 0), 0).values
-        rank = torch.arange(len(start), device=start.device) - first
-        e, rank = e.take(rank < self.cap), rank[rank < self.cap]
-        self.order[groups] = EMPTY
-        self.idx[groups] = -1
-        self.val[groups] = 0
-        self.doc[groups] = -1
-        self.tok[groups] = -1
-        self.act[groups] = 0
-        for f in self.FIELDS:
-            getattr(self, f)[e.group, rank] = getattr(e, f)
+            perm = lexsort(group, doc, order, idx)
+            keep = perm[run_starts(group[perm], doc[perm])]
+        perm = keep[lexsort(group[keep], order[keep], idx[keep])]
+        start = run_starts(group[perm])
+        pos = torch.arange(len(perm), device=dev)
+        rank = pos - torch.cummax(torch.where(start, pos, 0), 0).values
+        perm, rank = perm[rank < self.cap], rank[rank < self.cap]
+        g, sr = group[perm], src[perm]
+        C = self.tok.shape[-1]
+        tok = torch.empty(len(perm), C, dtype=self.tok.dtype, device=dev)
+        act = torch.empty(len(perm), C, dtype=self.act.dtype, device=dev)
+        old = sr >= 0
+        tok[old], act[old] = self.tok.view(-1, C)[sr[old]], self.act.view(-1, C)[sr[old]]
+        if (~old).any():
+            tok[~old], act[~old] = e.context(-1 - sr[~old])
+        for f, fill in (("order", EMPTY), ("idx", -1), ("val", 0), ("doc", -1), ("tok", -1), ("act", 0)):
+            getattr(self, f)[groups] = fill
+        self.order[g, rank], self.idx[g, rank] = order[perm], idx[perm]
+        self.val[g, rank], self.doc[g, rank] = val[perm], doc[perm]
+        self.tok[g, rank], self.act[g, rank] = tok, act
 
     def state(self) -> dict:
         return {f: getattr(self, f) for f in self.FIELDS}
@@ -229,14 +244,17 @@ class CardAccumulator:
             return
         p = g - g0                                                  # [M] position in the batch
         offs = torch.arange(-self.left, self.right + 1, device=p.device)
-        q = p[:, None] + offs                                       # [M, C]
-        w0 = (p // per * per)[:, None]
-        ok = (q >= w0) & (q < w0 + per)
-        qc = q.clamp(0, len(tokens) - 1)
-        ok &= docs[qc] == docs[p][:, None]
-        tok = torch.where(ok, tokens[qc].to(torch.int32), -1)
-        act = torch.where(ok, a[qc, j[:, None]], 0).to(torch.float16)
-        buf.offer(Entries(group, order, g, val, docs[p], tok, act))
+
+        def context(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Tokens [m, C] around candidates i (same window and document) and activations on them."""
+            q = p[i, None] + offs
+            w0 = (p[i] // per * per)[:, None]
+            qc = q.clamp(0, len(tokens) - 1)
+            ok = (q >= w0) & (q < w0 + per) & (docs[qc] == docs[p[i]][:, None])
+            return (torch.where(ok, tokens[qc].to(torch.int32), -1),
+                    torch.where(ok, a[qc, j[i, None]], 0).to(torch.float16))
+
+        buf.offer(Entries(group, order, g, val, docs[p], context))
 
     # -- merging and saving ---------------------------------------------------------------------
     STATS = ("count", "total", "max", "min", "hist")
