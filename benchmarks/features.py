@@ -117,7 +117,7 @@ def run_child(cache: Path, tokens: int, F: int, args, bare: bool = False) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (the subject, the CLT size)")
-    ap.add_argument("--tokens", type=int, default=8192, help="tokens of the cache / online passes")
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens of the cache / online passes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mem-tokens", type=int, default=16384, help="N of the memory test (and 10·N)")
     ap.add_argument("--layers", type=int, default=4, help="synthetic cache: layers")
@@ -160,7 +160,7 @@ def main() -> None:
     data = replace(cfg.data, cache=str(cache))
     src = CacheSource(data, cfg.model, clt)
     n_windows = -(-args.tokens // src.per)
-    bare_pass(clt, src, min(n_windows, 4), f.batch_windows, dev)  # warm-up
+    bare_pass(clt, src, n_windows, f.batch_windows, dev)  # warm-up: every shard read and checksummed once
     bare = bare_pass(clt, src, n_windows, f.batch_windows, dev)
     cards, state = card_pass(clt, src, f, dev, tmp)
     n = n_windows * src.per
@@ -170,6 +170,7 @@ def main() -> None:
 
     # 2. online (the subject's forward pass in both)
     online = OnlineSource(cfg.data, subject)
+    bare_pass(clt, online, 2, f.batch_windows, dev)  # warm-up: the dataset opened, the first forward
     bare = bare_pass(clt, online, n_windows, f.batch_windows, dev)
     cards, _ = card_pass(clt, online, f, dev, tmp)
     res["online"] = {"bare_tok_s": n / bare, "cards_tok_s": n / cards, "ratio": bare / cards}

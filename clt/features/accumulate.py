@@ -50,7 +50,7 @@ def bin_edges(per_decade: int = BINS_PER_DECADE) -> torch.Tensor:
     return torch.tensor([10.0 ** (LO + i / per_decade) for i in range(n + 1)], dtype=torch.float64)
 
 
-def priority(layer: int, feature: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def priority(layer: torch.Tensor, feature: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """A fixed pseudo-random priority in [0, 2^52) for (layer, feature, token), as float64 (exact):
     splitmix64's finaliser over a unique id, on int64 with wrap-around."""
     x = (g * 1_000_003 + feature) * 131 + layer
@@ -170,6 +170,41 @@ class SlotBuffer:
             getattr(self, f).copy_(state[f])
 
 
+class _Context:
+    """The contexts of one batch: for entries at tokens g (rows `row` of the accumulator), the C
+    tokens around each (same window and document) and the feature's activation on them."""
+
+    def __init__(self, acts, row0, tokens, docs, counted, g0, per, left, right):
+        self.acts, self.row0, self.tokens, self.docs, self.counted = acts, row0, tokens, docs, counted
+        self.g0, self.per = g0, per
+        self.bounds = torch.tensor([a.shape[1] for a in acts]).cumsum(0).tolist()
+        self.offs = torch.arange(-left, right + 1, device=tokens.device)
+
+    def offer(self, buf: SlotBuffer, group, row, order, g, val) -> None:
+        if group.numel() == 0:
+            return
+        p = g - self.g0                                                   # [M] position in the batch
+        col = row - self.row0                                             # column among the layers' activations
+
+        def context(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q = p[i, None] + self.offs                                    # [m, C]
+            w0 = (p[i] // self.per * self.per)[:, None]
+            qc = q.clamp(0, len(self.tokens) - 1)
+            ok = (q >= w0) & (q < w0 + self.per) & (self.docs[qc] == self.docs[p[i]][:, None])
+            if self.counted is not None:
+                ok &= self.counted[qc]
+            act = torch.zeros(q.shape, dtype=torch.float16, device=q.device)
+            c, start = col[i], 0
+            for a, end in zip(self.acts, self.bounds):                    # the layer each entry's column is in
+                here = (c >= start) & (c < end)
+                if here.any():
+                    act[here] = a[qc[here], (c[here] - start)[:, None]].to(torch.float16)
+                start = end
+            return torch.where(ok, self.tokens[qc].to(torch.int32), -1), torch.where(ok, act, 0)
+
+        buf.offer(Entries(group, order, g, val, self.docs[p], context))
+
+
 class CardAccumulator:
     """Streaming statistics of the features `features[l]` (indices into layer l; None = all F) of
     every layer. `update(l, a, tokens, docs, g0, per)` takes one batch of whole windows."""
@@ -189,20 +224,27 @@ class CardAccumulator:
         self.min = torch.full((R,), float("inf"), dtype=torch.float32, device=device)
         self.hist = torch.zeros(R, N_BINS, dtype=torch.int32, device=device)
         self.top = SlotBuffer(R, top_k, C, dedup=True, device=device)
+        self.row_layer = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(self.widths)).to(device)
+        self.row_feature = torch.cat([self.feature_ids(layer) for layer in range(n_layers)]).to(device)
         self.strata = SlotBuffer(R * N_STRATA, samples, C, dedup=False, device=device)
 
     # -- one batch ------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, layer: int, a: torch.Tensor, tokens: torch.Tensor, docs: torch.Tensor, g0: int,
-               per: int, counted: torch.Tensor | None = None) -> None:
+    def update(self, layer: int, a: torch.Tensor | list[torch.Tensor], tokens: torch.Tensor, docs: torch.Tensor,
+               g0: int, per: int, counted: torch.Tensor | None = None) -> None:
         """a: [n, F_l] activations of layer `layer`'s selected features on n = W·per tokens (whole
-        windows, global positions g0 …); tokens, docs: [n]; counted: [n] bool (False = excluded
-        position: no statistics, never an example; default all). Call `add_tokens` once per batch."""
-        if counted is not None:
-            a = a * counted[:, None]
-        t, j = (a > 0).nonzero(as_tuple=True)          # the non-zeros: token, feature column
-        v = a[t, j].float()
-        row = self.offsets[layer] + j
+        windows, global positions g0 …), or a list of them for layers `layer`, `layer` + 1, … (one
+        call for several layers saves per-call work); tokens, docs: [n]; counted: [n] bool (False =
+        excluded position: no statistics, never an example; default all). Call `add_tokens` once
+        per batch."""
+        acts = a if isinstance(a, list) else [a]
+        parts = []
+        for i, al in enumerate(acts):  # the non-zeros of every layer: token, accumulator row, value
+            t, j = (al > 0).nonzero(as_tuple=True)
+            if counted is not None:
+                t, j = t[counted[t]], j[counted[t]]
+            parts.append((t, self.offsets[layer + i] + j, al[t, j].float()))
+        t, row, v = (torch.cat(p) for p in zip(*parts))
         self.count.index_add_(0, row, torch.ones_like(row))
         self.total.index_add_(0, row, v.double())
         self.max.scatter_reduce_(0, row, v, "amax")
@@ -210,27 +252,29 @@ class CardAccumulator:
         self.hist.view(-1).index_add_(0, row * N_BINS + log_bin(v, BINS_PER_DECADE),
                                       torch.ones_like(row, dtype=torch.int32))
         g = g0 + t
+        ctx = _Context(acts, self.offsets[layer], tokens, docs, counted, g0, per, self.left, self.right)
 
-        # top-k: the best token of every (feature, document) in the batch, then the buffer merge
+        # top-k: the best token of every (feature, document) in the batch, then the buffer merge.
+        # A token below its feature's k-th value cannot get in: filter before grouping.
+        hope = v.double() >= -self.top.worst(row)
+        t_, v_, row_, g_ = t[hope], v[hope], row[hope], g[hope]
         dloc = docs - docs.min() if len(docs) else docs
-        key = row * (int(dloc.max()) + 1 if len(docs) else 1) + dloc[t]
+        key = row_ * (int(dloc.max()) + 1 if len(docs) else 1) + dloc[t_]
         uk, inv = torch.unique(key, return_inverse=True)
-        best = torch.zeros(len(uk), dtype=v.dtype, device=v.device).scatter_reduce_(0, inv, v, "amax")
-        at_best = v == best[inv]
-        big = torch.iinfo(torch.int64).max
-        first = torch.full((len(uk),), big, dtype=torch.int64, device=v.device)
-        first.scatter_reduce_(0, inv[at_best], g[at_best], "amin")
-        crow = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, row)
-        cj = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, j)
+        best = torch.zeros(len(uk), dtype=v.dtype, device=v.device).scatter_reduce_(0, inv, v_, "amax")
+        at_best = v_ == best[inv]
+        first = torch.full((len(uk),), torch.iinfo(torch.int64).max, dtype=torch.int64, device=v.device)
+        first.scatter_reduce_(0, inv[at_best], g_[at_best], "amin")
+        crow = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, row_)
         order = -best.double()
         keep = order <= self.top.worst(crow)
-        self._offer(self.top, crow[keep], order[keep], first[keep], best[keep], cj[keep], a, tokens, docs, g0, per)
+        ctx.offer(self.top, crow[keep], crow[keep], order[keep], first[keep], best[keep])
 
         # interval samples: bottom-s priority per (feature, stratum)
-        prio = priority(layer, self.feature_ids(layer)[j], g)
+        prio = priority(self.row_layer[row], self.row_feature[row], g)
         srow = row * N_STRATA + log_bin(v, STRATA_PER_DECADE)
         keep = prio <= self.strata.worst(srow)
-        self._offer(self.strata, srow[keep], prio[keep], g[keep], v[keep], j[keep], a, tokens, docs, g0, per)
+        ctx.offer(self.strata, srow[keep], row[keep], prio[keep], g[keep], v[keep])
 
     def add_tokens(self, n: int) -> None:
         self.n_tokens += int(n)
@@ -238,23 +282,6 @@ class CardAccumulator:
     def feature_ids(self, layer: int) -> torch.Tensor:
         f = self.features[layer]
         return torch.arange(self.F, device=self.count.device) if f is None else f.to(self.count.device)
-
-    def _offer(self, buf: SlotBuffer, group, order, g, val, j, a, tokens, docs, g0, per) -> None:
-        if group.numel() == 0:
-            return
-        p = g - g0                                                  # [M] position in the batch
-        offs = torch.arange(-self.left, self.right + 1, device=p.device)
-
-        def context(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Tokens [m, C] around candidates i (same window and document) and activations on them."""
-            q = p[i, None] + offs
-            w0 = (p[i] // per * per)[:, None]
-            qc = q.clamp(0, len(tokens) - 1)
-            ok = (q >= w0) & (q < w0 + per) & (docs[qc] == docs[p[i]][:, None])
-            return (torch.where(ok, tokens[qc].to(torch.int32), -1),
-                    torch.where(ok, a[qc, j[i, None]], 0).to(torch.float16))
-
-        buf.offer(Entries(group, order, g, val, docs[p], context))
 
     # -- merging and saving ---------------------------------------------------------------------
     STATS = ("count", "total", "max", "min", "hist")

@@ -182,19 +182,23 @@ def accumulator(clt: CrossLayerTranscoder, f: FeaturesConfig, features=None, dev
 
 
 @torch.no_grad()
-def scan_batch(acc: CardAccumulator, clt: CrossLayerTranscoder, b: Batch, per: int, outlier_norm: float) -> None:
-    """Encode one batch layer by layer and add it to the statistics."""
+def scan_batch(acc: CardAccumulator, clt: CrossLayerTranscoder, b: Batch, per: int, outlier_norm: float,
+               max_elements: int = 1 << 26) -> None:
+    """Encode one batch layer by layer and add it to the statistics, several layers per update
+    (at most `max_elements` activations held at a time)."""
     dev = acc.count.device
     x = b.x.to(dev)
     tokens, docs = b.tokens.to(dev), b.docs.to(dev)
     counted = counted_positions(clt, x, outlier_norm)
-    g0 = b.w0 * per
+    g0, group, first = b.w0 * per, [], 0
     for layer in range(clt.n_layers):
         a = clt.encode_layer(x[:, layer], layer)                              # [n, F]
         sel = acc.features[layer]
-        if sel is not None:
-            a = a[:, sel.to(dev)]
-        acc.update(layer, a, tokens, docs, g0, per, counted)
+        group.append(a if sel is None else a[:, sel.to(dev)])
+        last = layer == clt.n_layers - 1
+        if last or sum(t.shape[1] for t in group) * len(tokens) + acc.widths[layer + 1] * len(tokens) > max_elements:
+            acc.update(first, group, tokens, docs, g0, per, counted)
+            group, first = [], layer + 1
     acc.add_tokens(len(tokens) if counted is None else int(counted.sum()))
 
 
