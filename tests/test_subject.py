@@ -79,3 +79,14 @@ def test_missing_hook_lists_available():
 def test_all_families_have_all_hooks():
     for fam in FAMILIES.values():
         assert set(fam.hooks) == {"resid_mid", "mlp_in", "mlp_out"}
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_is_native(monkeypatch):
+    import clt.subject as subject_mod
+
+    monkeypatch.setattr(subject_mod, "cpu_has_fast_bf16", lambda: False)
+    assert subject_mod.resolve_dtype("auto", "cpu") == torch.float32
+    assert subject_mod.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert subject_mod.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(subject_mod, "cpu_has_fast_bf16", lambda: True)
+    assert subject_mod.resolve_dtype("auto", "cpu") == torch.bfloat16

@@ -38,10 +38,15 @@ EMPTY = float("inf")           # the order key of an empty slot
 
 
 def log_bin(v: torch.Tensor, per_decade: int) -> torch.Tensor:
-    """v > 0 -> bin index: 0 below 10^LO, 1 + floor((log10 v − LO)·per_decade), last at ≥ 10^HI."""
-    n = (HI - LO) * per_decade
-    b = torch.floor((torch.log10(v.double()) - LO) * per_decade).long() + 1
-    return b.clamp(0, n + 1)
+    """v > 0 -> bin index: the number of edges 10^(LO + i/per_decade) ≤ v (0 below 10^LO, the
+    last at ≥ 10^HI), against the edges rounded to v's dtype."""
+    key = (per_decade, v.dtype, v.device)
+    if key not in _EDGES:
+        _EDGES[key] = bin_edges(per_decade).to(v.device, v.dtype)
+    return torch.bucketize(v, _EDGES[key], right=True)
+
+
+_EDGES: dict = {}
 
 
 def bin_edges(per_decade: int = BINS_PER_DECADE) -> torch.Tensor:
