@@ -273,6 +273,13 @@ class CardAccumulator:
         crow = torch.zeros(len(uk), dtype=torch.int64, device=v.device).scatter_(0, inv, row_)
         order = -best.double()
         keep = order <= self.top.worst(crow)
+        # a document already in the buffer with a better entry: nothing to merge (long documents
+        # keep offering the same (feature, document) batch after batch)
+        cdoc = dloc.new_zeros(len(uk)).scatter_(0, inv, docs[t_])
+        same = self.top.doc[crow] == cdoc[:, None]                          # [M, k]
+        o, ix = self.top.order[crow], self.top.idx[crow]
+        better = same & ((o < order[:, None]) | ((o == order[:, None]) & (ix < first[:, None])))
+        keep &= ~better.any(1)
         ctx.offer(self.top, crow[keep], crow[keep], order[keep], first[keep], best[keep])
 
         # interval samples: bottom-s priority per (feature, stratum)
