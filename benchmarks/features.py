@@ -196,6 +196,9 @@ def main() -> None:
                                "state_mib": c["state_bytes"] / 2**20}
         print(f"F = {F}: card pass {N / c['seconds']:,.0f} tok/s, encoder {N / e['seconds']:,.0f} tok/s: ratio "
               f"{e['seconds'] / c['seconds']:.2f}, state {c['state_bytes'] / 2**20:.1f} MiB")
+    res["command"] = "python benchmarks/features.py " + " ".join(sys.argv[1:])
+    res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                   text=True).stdout.strip()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(res) + "\n")

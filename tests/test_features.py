@@ -377,11 +377,12 @@ def test_store_format(setup):
     index = json.loads(gzip.decompress((root / "index.json.gz").read_bytes()))
     assert sorted(index, key=int) == [str(layer) for layer in range(L)]
     manifest = json.loads((root / "manifest.json").read_text())
-    from clt.features.store import clt_checksum, file_sha256
+    from clt.features.store import clt_checksum
+    from clt.files import sha256
 
     assert manifest["clt"]["checksum"] == clt_checksum(setup.clt) and manifest["complete"]
     for name, meta in manifest["files"].items():
-        assert (root / name).stat().st_size == meta["bytes"] and file_sha256(root / name) == meta["sha256"]
+        assert (root / name).stat().st_size == meta["bytes"] and sha256(root / name) == meta["sha256"]
     for layer in range(L):
         entry = index[str(layer)]
         assert entry["filename"] == f"layer_{layer}.bin"

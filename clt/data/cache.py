@@ -26,7 +26,6 @@ alone.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CacheJobConfig, CLTError, DataConfig, ModelConfig, _get, config_diff
-from ..files import atomic_file, write_atomic
+from ..files import atomic_file, sha256, write_atomic
 from .activations import window_activations
 from .text import TextPosition, WindowStream
 
@@ -57,14 +56,6 @@ def shard_path(root: Path, s: int) -> Path:
 
 def sidecar_path(root: Path, s: int) -> Path:
     return root / "shards" / f"shard-{s:06d}.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ on each of them, gathered when the entry is offered (the whole window is in the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -387,10 +386,3 @@ def display_histogram(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor
         rank = torch.argsort(torch.argsort(floor - share, dim=1, stable=True), dim=1)
         out.append((floor + (rank < rest[:, None]).double()).long())
     return torch.cat(out) if out else torch.zeros(0, n_bins, dtype=torch.long)
-
-
-def stratum_range(s: int) -> tuple[float, float]:
-    n = (HI - LO) * STRATA_PER_DECADE
-    lo = 0.0 if s == 0 else 10.0 ** (LO + (s - 1) / STRATA_PER_DECADE)
-    hi = math.inf if s == n + 1 else 10.0 ** (LO + s / STRATA_PER_DECADE)
-    return lo, hi

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import CLTError
-from ..files import atomic_directory
+from ..files import atomic_directory, sha256
 
 FORMAT = 1
 
@@ -132,14 +132,6 @@ def clt_checksum(clt) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing and reading
 
@@ -180,7 +172,7 @@ def write_store(out: str | os.PathLike, n_layers: int, d_sae: int, records, mani
                 index[str(layer)] = {"filename": name, "offsets": offsets}
             (tmp / "index.json.gz").write_bytes(gzip.compress(json.dumps(index).encode(), mtime=0))
             for p in sorted(tmp.iterdir()):
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
             (tmp / "manifest.json").write_text(json.dumps(manifest | {"format": FORMAT, "files": files}, indent=1))
     except OSError as e:
         raise FeatureError(f"writing the feature store {out} failed: {e.strerror or e}"
@@ -234,7 +226,7 @@ class FeatureStore:
         """Check every file's size and sha256 against the manifest."""
         for name, meta in self.manifest["files"].items():
             p = self.dir / name
-            if not p.exists() or p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
+            if not p.exists() or p.stat().st_size != meta["bytes"] or sha256(p) != meta["sha256"]:
                 raise FeatureError(f"{p} is missing or damaged (size or sha256 differs from the manifest)")
 
     def _range(self, layer: int, feature: int) -> tuple[str, int, int]:
