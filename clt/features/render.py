@@ -33,6 +33,11 @@ def _line(ex, vmax: float, width: int = CHARS) -> list[tuple[str, float, bool]]:
     return [(toks[j], ex.tokens_acts_list[j] / vmax if vmax > 0 else 0.0, j == i) for j in range(lo, hi)]
 
 
+def _short(token: str, n: int = 14) -> str:
+    r = repr(token)
+    return r if len(r) <= n else r[:n - 2] + "…'"
+
+
 def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 8, max_intervals: int = 3) -> Path:
     import matplotlib
 
@@ -74,11 +79,11 @@ def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 
     ax.set_title("logit effects (decoder over all target layers)", fontsize=9)
     k = min(8, len(card.top_logits))
     for i in range(k):
-        ax.text(0.0, 0.92 - i * 0.115, f"{card.top_logits[i]!r:.18}", color="#1a7f37", fontsize=9, family="monospace",
+        ax.text(0.0, 0.92 - i * 0.115, _short(card.top_logits[i]), color="#1a7f37", fontsize=9, family="monospace",
                 transform=ax.transAxes)
         ax.text(0.38, 0.92 - i * 0.115, f"{card.top_logit_values[i]:+.3f}", color="#1a7f37", fontsize=8,
                 transform=ax.transAxes)
-        ax.text(0.55, 0.92 - i * 0.115, f"{card.bottom_logits[i]!r:.18}", color="#cf222e", fontsize=9,
+        ax.text(0.55, 0.92 - i * 0.115, _short(card.bottom_logits[i]), color="#cf222e", fontsize=9,
                 family="monospace", transform=ax.transAxes)
         ax.text(0.92, 0.92 - i * 0.115, f"{card.bottom_logit_values[i]:+.3f}", color="#cf222e", fontsize=8,
                 transform=ax.transAxes)
