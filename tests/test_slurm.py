@@ -156,20 +156,25 @@ def test_missing_slurm_is_a_clear_error(tmp_path):
     assert done.stderr.startswith("error: sbatch not found: Slurm is not installed here")
 
 
+def two_task_array(slurm, tmp_path, name: str, args: list[str]) -> None:
+    """`sbatch --array=0-1 slurm/<name>.sbatch ARGS`: both tasks complete and say which they are."""
+    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
+                           f"--output={tmp_path}/{name}-%a.out", str(REPO / "slurm" / f"{name}.sbatch"), *args],
+                          cwd=REPO, env=slurm, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
+    logs = [p.read_text() for p in sorted(tmp_path.glob(f"{name}-*.out"))]
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
+    assert any(f"{name} task 0 of 2" in t for t in logs) and any(f"{name} task 1 of 2" in t for t in logs)
+
+
 def test_cache_generation_as_a_job_array(slurm, tiny_model_dir, tmp_path):
     """slurm/cache.sbatch --array=0-1: each task writes its slice of the shards; the cache that
     results is the one a single process writes."""
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", "cache.tokens=2000",
             "cache.shard_tokens=500", "data.context_size=32", "data.eval_docs=2"]
-    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={tmp_path}/cache-%a.out", str(REPO / "slurm" / "cache.sbatch"), *args,
-                           f"cache.dir={tmp_path / 'array'}"], cwd=REPO, env=slurm, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.strip().split(";")[0]
-    states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
-    logs = [p.read_text() for p in sorted(tmp_path.glob("cache-*.out"))]
-    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
-    assert any("cache task 0 of 2" in t for t in logs) and any("cache task 1 of 2" in t for t in logs)
+    two_task_array(slurm, tmp_path, "cache", [*args, f"cache.dir={tmp_path / 'array'}"])
     single = subprocess.run([sys.executable, "-m", "clt.cache", *args, f"cache.dir={tmp_path / 'single'}"],
                             cwd=REPO, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -188,15 +193,7 @@ def test_feature_cards_as_a_job_array(slurm, tiny_model_dir, tmp_path):
                                          subject_model=str(tiny_model_dir))).save_pretrained(tmp_path / "clt")
     args = [str(tmp_path / "clt"), "model.dtype=float32", "features.tokens=1200", "data.context_size=32",
             "data.eval_docs=2", "device=cpu"]
-    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={tmp_path}/features-%a.out", str(REPO / "slurm" / "features.sbatch"), *args,
-                           f"features.out={tmp_path / 'array'}"], cwd=REPO, env=slurm, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.strip().split(";")[0]
-    states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
-    logs = [p.read_text() for p in sorted(tmp_path.glob("features-*.out"))]
-    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
-    assert any("features task 0 of 2" in t for t in logs) and any("features task 1 of 2" in t for t in logs)
+    two_task_array(slurm, tmp_path, "features", [*args, f"features.out={tmp_path / 'array'}"])
     single = subprocess.run([sys.executable, "-m", "clt.features", *args, "features.task=0", "features.tasks=1",
                              f"features.out={tmp_path / 'single'}"], cwd=REPO, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
