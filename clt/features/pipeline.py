@@ -488,10 +488,7 @@ def check_existing(out: Path, checksum: str) -> FeatureStore | None:
             raise FeatureError(f"features.out={str(out)!r} exists and is not a feature store: choose another directory")
         return None
     store = FeatureStore(out)
-    if store.checksum != checksum:
-        raise FeatureError(f"features.out={str(out)!r} holds the feature store of another CLT "
-                           f"({store.manifest['clt'].get('source', '?')}, weights sha256 {store.checksum[:12]}…; "
-                           f"this one's is {checksum[:12]}…): remove it or choose another features.out")
+    store.check(None, checksum)
     return store
 
 

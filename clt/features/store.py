@@ -214,7 +214,7 @@ class FeatureStore:
         return self.manifest["clt"]["checksum"]
 
     def check(self, clt, checksum: str | None = None) -> None:
-        """Raise unless this store was built for `clt` (same folded weights)."""
+        """Raise unless this store was built for `clt` (same folded weights; or pass its `checksum`)."""
         got = checksum or clt_checksum(clt)
         if got != self.checksum:
             raise FeatureError(f"the feature store {self.dir} was built for another CLT "
