@@ -1,7 +1,7 @@
 """Attribute a prompt with a trained CLT: `python -m clt.attribute CHECKPOINT "prompt" --out DIR`.
 
 CHECKPOINT: a training run dir (`runs/…`), its native `clt/` dir, or a circuit-tracer export.
-Writes to DIR: graph.pt (the full graph), {slug}.json + graph-metadata.json (the circuit-tracer
+Writes to DIR: {slug}.pt (the full graph; graph.pt by default), {slug}.json + graph-metadata.json (the circuit-tracer
 viewer's files, pruned), graph.png (the pruned graph), scores.json; prints the top features per
 logit and the replacement/completeness scores. The graph file's `metadata.scan` points at the CLT's
 feature store (CHECKPOINT/features, or the Hub repo's), where the viewers find the feature cards;
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="subject model (default: the one the CLT was trained on)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="subject model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
-    p.add_argument("--slug", default="graph", help="name of the graph in the viewer files")
+    p.add_argument("--slug", default="graph", help="name of the graph in the viewer files ({slug}.pt, {slug}.json)")
     p.add_argument("--top", type=int, default=5, help="features printed per logit")
     p.add_argument("--no-plot", action="store_true", help="skip graph.png")
     p.add_argument("--cards", action="store_true",
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     from .attribution import attribute, prune, scores
     from .attribution.graph import check_threshold, write_graph_files
     from .attribution.plot import plot_graph, top_features
+    from .features.store import clt_checksum
     from .io import load_clt
     from .subject import load_subject
 
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                       desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
                       batch_size=args.batch_size, scan=scan)
     graph.info["clt"] = str(args.checkpoint)
+    graph.info["clt_checksum"] = clt_checksum(clt)  # the viewer refuses interventions with another CLT
     seconds = time.perf_counter() - t0
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     if args.cards:
@@ -131,8 +133,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"cards of the graph's {sum(len(w) for w in wanted)} features in {store} "
               f"({time.perf_counter() - t1:.1f} s)")
     out = Path(args.out)
-    graph.to_pt(out / "graph.pt")
-    write_graph_files(graph, pruned, out, args.slug, args.node_threshold)
+    graph.to_pt(out / f"{args.slug}.pt")
+    write_graph_files(graph, pruned, out, args.slug, args.node_threshold, args.edge_threshold)
     if not args.no_plot:
         plot_graph(graph, pruned, out / "graph.png")
     result = scores(graph, pruned) | {"seconds": round(seconds, 3), "n_tokens": graph.n_pos,
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
           f"(pruned {result['pruned/replacement_score']:.3f}), completeness {result['full/completeness_score']:.3f} "
           f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} nodes, "
           f"{result['pruned/n_edges']} edges")
-    print(f"wrote {out}/graph.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"
+    print(f"wrote {out}/{args.slug}.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"
           + ("" if args.no_plot else f", {out}/graph.png") + f", {out}/scores.json")
     return result
 

@@ -1,4 +1,5 @@
-"""The `clt` command: `clt attribute …`, `clt features …`, `clt export-circuit-tracer …`,
+"""The `clt` command: `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`,
+`clt export-circuit-tracer …`,
 `clt import-circuit-tracer …`, `clt push …`
 (also `python -m clt …`). Training is `python train.py` (Hydra)."""
 
@@ -51,16 +52,31 @@ def features_main(argv: list[str]) -> int:
     return entry(argv)
 
 
+def serve_main(argv: list[str]) -> int:
+    from .viewer.__main__ import serve_main as serve
+
+    return serve(argv)
+
+
+def view_main(argv: list[str]) -> int:
+    from .viewer.__main__ import view_main as view
+
+    return view(argv)
+
+
 COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main,
-            "features": features_main}
+            "features": features_main, "serve": serve_main, "view": view_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
-        print("usage: clt {attribute,features,export-circuit-tracer,import-circuit-tracer,push} …  (each with --help)\n"
+        print("usage: clt {attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} …  "
+              "(each with --help)\n"
               "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
               "  features               feature cards of a CLT (same as python -m clt.features)\n"
+              "  serve                  the local interactive viewer of a folder of graphs\n"
+              "  view                   one self-contained HTML file of a graph (--export)\n"
               "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
               "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
               "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",

@@ -108,3 +108,24 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return load_config(hcompose(config_name="config", overrides=overrides))
+
+
+@pytest.fixture(scope="session")
+def viewer_folder(tiny_model_dir, tmp_path_factory):
+    """A folder of graphs for the viewer: a random TopK CLT on the tiny Llama, the graph of one
+    prompt attributed by `clt attribute --cards` (so the store next to the CLT has its cards)."""
+    from types import SimpleNamespace
+
+    from clt.attribute import main as attribute_main
+    from clt.model import CLTArchitecture, CrossLayerTranscoder
+
+    root = tmp_path_factory.mktemp("viewer")
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=32, d_sae=48, activation="topk", k=3,
+                                               subject_model=str(tiny_model_dir)))
+    clt.save_pretrained(root / "clt")
+    folder = root / "graphs"
+    args = [str(root / "clt"), "The capital of France is Paris, and the capital of Italy is", "--out", str(folder),
+            "--slug", "capitals", "--batch-size", "16", "--no-plot", "--cards", "--cards-tokens", "1500"]
+    assert attribute_main(args) == 0
+    return SimpleNamespace(root=root, clt=root / "clt", folder=folder, slug="capitals", store=root / "clt" / "features")

@@ -76,7 +76,7 @@ def test_two_task_srun_data_parallel(slurm, tiny_model_dir, tmp_path):
     log = tmp_path / "job.out"
     job = submit(slurm, "--tasks-per-node", "2", "--output", str(log), *overrides(tiny_model_dir, tmp_path / "run"))
     states = wait(slurm, job, finished)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert states[0]["JobState"] == "COMPLETED", text[-3000:]
     assert "job " + job + " restart 0" in text and "2 tasks" in text
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in text  # Lightning took ranks and world from Slurm
@@ -110,7 +110,8 @@ def test_submit_py_sweep_array(slurm, tiny_model_dir, tmp_path):
     job = submit(slurm, "--tasks-per-node", "1", "--sweep-dir", str(sweep), "--output", str(tmp_path / "%A_%a.out"),
                  *args, "clt.k=3,5")
     states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
-    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [p.read_text()[-2000:] for p in tmp_path.glob("*.out")]
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, \
+        [p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.out")]
     assert sorted(s["ArrayTaskId"] for s in states) == ["0", "1"]
     assert [load_clt(sweep / str(i) / "clt").arch.k for i in (0, 1)] == [3, 5]
 
@@ -122,14 +123,14 @@ def test_sigusr1_checkpoints_requeues_and_finishes_with_the_same_weights(slurm, 
     t0 = time.time()
     while not (run_dir / "config.json").exists():  # the run is set up; its signal handler is in place
         assert time.time() - t0 < 120 and job_states(slurm, job)[0]["JobState"] in ("PENDING", "RUNNING"), \
-            log.read_text()[-3000:] if log.exists() else job_states(slurm, job)
+            log.read_text(errors="replace")[-3000:] if log.exists() else job_states(slurm, job)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     # Slurm holds a requeued job ~2 minutes before it is eligible again; let it start at once
     wait(slurm, job, lambda s: s[0].get("Restarts") == "1" and s[0]["JobState"] == "PENDING", timeout=120)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     states = wait(slurm, job, lambda s: s[0].get("Restarts") == "1" and finished(s))
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert states[0]["JobState"] == "COMPLETED", text[-3000:]
     step = int(re.search(r"preemption signal: checkpoint at step (\d+); requeueing Slurm job", text).group(1))
     assert 0 < step < 200
@@ -164,7 +165,7 @@ def two_task_array(slurm, tmp_path, name: str, args: list[str]) -> None:
     assert done.returncode == 0, done.stderr
     job = done.stdout.strip().split(";")[0]
     states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
-    logs = [p.read_text() for p in sorted(tmp_path.glob(f"{name}-*.out"))]
+    logs = [p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"{name}-*.out"))]
     assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [t[-2000:] for t in logs]
     assert any(f"{name} task 0 of 2" in t for t in logs) and any(f"{name} task 1 of 2" in t for t in logs)
 

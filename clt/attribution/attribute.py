@@ -195,7 +195,7 @@ def partial_influence(rows: torch.Tensor, row_weights: torch.Tensor, row_cols: t
 def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None, batch_size: int = 64,
               update_interval: int = 4, decoder_cache_bytes: int = 2 << 30, verbose: bool = True,
-              scan: str = "") -> Graph:
+              scan: str = "", progress=None) -> Graph:
     """The attribution graph of `prompt` through `clt` spliced into `model` (a ReplacementModel,
     a Subject or a transformers causal LM; pass `tokenizer` with a bare model).
 
@@ -203,7 +203,8 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     and the top logits (at most `max_n_logits`, until `desired_logit_prob` of the probability).
     Edges: direct effects in the frozen replacement model (see `clt.attribution.graph`). At most
     `max_feature_nodes` feature rows are computed (None: all), most influential first; the columns
-    of features never visited are dropped. Memory grows with `batch_size`."""
+    of features never visited are dropped. Memory grows with `batch_size`. `progress(done, total)`,
+    when given, is called after every batch of rows (the viewer's progress indicator)."""
     if max_n_logits < 1:
         raise AttributionError(f"max_n_logits must be ≥ 1, got {max_n_logits}")
     if not 0 < desired_logit_prob <= 1:
@@ -228,12 +229,17 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     row_cols = torch.full((K + n_visit,), -1, dtype=torch.long, device=dev)
     bar = tqdm(total=K + n_visit, unit="row", desc="attribution", disable=not verbose)
 
+    def advance(n: int) -> None:
+        bar.update(n)
+        if progress is not None:
+            progress(bar.n, K + n_visit)
+
     lv = rm.logit_vectors(vocab)
     for i in range(0, K, batch_size):
         j = min(i + batch_size, K)
         n = j - i
         edge[i:j] = rows.compute(torch.full((n,), L, device=dev), torch.full((n,), T - 1, device=dev), lv[i:j])
-        bar.update(n)
+        advance(n)
 
     def visit(idx: torch.Tensor, at: int) -> int:
         for i in range(0, len(idx), batch_size):
@@ -242,7 +248,7 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
             edge[at:at + len(chunk)] = rows.compute(f[:, 0], f[:, 1], feature_vectors(rm, f))
             row_cols[at:at + len(chunk)] = chunk
             at += len(chunk)
-            bar.update(len(chunk))
+            advance(len(chunk))
         return at
 
     at = K

@@ -317,7 +317,18 @@ def json_nodes(graph: Graph, pruned: Pruned) -> dict[int, dict]:
     return nodes
 
 
-def to_json(graph: Graph, pruned: Pruned, slug: str, node_threshold: float) -> dict:
+def check_slug(slug: str) -> str:
+    """A graph's name: it names files ({slug}.pt, {slug}.json) and URL paths, so no separators."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", slug) or slug.endswith((".state", ".json", ".pt")):
+        raise AttributionError(f"graph slug {slug!r}: use 1-128 letters, digits, '.', '_' or '-' (starting with a "
+                               "letter or digit)")
+    return slug
+
+
+def to_json(graph: Graph, pruned: Pruned, slug: str, node_threshold: float, edge_threshold: float | None = None
+            ) -> dict:
     """The graph file the circuit-tracer viewer reads (pruned: kept nodes and edges only)."""
     nodes = json_nodes(graph, pruned)
     dst, src = pruned.edge_mask.nonzero(as_tuple=True)
@@ -328,17 +339,18 @@ def to_json(graph: Graph, pruned: Pruned, slug: str, node_threshold: float) -> d
     used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     metadata = {"slug": slug, "scan": graph.scan, "transcoder_list": [], "prompt_tokens": list(graph.token_strings),
                 "prompt": graph.prompt, "node_threshold": node_threshold, "schema_version": 1,
-                "info": {"model": graph.model_name, **graph.info}}
+                "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+                "info": {"model": graph.model_name, "generator": {"name": "clt"}, **graph.info}}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
 def write_graph_files(graph: Graph, pruned: Pruned, out_dir: str | os.PathLike, slug: str,
-                      node_threshold: float) -> Path:
+                      node_threshold: float, edge_threshold: float | None = None) -> Path:
     """Write `{slug}.json` and add its metadata to `graph-metadata.json` (the viewer's index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = to_json(graph, pruned, slug, node_threshold)
+    data = to_json(graph, pruned, check_slug(slug), node_threshold, edge_threshold)
     write_atomic(out / f"{slug}.json", json.dumps(data))
     index_path = out / "graph-metadata.json"
     index = {"graphs": []}
