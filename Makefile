@@ -1,4 +1,4 @@
-# Quick start:  make demo   (install, train the default CLT offline, then its feature cards)
+# Quick start:  make demo   (install, train the default CLT offline, its feature cards, a graph to view)
 #               make test   (install, then run the test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -28,6 +28,10 @@ demo: $(STAMP)
 	ln -sfn $(notdir $(DEMO_RUN)) runs/demo     # runs/demo: the latest demo run (the README's commands)
 	$(PY) -m clt.features runs/demo features.tokens=$(DEMO_CARD_TOKENS)
 	$(PY) -m clt.features render runs/demo/features --out runs/demo/card.png
+	$(PY) -m clt.attribute runs/demo "The capital of France is" --out runs/demo/graphs --slug paris
+	@echo
+	@echo "The demo's attribution graph, in the local viewer (prints its URL; Ctrl-C stops):"
+	@echo "  $(VENV)/bin/clt serve runs/demo/graphs"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
