@@ -229,10 +229,13 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     row_cols = torch.full((K + n_visit,), -1, dtype=torch.long, device=dev)
     bar = tqdm(total=K + n_visit, unit="row", desc="attribution", disable=not verbose)
 
+    done = [0]
+
     def advance(n: int) -> None:
         bar.update(n)
+        done[0] += n
         if progress is not None:
-            progress(bar.n, K + n_visit)
+            progress(done[0], K + n_visit)
 
     lv = rm.logit_vectors(vocab)
     for i in range(0, K, batch_size):

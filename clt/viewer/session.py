@@ -197,9 +197,8 @@ class ModelSession:
             after = rm.intervene(ids, ivs, mode=mode)[-1]
             text = base_text = ""
             if n_new:
-                held = [type(iv)(iv.layer, iv.position, iv.feature, iv.value, iv.mode) for iv in ivs]
                 base_text, _, _ = rm.generate(ids, [], max_new_tokens=n_new)
-                text, _, _ = rm.generate(ids, held, max_new_tokens=n_new)
+                text, _, _ = rm.generate(ids, ivs, max_new_tokens=n_new)
         tok = rm.subject.tokenizer
 
         def top(logits: torch.Tensor, k: int = 10) -> list[dict]:
