@@ -200,6 +200,7 @@ async function loadGraphList(selectSlug) {
 
 async function openGraph(slug, url = {}) {
   S.slug = slug;
+  $("graph").dataset.ready = "0";
   let saved = null;
   try { saved = await api.state(slug); } catch (e) { message(`the saved view state cannot be read: ${e.message}`); }
   saved = saved || {};
@@ -218,6 +219,7 @@ async function openGraph(slug, url = {}) {
 async function loadView(fit) {
   const ticket = ++S.loading;
   $("counts").textContent = "loading…";
+  $("graph").dataset.ready = "0";
   let view, edges;
   try {
     [view, edges] = await Promise.all([api.view(S.slug, S.nt, S.et), api.edges(S.slug, S.nt, S.et)]);
