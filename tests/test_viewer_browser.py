@@ -382,3 +382,15 @@ def test_the_export_renders_from_file_with_the_same_nodes_and_cards(browser, fol
     p.shot("export")
     p.check()
     p.close()
+
+
+def test_paths_from_a_token_to_a_logit_and_pin_this_path(page, srv):
+    open_graph(page, srv.url + "?slug=capitals")
+    page.page.click("#paths-btn")
+    page.page.wait_for_selector("#paths li.path")
+    first = page.page.locator("#paths li.path").first
+    nodes = first.get_attribute("data-nodes").split(",")
+    assert nodes[0].startswith("E_") and nodes[-1] == page.page.input_value("#path-to")
+    first.locator(".pin-path").click()
+    assert page.page.evaluate("window.cltViewer.S.pinned") == nodes
+    assert page.page.locator("#subgraph .sg-node").count() == len(nodes)

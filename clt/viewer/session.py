@@ -109,9 +109,9 @@ class ModelSession:
         return job
 
     def _attribute(self, job: dict, settings: dict) -> None:
+        from ..attribute import store_location
         from ..attribution import attribute, prune
         from ..attribution.graph import write_graph_files
-        from ..attribute import store_location
 
         def progress(done: int, total: int) -> None:
             job["done"], job["total"] = done, total
