@@ -437,6 +437,18 @@ def test_attribute_from_the_api_gives_the_graph_of_attribute(srv, folder, rm):
     assert (folder / f"{job['slug']}.json").exists()
 
 
+def test_a_one_token_prompt_gives_a_graph_with_its_nodes(srv):
+    """circuit-tracer's frontend renders a 1-token graph empty (its dense-feature filter drops every
+    node); ours keeps the token, its features and the logits."""
+    status, _, body = request(srv, "POST", "/api/attribute", {"prompt": "Hello", "slug": "one-token"})
+    assert status == 202, body
+    job = wait_job(srv, json.loads(body))
+    assert job["state"] == "done", job
+    view = get_json(srv, "/api/graph/one-token")
+    kinds = [n["kind"] for n in view["nodes"]]
+    assert view["tokens"][1:] == ["Hello"] and kinds.count("embedding") == 2 and "logit" in kinds
+
+
 @pytest.mark.parametrize("mode", ["constrained", "free"])
 def test_intervene_from_the_api_gives_the_logits_of_intervene(srv, graph, rm, mode):
     view = get_json(srv, "/api/graph/capitals")

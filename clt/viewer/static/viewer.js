@@ -891,7 +891,8 @@ async function runIntervention() {
                 el("td", { class: "iv-after-prob" }, fmt(r.after[j].prob, 4)));
       table.appendChild(tr);
     }
-    const ch = r.changed.slice(0, 5).map((c) => `${showTok(c.token)} ${fmt(c.before, 3)}→${fmt(c.after, 3)}`).join(" · ");
+    const ch = r.changed.slice(0, 5).map((c) => `${showTok(c.token)} ${fmt(c.before, 4)}→${fmt(c.after, 4)} `
+      + `(Δlog p ${c.delta_logprob >= 0 ? "+" : ""}${fmt(c.delta_logprob, 2)})`).join(" · ");
     out.replaceChildren(el("div", {}, `${r.mode}, ${r.interventions.length} intervention(s). Biggest changes: ${ch}`), table,
                         el("div", {}, "continuation, clean: "), el("div", { class: "cont", id: "iv-base-cont" }, r.baseline_continuation),
                         el("div", {}, "with the intervention: "), el("div", { class: "cont", id: "iv-cont" }, r.continuation));
