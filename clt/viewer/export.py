@@ -45,7 +45,7 @@ def export_html(graph_path: str | Path, out: str | Path, node_threshold: float |
     v = g.view(nt, et)
     view = g.view_json(v)
     srv = ViewerServer.__new__(ViewerServer)  # only its store lookup, no socket
-    srv.folder, srv.features_override, srv._card_cache = folder, features, {}
+    srv.folder, srv.features_override, srv._card_cache, srv._hub_stores = folder, features, {}, {}
     store = srv.store_dir(g.graph.scan)
     cards = {}
     for n in view["nodes"]:

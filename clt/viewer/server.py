@@ -95,6 +95,7 @@ class ViewerServer(ThreadingHTTPServer):
         self._gz: dict[tuple[str, str], bytes] = {}
         self._gz_lock = threading.Lock()
         self._card_cache: dict[tuple[str, int, int], dict | None] = {}
+        self._hub_stores: dict[str, Path | None] = {}
         super().__init__((host, port), Handler)
 
     @property
@@ -121,6 +122,17 @@ class ViewerServer(ThreadingHTTPServer):
         for c in cands:
             if c and os.path.isabs(c) and (Path(c) / "manifest.json").is_file():
                 return Path(c)
+        for c in cands:  # a Hub CLT's scan is its repo id: its cards, if they are in the local Hub cache
+            if c and not os.path.isabs(c):
+                if c not in self._hub_stores:
+                    from ..features.pipeline import find_store
+
+                    try:
+                        self._hub_stores[c] = find_store(c, local_files_only=True)
+                    except Exception:  # noqa: BLE001 (not a repo id, not cached: no cards)
+                        self._hub_stores[c] = None
+                if self._hub_stores[c] is not None:
+                    return self._hub_stores[c]
         return None
 
     def card(self, store: Path, layer: int, feature: int) -> dict | None:
