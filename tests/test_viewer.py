@@ -469,7 +469,10 @@ def test_intervene_from_the_api_gives_the_logits_of_intervene(srv, graph, rm, mo
     assert r["continuation"] == text
 
 
-def test_bad_input_is_a_clear_message_and_the_server_keeps_serving(srv, folder, viewer_folder, rm):
+def test_bad_input_is_a_clear_message_and_the_server_keeps_serving(srv, folder, viewer_folder, rm, capfd):
+    srv.quiet = False  # the log goes to stderr: each error is one line there too
+    capfd.readouterr()
+
     def post(path, body):
         status, _, out = request(srv, "POST", path, body)
         return status, json.loads(out)["error"]
@@ -500,6 +503,12 @@ def test_bad_input_is_a_clear_message_and_the_server_keeps_serving(srv, folder, 
     assert request(srv, "GET", "/api/graphs")[0] == 200  # still serving
     for slug in ("cut", "junk", "other"):
         (folder / f"{slug}.pt").unlink()
+    srv.quiet = True
+    log = capfd.readouterr().err
+    for needle in ("error 400: POST /api/intervene", "48 features", "error 400: POST /api/attribute",
+                   "model's context", "error 422: GET /api/graph/cut", "cannot be read", "error 409", "another CLT"):
+        assert needle in log, (needle, log[-2000:])
+    assert "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------------------------
