@@ -287,10 +287,12 @@ function localNeighbours(nodeId) {  // exported files: strongest edges of the vi
 // ---------------------------------------------------------------------------------------------
 // Layout and drawing
 
-const ROW_H = 46, SPACING = 13, MIN_COL = 46, LEFT = 56, BOTTOM = 48;
+const SPACING = 13, MIN_COL = 46, LEFT = 56, BOTTOM = 48;
 
-function layout() {
+function layout() {  // graph coordinates sized to the pane (so that a fit is ~1:1 and text stays legible)
   const v = S.view, L = v.n_layers, T = v.tokens.length;
+  const box = $("graph").getBoundingClientRect();
+  const rowH = Math.max(14, Math.min(60, (Math.max(box.height, 300) - BOTTOM - 24) / (L + 2)));
   const row = (n) => (n.kind === "embedding" ? 0 : n.kind === "logit" ? L + 1 : n.layer + 1);
   const cells = new Map();
   v.nodes.forEach((n, i) => {
@@ -302,17 +304,19 @@ function layout() {
   for (const [key, list] of cells) width[Math.floor(key / 1000)] = Math.max(width[Math.floor(key / 1000)], list.length * SPACING + 12);
   const x0 = [];
   let acc = LEFT;
+  const natural = width.reduce((a, b) => a + b, 0), room = Math.max(box.width, 400) - LEFT - 20;
+  if (natural < room) for (let t = 0; t < T; t++) width[t] *= room / natural;  // spread out a narrow graph
   for (let t = 0; t < T; t++) { x0.push(acc); acc += width[t]; }
-  const H = (L + 2) * ROW_H;
+  const H = (L + 2) * rowH;
   const pos = new Map();
   for (const [key, list] of cells) {
     const t = Math.floor(key / 1000), r = key % 1000;
     list.sort((a, b) => (v.nodes[a].influence ?? 1) - (v.nodes[b].influence ?? 1));
     const step = Math.min(SPACING, (width[t] - 12) / Math.max(list.length, 1));
     const start = x0[t] + width[t] / 2 - (step * (list.length - 1)) / 2;
-    list.forEach((i, j) => pos.set(i, [start + j * step, H - (r + 0.5) * ROW_H]));
+    list.forEach((i, j) => pos.set(i, [start + j * step, H - (r + 0.5) * rowH]));
   }
-  return { pos, x0, width, W: acc + 10, H: H + BOTTOM, L, T };
+  return { pos, x0, width, W: acc + 10, H: H + BOTTOM, L, T, rowH };
 }
 
 function drawAxes(lay) {
@@ -320,7 +324,7 @@ function drawAxes(lay) {
   const parts = [];
   const H = lay.H - BOTTOM;
   for (let r = 0; r <= lay.L + 1; r++) {
-    const y = H - (r + 0.5) * ROW_H;
+    const y = H - (r + 0.5) * lay.rowH;
     const name = r === 0 ? "Emb" : r === lay.L + 1 ? "Lgt" : `L${r - 1}`;
     parts.push(el("svg:line", { x1: LEFT - 6, x2: lay.W, y1: y, y2: y }));
     parts.push(el("svg:text", { x: 6, y: y + 4 }, name));
@@ -394,8 +398,13 @@ function drawEdges() {
   if (n <= ALL_EDGES_MAX) for (let e = 0; e < n; e++) list.push(e);
   else for (const i of focus) list.push(...edgesOf(i, S.inAdj), ...edgesOf(i, S.outAdj));
   const frag = document.createDocumentFragment();
-  const strong = new Set();
-  for (const i of focus) { for (const e of edgesOf(i, S.inAdj)) strong.add(e); for (const e of edgesOf(i, S.outAdj)) strong.add(e); }
+  const strong = new Set();  // edges of the hovered or clicked node: drawn strongest; the pinned ones' fainter
+  for (const id of [S.hovered, S.clicked]) {
+    const i = S.byId.get(id);
+    if (i === undefined) continue;
+    for (const e of edgesOf(i, S.inAdj)) strong.add(e);
+    for (const e of edgesOf(i, S.outAdj)) strong.add(e);
+  }
   for (const e of list) {
     const [x1, y1] = S.pos.get(E.src[e]), [x2, y2] = S.pos.get(E.dst[e]);
     const rel = Math.abs(E.w[e]) / (S.maxIn[E.dst[e]] || 1);
@@ -660,14 +669,16 @@ function renderSubgraph() {
     if (!rows.has(r)) rows.set(r, []);
     rows.get(r).push(it);
   });
+  const levels = [...rows.keys()].sort((a, b) => a - b);
   for (const [r, list] of rows) {
+    const level = levels.indexOf(r);
     list.sort((a, b) => a.col - b.col);
     let right = 4;
     for (const it of list) {
       const want = 60 + ((W - 140) * it.col) / Math.max(T - 1, 1);
       const x = Math.max(want, right + it.w / 2 + 6);
       right = x + it.w / 2;
-      xy.set(it.key, [x, H - 18 - ((H - 36) * r) / (L + 1)]);
+      xy.set(it.key, [x, H - 18 - ((H - 36) * level) / Math.max(levels.length - 1, 1)]);
     }
   }
   // edges between boxes (view edges, summed over supernode members)
