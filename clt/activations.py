@@ -4,7 +4,7 @@ same shape (zeros where inactive).
 - topk:      keep the k largest h per token and layer (ReLU'd).
 - batchtopk: keep the k·N largest h per layer over the batch; at inference a JumpReLU with one
              threshold per layer (running estimate of the smallest kept value).
-- jumprelu:  a = h · H(h − θ), θ per feature; rectangle-kernel pseudo-gradients (DESIGN.md §1).
+- jumprelu:  a = h · H(h − θ), θ per feature; rectangle-kernel pseudo-gradients (docs/DESIGN.md §1).
 - relu:      plain ReLU.
 """
 

@@ -85,7 +85,7 @@ class CLTConfig:
     init_firing_rate: float | None = None  # JumpReLU b_enc init target; None = min(10_000/F, 0.1)
     # BatchTopK inference threshold: EMA decay of the smallest kept value per layer
     batchtopk_threshold_decay: float = 0.99
-    # Loss (DESIGN.md §1)
+    # Loss (docs/DESIGN.md §1)
     sparsity_coeff: float = 1e-3  # λ_S (jumprelu, relu), reached at the end of the ramp
     sparsity_warmup_frac: float = 1.0  # λ_S ramps linearly from 0 over this fraction of max_steps
     sparsity_c: float = 4.0  # c in tanh(c · a · ‖W_dec‖)

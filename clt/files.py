@@ -1,4 +1,4 @@
-"""Writing files and directories atomically: nothing is ever left half-written (DESIGN.md §7)."""
+"""Writing files and directories atomically: nothing is ever left half-written (docs/DESIGN.md §7)."""
 
 from __future__ import annotations
 

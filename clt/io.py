@@ -1,6 +1,6 @@
 """Checkpoint formats beyond the native one (`CrossLayerTranscoder.save_pretrained`):
 circuit-tracer's cross-layer-transcoder layout, export and import, and a loader that accepts any
-of them (DESIGN.md §5).
+of them (docs/DESIGN.md §5).
 
 circuit-tracer layout (one pair of files per source layer l, normalisation folded in):
 

@@ -1,4 +1,4 @@
-"""Loss terms of DESIGN.md §1. Everything here is in normalised units and per-token means, so the
+"""Loss terms of docs/DESIGN.md §1. Everything here is in normalised units and per-token means, so the
 coefficients do not depend on the batch size.
 
     L = Σ_l SSE_l / Σ_l SST_l                                  (FVU-normalised MSE)

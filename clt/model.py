@@ -1,4 +1,4 @@
-"""The cross-layer transcoder (DESIGN.md §1).
+"""The cross-layer transcoder (docs/DESIGN.md §1).
 
     x̃_l = s_in[l] · x_l                                       normalised input,  x: [N, L, d]
     h_l = W_enc[l] x̃_l + b_enc[l]                            pre-activations,   h: [N, L, F]

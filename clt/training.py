@@ -117,7 +117,7 @@ class CLTModule(L.LightningModule):
             self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
         fp.apply(self.clt)
 
-    # -- initialisation from data (DESIGN.md §1) -------------------------------------------------
+    # -- initialisation from data (docs/DESIGN.md §1) -------------------------------------------------
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """x, y: [N, L, d] first activations -> normalisation scalars (E‖x̃‖ = √d), b_dec = E ỹ, and

@@ -6,7 +6,7 @@ one launch.
 
 The backward is torch: it sends gradient through both outputs the loss uses (h for the
 pre-activation and AuxK terms, a for reconstruction and sparsity), with JumpReLU's
-rectangle-kernel pseudo-gradients (DESIGN.md §1), so inactive features within the bandwidth of θ
+rectangle-kernel pseudo-gradients (docs/DESIGN.md §1), so inactive features within the bandwidth of θ
 get their θ gradient.
 """
 

@@ -2,7 +2,7 @@
 # A real single-node Slurm cluster on this machine, for the tests (tests/test_slurm.py) and for
 # trying the sbatch templates: munged + slurmctld + slurmd started by hand, as root, no systemd,
 # no cgroups, no accounting daemon (a small `sacct` stand-in answers submitit from scontrol).
-# Modelled on ../shared/tools/slurm-local-cluster.sh (Debian bookworm: slurm-wlm 22.05, munge 0.5).
+# Debian bookworm packages: slurm-wlm 22.05, munge 0.5.
 #
 #   slurm/local-cluster.sh install   apt-get install slurm-wlm munge (if missing)
 #   slurm/local-cluster.sh start     start the daemons, wait until the node is idle

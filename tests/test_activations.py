@@ -1,5 +1,5 @@
 """Each activation against a hand-computed example; JumpReLU's pseudo-gradients against the
-formulas of DESIGN.md §1; gradcheck in fp64 where the function is smooth."""
+formulas of docs/DESIGN.md §1; gradcheck in fp64 where the function is smooth."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""Experiment presets (conf/experiment/): each composes, validates, fits its mesh, and the README's
-table says what the files say."""
+"""Experiment presets (conf/experiment/): each composes, validates, fits its mesh, and the table in
+docs/training.md says what the files say."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_preset_composes_validates_and_fits_its_mesh(name):
 
 
 def test_readme_table_matches_the_presets():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "training.md").read_text()
     rows = {m.group(1): [c.strip() for c in m.group(0).strip("|").split("|")]
             for m in re.finditer(r"^\| `([\w.]+)` \|.*\|$", text, re.M)}
     assert sorted(rows) == NAMES

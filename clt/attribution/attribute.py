@@ -1,4 +1,4 @@
-"""attribute(): the attribution graph of a prompt (DESIGN.md §6).
+"""attribute(): the attribution graph of a prompt (docs/DESIGN.md §6).
 
 One frozen forward pass with the prompt replicated `batch_size` times; each batch element then
 carries the gradient of one target (a feature's pre-activation or a demeaned logit). Backward

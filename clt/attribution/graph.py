@@ -1,6 +1,6 @@
 """Attribution graphs: the node layout, save/load, pruning, scores and the viewer's JSON.
 
-Nodes, in this order (the adjacency layout of DESIGN.md §5 and circuit-tracer):
+Nodes, in this order (the adjacency layout of docs/DESIGN.md §5 and circuit-tracer):
 
     [selected features, sorted by (layer, pos, feature)] [errors, layer-major: L·T] [tokens: T] [logits: K]
 

@@ -1,4 +1,4 @@
-"""The local replacement model (DESIGN.md §6) on a plain Hugging Face causal LM.
+"""The local replacement model (docs/DESIGN.md §6) on a plain Hugging Face causal LM.
 
 A clean forward pass of the subject model on the prompt records every attention pattern and
 every norm denominator. Replaying them makes the model affine in the residual stream; replacing

@@ -1,4 +1,4 @@
-"""Feature cards: what every CLT feature means (DESIGN.md §8).
+"""Feature cards: what every CLT feature means (docs/DESIGN.md §8).
 
     accumulate.py   the streaming pass's exact, mergeable statistics (top-k, histogram, samples)
     weights.py      logit effects, decoder norms, virtual-weight neighbours (no data needed)

@@ -1,5 +1,5 @@
 """One streaming pass over activations: per-feature statistics, top-k contexts, interval samples
-(DESIGN.md §8). Everything here is exact and mergeable: the result does not depend on the batch
+(docs/DESIGN.md §8). Everything here is exact and mergeable: the result does not depend on the batch
 size, on the order of the batches, or on how the tokens were split over array tasks.
 
 Token positions are global: token g of the pass is token g mod P of window g // P (P tokens per

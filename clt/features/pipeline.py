@@ -1,5 +1,5 @@
 """Feature cards for a trained CLT: one streaming pass over N tokens (an activation cache, or the
-subject model online), then the weight-only parts, then the store (DESIGN.md §8).
+subject model online), then the weight-only parts, then the store (docs/DESIGN.md §8).
 
     windows of the text (cache shards, or WindowStream + the subject's forward pass)
       → x [n, L, d] per batch of whole windows → a_l = σ(enc_l(x_l)) [n, F] one layer at a time

@@ -1,4 +1,4 @@
-"""The feature store: circuit-tracer's binary feature layout, plus a manifest (DESIGN.md §8).
+"""The feature store: circuit-tracer's binary feature layout, plus a manifest (docs/DESIGN.md §8).
 
     features/index.json.gz   gzip(JSON) {"<layer>": {"filename": "layer_<layer>.bin",
                                                      "offsets": [n_features + 1 ints]}, …}

@@ -1,5 +1,5 @@
 """The parts of a feature card that need no data: logit effects, decoder norms per target layer and
-virtual-weight neighbours (DESIGN.md §8). Everything is in the subject model's units (the CLT's
+virtual-weight neighbours (docs/DESIGN.md §8). Everything is in the subject model's units (the CLT's
 normalisation folded into its weights).
 
     v_f       = Σ_{t ≥ s} W_dec[s→t][f]                     what feature (s, f) adds to the residual stream

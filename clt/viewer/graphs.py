@@ -7,7 +7,7 @@ A view at thresholds (t_node, t_edge) is exactly `prune(graph, t_node, t_edge)`:
     nodes = node_mask (graph order), edges = edge_mask (targets × sources, between kept nodes).
 Edges travel as one binary blob (little-endian):
     b"CLTE" | uint32 n | int32 src[n] | int32 dst[n] | float32 weight[n]      (12 B per edge)
-src/dst index the view's node list; weight is A[dst, src] (the direct effect, DESIGN.md §6).
+src/dst index the view's node list; weight is A[dst, src] (the direct effect, docs/DESIGN.md §6).
 """
 
 from __future__ import annotations
