@@ -1,5 +1,5 @@
-"""The `clt` command: `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`,
-`clt export-circuit-tracer …`,
+"""The `clt` command, one front door: `clt train …` (Hydra overrides, the same as `python train.py`),
+`clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`, `clt export-circuit-tracer …`,
 `clt import-circuit-tracer …`, `clt push …`
 (also `python -m clt …`). Training is `python train.py` (Hydra)."""
 
@@ -9,6 +9,28 @@ import argparse
 import sys
 
 from .config import CLTError
+
+
+def _hydra_app(script: list[str], argv: list[str]) -> int:
+    """Run a Hydra app in a fresh interpreter (Hydra reads sys.argv, and the processes Lightning
+    launches for more devices re-run the same command line)."""
+    import os
+
+    os.execv(sys.executable, [sys.executable, *script, *argv])
+    return 0  # not reached
+
+
+def train_main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    if not script.exists():
+        raise CLTError(f"clt train runs {script} and the conf/ tree beside it: use a checkout of the repository")
+    return _hydra_app([str(script)], argv)
+
+
+def cache_main(argv: list[str]) -> int:
+    return _hydra_app(["-m", "clt.cache"], argv)
 
 
 def export_main(argv: list[str]) -> int:
@@ -64,15 +86,17 @@ def view_main(argv: list[str]) -> int:
     return view(argv)
 
 
-COMMANDS = {"export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main,
+COMMANDS = {"train": train_main, "cache": cache_main, "export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main,
             "features": features_main, "serve": serve_main, "view": view_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
-        print("usage: clt {attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} …  "
-              "(each with --help)\n"
+        print("usage: clt {train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
+              "…  (each with --help)\n"
+              "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
+              "  cache                  generate an activation cache (same as python -m clt.cache)\n"
               "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
               "  features               feature cards of a CLT (same as python -m clt.features)\n"
               "  serve                  the local interactive viewer of a folder of graphs\n"

@@ -55,11 +55,16 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-2000:]
             assert (tmp_path / "paris" / "graph.pt").exists()
-        elif argv[:2] == [".venv/bin/python", "train.py"]:
+        elif argv[:2] in ([".venv/bin/python", "train.py"], [".venv/bin/clt", "train"]):
             over = dict(o.split("=", 1) for o in tiny_overrides(tiny_model_dir, tmp_path / "run"))
             over |= dict(a.split("=", 1) for a in argv[2:])
             over["trainer.max_steps"] = "4"  # tiny settings
-            done = train_cli([f"{k}={v}" for k, v in over.items()])
+            overrides = [f"{k}={v}" for k, v in over.items()]
+            if argv[1] == "train.py":
+                done = train_cli(overrides)
+            else:  # the front door execs train.py
+                done = subprocess.run([sys.executable, "-m", "clt.cli", "train", *overrides], cwd=REPO,
+                                      capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
             assert (tmp_path / "run" / "clt" / "config.json").exists()
         else:
