@@ -30,6 +30,7 @@ def resolve(cfg: DictConfig) -> TrainConfig:
     if not (run_dir / "checkpoints" / "last.ckpt").exists() or not saved.exists():
         return current
     from hydra import compose
+
     defaults = load_config(compose(config_name="config", overrides=[f"run_dir={run_dir}"]))
     merged = resume_config(json.loads(saved.read_text()), defaults.to_dict(), current.to_dict(), named_keys())
     merged["run_dir"], merged["resume"] = str(run_dir), current.resume

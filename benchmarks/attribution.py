@@ -53,6 +53,7 @@ class PeakMemory:
             def sample():
                 while not self.stop.wait(0.005):
                     self.top = max(self.top, self.proc.memory_info().rss)
+
             self.thread = threading.Thread(target=sample, daemon=True)
             self.thread.start()
         return self
@@ -97,7 +98,9 @@ def load(args, device):
         torch.manual_seed(0)
         cfg = AutoConfig.from_pretrained(args.random_model)
         model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, args.dtype))
-        subject = Subject(model, AutoTokenizer.from_pretrained(args.random_model), name=f"random:{args.random_model}")
+        subject = Subject(
+            model, AutoTokenizer.from_pretrained(args.random_model), name=f"random:{args.random_model}"
+        )
     else:
         subject = None
     ckpt = Path(args.checkpoint)
@@ -108,8 +111,16 @@ def load(args, device):
         torch.manual_seed(0)
         L = subject.n_layers if subject else 30
         d = subject.d_model if subject else 576
-        clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=d, d_sae=args.d_sae, activation="topk",
-                                                   k=args.k, subject_model="bundled:smollm2-135m-instruct")).to(device)
+        clt = CrossLayerTranscoder(
+            CLTArchitecture(
+                n_layers=L,
+                d_model=d,
+                d_sae=args.d_sae,
+                activation="topk",
+                k=args.k,
+                subject_model="bundled:smollm2-135m-instruct",
+            )
+        ).to(device)
         source = f"random demo architecture (F={args.d_sae}, k={args.k}); {ckpt} not found"
     if subject is None:
         subject = load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype=args.dtype), device)
@@ -118,7 +129,9 @@ def load(args, device):
 
 def main() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see the module docstring (no effect on CUDA memory)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        )
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(REPO / "runs" / "demo"))
     ap.add_argument("--random-model", default=None, help="a transformers config dir: random weights")
@@ -133,19 +146,34 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "attribution.jsonl"))
     args = ap.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
 
     from clt.attribution import ReplacementModel, attribute, dense_rows, feature_vectors
 
     subject, clt, source = load(args, device)
     rm = ReplacementModel(subject, clt)
-    print(f"device {device}, model {subject.name} ({subject.n_layers} layers, d={subject.d_model}), CLT: {source}")
-    print(f"{'tokens':>6} {'active':>7} {'rows':>5} {'ours s':>8} {'base s':>8} {'speed-up':>8} "
-          f"{'ours MiB':>9} {'base MiB':>9} {'mem ratio':>9} {'max |Δrow|':>10}")
-    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda"
-            else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "model": subject.name, "clt": source, "dtype": args.dtype, "max_feature_nodes": args.max_feature_nodes,
-            "batch_size": args.batch_size, "baseline_rows": args.baseline_rows, "command": " ".join(sys.argv)}
+    print(
+        f"device {device}, model {subject.name} ({subject.n_layers} layers, d={subject.d_model}), CLT: {source}"
+    )
+    print(
+        f"{'tokens':>6} {'active':>7} {'rows':>5} {'ours s':>8} {'base s':>8} {'speed-up':>8} "
+        f"{'ours MiB':>9} {'base MiB':>9} {'mem ratio':>9} {'max |Δrow|':>10}"
+    )
+    meta = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": subject.name,
+        "clt": source,
+        "dtype": args.dtype,
+        "max_feature_nodes": args.max_feature_nodes,
+        "batch_size": args.batch_size,
+        "baseline_rows": args.baseline_rows,
+        "command": " ".join(sys.argv),
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for n in args.lengths:
         gc.collect()
@@ -156,14 +184,22 @@ def main() -> None:
         sync(device)
         with PeakMemory(device) as mem_ours:
             t = time.perf_counter()
-            graph = attribute(ids, clt, rm, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
-                              verbose=False)
+            graph = attribute(
+                ids,
+                clt,
+                rm,
+                max_feature_nodes=args.max_feature_nodes,
+                batch_size=args.batch_size,
+                verbose=False,
+            )
             sync(device)
             ours = time.perf_counter() - t
         rows = graph.n_features + graph.n_logits
         ctx = rm.prepare(ids)
         feats, vals = graph.active_features.to(device), graph.activation_values.to(device)
-        rows_at = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[: args.baseline_rows]
+        rows_at = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[
+            : args.baseline_rows
+        ]
         pick = graph.selected_features[rows_at].to(device)  # rows spread over layers and positions
         f = feats[pick]
         dense_rows(rm, ctx, feats, vals, f[:1, 0], f[:1, 1], feature_vectors(rm, f[:1]))  # warm-up
@@ -177,14 +213,24 @@ def main() -> None:
         ours_rows = graph.adjacency_matrix[rows_at, : graph.logit_slice.start]
         cols = torch.cat([graph.selected_features, torch.arange(len(feats), ref.shape[1])])
         diff = float((ref.detach().cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
-        rec = {"tokens": n, "active_features": graph.info["n_active_features"], "rows": rows,
-               "ours_s": round(ours, 3), "baseline_s_extrapolated": round(base, 3), "speedup": round(base / ours, 2),
-               "ours_peak_mib": round(mem_ours.peak, 1), "baseline_peak_mib": round(mem_base.peak, 1),
-               "memory_ratio": round(mem_base.peak / max(mem_ours.peak, 1e-9), 3), "max_abs_row_diff": diff}
+        rec = {
+            "tokens": n,
+            "active_features": graph.info["n_active_features"],
+            "rows": rows,
+            "ours_s": round(ours, 3),
+            "baseline_s_extrapolated": round(base, 3),
+            "speedup": round(base / ours, 2),
+            "ours_peak_mib": round(mem_ours.peak, 1),
+            "baseline_peak_mib": round(mem_base.peak, 1),
+            "memory_ratio": round(mem_base.peak / max(mem_ours.peak, 1e-9), 3),
+            "max_abs_row_diff": diff,
+        }
         with open(args.out, "a") as fh:
             fh.write(json.dumps(meta | rec) + "\n")
-        print(f"{n:>6} {rec['active_features']:>7} {rows:>5} {ours:>8.2f} {base:>8.2f} {rec['speedup']:>7.1f}x "
-              f"{mem_ours.peak:>9.0f} {mem_base.peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}")
+        print(
+            f"{n:>6} {rec['active_features']:>7} {rows:>5} {ours:>8.2f} {base:>8.2f} {rec['speedup']:>7.1f}x "
+            f"{mem_ours.peak:>9.0f} {mem_base.peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}"
+        )
     print(f"appended to {args.out}")
 
 

@@ -36,7 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens generated / cached / read")
-    ap.add_argument("--train-steps", type=int, default=60, help="CLT steps on each cache for the int8 FVU check")
+    ap.add_argument(
+        "--train-steps", type=int, default=60, help="CLT steps on each cache for the int8 FVU check"
+    )
     ap.add_argument("--dir", default=None, help="where to write the caches (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cache.jsonl"))
     args = ap.parse_args()
@@ -57,9 +59,16 @@ def main() -> None:
     subject = load_subject(cfg.model)
     B, n = cfg.trainer.batch_tokens, args.tokens
     root = Path(args.dir or tempfile.mkdtemp(prefix="clt-cache-bench-"))
-    res: dict = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                 "model": cfg.model.name_or_path, "layers": subject.n_layers, "d_model": subject.d_model,
-                 "context": cfg.data.context_size, "tokens": n, "batch_tokens": B}
+    res: dict = {
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "model": cfg.model.name_or_path,
+        "layers": subject.n_layers,
+        "d_model": subject.d_model,
+        "context": cfg.data.context_size,
+        "tokens": n,
+        "batch_tokens": B,
+    }
 
     # 1. online: the training source's batches (generation + shuffle), n tokens
     online = ActivationSource(subject, cfg.data, B, cfg.seed)
@@ -75,8 +84,13 @@ def main() -> None:
     for dtype in ("bfloat16", "int8"):
         d = root / dtype
         shutil.rmtree(d, ignore_errors=True)
-        job = CacheJobConfig(model=cfg.model, data=cfg.data, cache=CacheConfig(
-            dir=str(d), tokens=n, shard_tokens=max(n // 4, 1), dtype=dtype, task=0, tasks=1)).validate()
+        job = CacheJobConfig(
+            model=cfg.model,
+            data=cfg.data,
+            cache=CacheConfig(
+                dir=str(d), tokens=n, shard_tokens=max(n // 4, 1), dtype=dtype, task=0, tasks=1
+            ),
+        ).validate()
         t = time.perf_counter()
         m = generate(subject, job, progress=False)
         dt = time.perf_counter() - t
@@ -100,15 +114,25 @@ def main() -> None:
     def fvu(a: torch.Tensor, ref: torch.Tensor) -> float:
         return ((a - ref).pow(2).sum() / (ref - ref.mean(0)).pow(2).sum()).item()
 
-    srcs = {dt: CachedActivations(subject, replace(cfg.data, cache=str(root / dt), cache_order="stream"), B,
-                                  cfg.seed, cfg.model) for dt in ("bfloat16", "int8")}
+    srcs = {
+        dt: CachedActivations(
+            subject, replace(cfg.data, cache=str(root / dt), cache_order="stream"), B, cfg.seed, cfg.model
+        )
+        for dt in ("bfloat16", "int8")
+    }
     (xb, yb), (xq, yq) = (srcs[dt].first_activations(4) for dt in ("bfloat16", "int8"))
     res["int8_quant_fvu_x"], res["int8_quant_fvu_y"] = fvu(xq, xb), fvu(yq, yb)
     if args.train_steps:
         eval_x, eval_y = online.activations(online.eval_windows())  # held out, fp32, not cached
         c = cfg.clt
-        arch = CLTArchitecture(n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae,
-                               activation=c.activation, k=c.k, decode=c.decode)
+        arch = CLTArchitecture(
+            n_layers=subject.n_layers,
+            d_model=subject.d_model,
+            d_sae=c.d_sae,
+            activation=c.activation,
+            k=c.k,
+            decode=c.decode,
+        )
         for dt, src in srcs.items():
             torch.manual_seed(cfg.seed)
             module = CLTModule(replace(cfg, data=replace(cfg.data, cache=str(root / dt))), arch)
@@ -126,21 +150,31 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     on = res["online_tok_s"]
-    print(f"\n{cfg.model.name_or_path}: {subject.n_layers} layers × d={subject.d_model}, {n} tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\n{cfg.model.name_or_path}: {subject.n_layers} layers × d={subject.d_model}, {n} tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"  online generation        {on:10.0f} tok/s   1.00×")
     for dt in ("bfloat16", "int8"):
-        print(f"  cache write {dt:9s}    {res[f'write_{dt}_tok_s']:10.0f} tok/s   {res[f'write_{dt}_tok_s'] / on:5.2f}×"
-              f"   {res[f'write_{dt}_MB_s']:7.1f} MB/s   {res[f'{dt}_bytes_per_token'] / 1e3:.1f} kB/token")
+        print(
+            f"  cache write {dt:9s}    {res[f'write_{dt}_tok_s']:10.0f} tok/s   {res[f'write_{dt}_tok_s'] / on:5.2f}×"
+            f"   {res[f'write_{dt}_MB_s']:7.1f} MB/s   {res[f'{dt}_bytes_per_token'] / 1e3:.1f} kB/token"
+        )
     for dt in ("bfloat16", "int8"):
-        print(f"  cache read  {dt:9s}    {res[f'read_{dt}_tok_s']:10.0f} tok/s   {res[f'read_{dt}_tok_s'] / on:5.1f}×"
-              f"   {res[f'read_{dt}_MB_s']:7.1f} MB/s (warm page cache)")
-    print(f"  int8 size / bf16 size    {res['int8_bytes_per_token'] / res['bfloat16_bytes_per_token']:.3f}; "
-          f"quantisation FVU x {res['int8_quant_fvu_x']:.2e}, y {res['int8_quant_fvu_y']:.2e}")
+        print(
+            f"  cache read  {dt:9s}    {res[f'read_{dt}_tok_s']:10.0f} tok/s   {res[f'read_{dt}_tok_s'] / on:5.1f}×"
+            f"   {res[f'read_{dt}_MB_s']:7.1f} MB/s (warm page cache)"
+        )
+    print(
+        f"  int8 size / bf16 size    {res['int8_bytes_per_token'] / res['bfloat16_bytes_per_token']:.3f}; "
+        f"quantisation FVU x {res['int8_quant_fvu_x']:.2e}, y {res['int8_quant_fvu_y']:.2e}"
+    )
     if args.train_steps:
-        print(f"  CLT after {args.train_steps} steps, held-out FVU: trained on bf16 {res['trained_bfloat16_heldout_fvu']:.4f}, "
-              f"on int8 {res['trained_int8_heldout_fvu']:.4f} "
-              f"(ratio {res['trained_int8_heldout_fvu'] / res['trained_bfloat16_heldout_fvu']:.4f})")
+        print(
+            f"  CLT after {args.train_steps} steps, held-out FVU: trained on bf16 {res['trained_bfloat16_heldout_fvu']:.4f}, "
+            f"on int8 {res['trained_int8_heldout_fvu']:.4f} "
+            f"(ratio {res['trained_int8_heldout_fvu'] / res['trained_bfloat16_heldout_fvu']:.4f})"
+        )
     res["train_steps"] = args.train_steps
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

@@ -31,8 +31,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # the repo first (benchmarks/kernels.py must not shadow the kernels package), then benchmarks/ for throughput
-sys.path = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"] + \
-    [str(REPO / "benchmarks")]
+sys.path = (
+    [str(REPO)]
+    + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+    + [str(REPO / "benchmarks")]
+)
 
 
 def bare_pass(clt, source, n_windows: int, bw: int, dev) -> float:
@@ -69,8 +72,14 @@ def synthetic_cache(root: Path, L: int, d: int, tokens: int, per: int = 127, see
     from clt.data.cache import finalize, make_plan, write_or_check_plan, write_shard
 
     sub = SimpleNamespace(family_name="llama", dtype=torch.bfloat16, n_layers=L, d_model=d)
-    plan = make_plan(sub, ModelConfig(name_or_path="synthetic"), DataConfig(context_size=per + 1), tokens,
-                     64 * per, "bfloat16")
+    plan = make_plan(
+        sub,
+        ModelConfig(name_or_path="synthetic"),
+        DataConfig(context_size=per + 1),
+        tokens,
+        64 * per,
+        "bfloat16",
+    )
     write_or_check_plan(root, plan)
     g = torch.Generator().manual_seed(seed)
     for s in range(plan["n_shards"]):
@@ -91,8 +100,14 @@ def child(args) -> None:
     from clt.model import CLTArchitecture, CrossLayerTranscoder
 
     torch.manual_seed(0)
-    arch = CLTArchitecture(n_layers=args.layers, d_model=args.d, d_sae=args.child_f, activation="topk", k=16,
-                           subject_model="synthetic")
+    arch = CLTArchitecture(
+        n_layers=args.layers,
+        d_model=args.d,
+        d_sae=args.child_f,
+        activation="topk",
+        k=16,
+        subject_model="synthetic",
+    )
     clt = CrossLayerTranscoder(arch).eval()
     data = DataConfig(context_size=128, cache=args.child)
     source = CacheSource(data, ModelConfig(name_or_path="synthetic"), clt)
@@ -108,15 +123,29 @@ def child(args) -> None:
 
 
 def run_child(cache: Path, tokens: int, F: int, args, bare: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(cache), "--child-tokens", str(tokens), "--child-f", str(F),
-           "--layers", str(args.layers), "--d", str(args.d)] + (["--child-bare"] if bare else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(cache),
+        "--child-tokens",
+        str(tokens),
+        "--child-f",
+        str(F),
+        "--layers",
+        str(args.layers),
+        "--d",
+        str(args.d),
+    ] + (["--child-bare"] if bare else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (the subject, the CLT size)")
+    ap.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, as for train.py (the subject, the CLT size)"
+    )
     ap.add_argument("--tokens", type=int, default=32768, help="tokens of the cache / online passes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mem-tokens", type=int, default=16384, help="N of the memory test (and 10·N)")
@@ -143,20 +172,42 @@ def main() -> None:
     dev = args.device
     subject = load_subject(cfg.model, dev)
     torch.manual_seed(0)
-    arch = CLTArchitecture(n_layers=subject.n_layers, d_model=subject.d_model, d_sae=cfg.clt.d_sae,
-                           activation=cfg.clt.activation, k=cfg.clt.k, subject_model=cfg.model.name_or_path)
+    arch = CLTArchitecture(
+        n_layers=subject.n_layers,
+        d_model=subject.d_model,
+        d_sae=cfg.clt.d_sae,
+        activation=cfg.clt.activation,
+        k=cfg.clt.k,
+        subject_model=cfg.model.name_or_path,
+    )
     clt = CrossLayerTranscoder(arch).to(dev).eval()
     f = FeaturesConfig(checkpoint="-", tokens=args.tokens, batch_windows=cfg.data.batch_windows)
     tmp = Path(tempfile.mkdtemp(prefix="clt-features-bench-"))
-    res: dict = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else
-                 (platform.processor() or platform.machine()), "threads": torch.get_num_threads(),
-                 "subject": cfg.model.name_or_path, "L": arch.n_layers, "d": arch.d_model, "F": arch.d_sae,
-                 "activation": arch.activation, "tokens": args.tokens, "date": time.strftime("%Y-%m-%d")}
+    res: dict = {
+        "device": torch.cuda.get_device_name()
+        if dev.startswith("cuda")
+        else (platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "subject": cfg.model.name_or_path,
+        "L": arch.n_layers,
+        "d": arch.d_model,
+        "F": arch.d_sae,
+        "activation": arch.activation,
+        "tokens": args.tokens,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     # 1. from a cache
     cache = tmp / "cache"
-    generate(subject, CacheJobConfig(model=cfg.model, data=cfg.data, cache=CacheConfig(
-        dir=str(cache), tokens=args.tokens, shard_tokens=4096, task=0, tasks=1)).validate(), progress=False)
+    generate(
+        subject,
+        CacheJobConfig(
+            model=cfg.model,
+            data=cfg.data,
+            cache=CacheConfig(dir=str(cache), tokens=args.tokens, shard_tokens=4096, task=0, tasks=1),
+        ).validate(),
+        progress=False,
+    )
     data = replace(cfg.data, cache=str(cache))
     src = CacheSource(data, cfg.model, clt)
     n_windows = -(-args.tokens // src.per)
@@ -164,9 +215,15 @@ def main() -> None:
     bare = bare_pass(clt, src, n_windows, f.batch_windows, dev)
     cards, state = card_pass(clt, src, f, dev, tmp)
     n = n_windows * src.per
-    res["cache"] = {"bare_tok_s": n / bare, "cards_tok_s": n / cards, "ratio": bare / cards,
-                    "state_mib": state / 2**20}
-    print(f"from a cache: encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}")
+    res["cache"] = {
+        "bare_tok_s": n / bare,
+        "cards_tok_s": n / cards,
+        "ratio": bare / cards,
+        "state_mib": state / 2**20,
+    }
+    print(
+        f"from a cache: encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}"
+    )
 
     # 2. online (the subject's forward pass in both)
     online = OnlineSource(cfg.data, subject)
@@ -174,31 +231,46 @@ def main() -> None:
     bare = bare_pass(clt, online, n_windows, f.batch_windows, dev)
     cards, _ = card_pass(clt, online, f, dev, tmp)
     res["online"] = {"bare_tok_s": n / bare, "cards_tok_s": n / cards, "ratio": bare / cards}
-    print(f"online: subject + encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}")
+    print(
+        f"online: subject + encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}"
+    )
 
     # 3. memory flat in N (synthetic cache, child processes)
     N = args.mem_tokens
     syn = synthetic_cache(tmp / "synthetic", args.layers, args.d, 10 * N)
     mem = {str(t): run_child(syn, t, 1024, args) for t in (N, 10 * N)}
     base = run_child(syn, N, 1024, args, bare=True)
-    res["memory"] = {"F": 1024, "L": args.layers, "d": args.d, "bare_hwm_mib": base["hwm_kb"] / 1024,
-                     **{t: {"hwm_mib": m["hwm_kb"] / 1024, "state_mib": m["state_bytes"] / 2**20} for t, m in mem.items()}}
+    res["memory"] = {
+        "F": 1024,
+        "L": args.layers,
+        "d": args.d,
+        "bare_hwm_mib": base["hwm_kb"] / 1024,
+        **{t: {"hwm_mib": m["hwm_kb"] / 1024, "state_mib": m["state_bytes"] / 2**20} for t, m in mem.items()},
+    }
     a, b = mem[str(N)]["hwm_kb"] / 1024, mem[str(10 * N)]["hwm_kb"] / 1024
-    print(f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, {b:.0f} MiB over "
-          f"{10 * N:,} ({b / a:.2f}×); state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder {base['hwm_kb'] / 1024:.0f} MiB")
+    print(
+        f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, {b:.0f} MiB over "
+        f"{10 * N:,} ({b / a:.2f}×); state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder {base['hwm_kb'] / 1024:.0f} MiB"
+    )
 
     # 4. cost against F
     res["by_F"] = {}
     for F in (256, 1024, 4096):
         c = run_child(syn, N, F, args)
         e = run_child(syn, N, F, args, bare=True)
-        res["by_F"][str(F)] = {"ratio": e["seconds"] / c["seconds"], "cards_tok_s": N / c["seconds"],
-                               "state_mib": c["state_bytes"] / 2**20}
-        print(f"F = {F}: card pass {N / c['seconds']:,.0f} tok/s, encoder {N / e['seconds']:,.0f} tok/s: ratio "
-              f"{e['seconds'] / c['seconds']:.2f}, state {c['state_bytes'] / 2**20:.1f} MiB")
+        res["by_F"][str(F)] = {
+            "ratio": e["seconds"] / c["seconds"],
+            "cards_tok_s": N / c["seconds"],
+            "state_mib": c["state_bytes"] / 2**20,
+        }
+        print(
+            f"F = {F}: card pass {N / c['seconds']:,.0f} tok/s, encoder {N / e['seconds']:,.0f} tok/s: ratio "
+            f"{e['seconds'] / c['seconds']:.2f}, state {c['state_bytes'] / 2**20:.1f} MiB"
+        )
     res["command"] = "python benchmarks/features.py " + " ".join(sys.argv[1:])
-    res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                   text=True).stdout.strip()
+    res["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(res) + "\n")

@@ -27,8 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # (L, d, F, k): GPT-2 small (L=12, d=768, F=24576, k=32) and SmolLM2-135M (L=30, d=576)
-SWEEP = [(12, 768, 24576, 32), (12, 768, 24576, 64), (12, 768, 12288, 32), (30, 576, 18432, 32),
-         (30, 576, 4608, 16), (4, 512, 16384, 16)]
+SWEEP = [
+    (12, 768, 24576, 32),
+    (12, 768, 24576, 64),
+    (12, 768, 12288, 32),
+    (30, 576, 18432, 32),
+    (30, 576, 4608, 16),
+    (4, 512, 16384, 16),
+]
 QUICK = [(4, 64, 1024, 8), (6, 96, 2048, 4)]
 # peak dense fp32 (TF32 off) FLOP/s and memory bandwidth, by device name fragment
 PEAKS = {"H100": (67e12, 3.35e12), "H200": (67e12, 4.8e12), "A100": (19.5e12, 2.0e12)}
@@ -61,7 +67,9 @@ def bench_decode(L, d, F, k, n, impl, device, reps):
     vals, idx = h.topk(k, dim=-1)
     a0 = torch.zeros_like(h).scatter(-1, idx, vals.abs())
     del h
-    W = [torch.randn(F, L - s, d, device=device, generator=g).mul_(0.01).requires_grad_(True) for s in range(L)]
+    W = [
+        torch.randn(F, L - s, d, device=device, generator=g).mul_(0.01).requires_grad_(True) for s in range(L)
+    ]
     grad = torch.randn(n, L, d, device=device, generator=g)
 
     def step():
@@ -106,21 +114,26 @@ def main():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
-        print("No CUDA device: the kernel benchmark targets a GPU. On a GPU machine run\n"
-              "    python benchmarks/kernels.py\n"
-              "Running --quick with the torch paths on CPU instead.")
+        print(
+            "No CUDA device: the kernel benchmark targets a GPU. On a GPU machine run\n"
+            "    python benchmarks/kernels.py\n"
+            "Running --quick with the torch paths on CPU instead."
+        )
         args.quick = True
     impls = ["dense", "sparse"] + (["triton"] if device == "cuda" and kernels.triton_available() else [])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     flops_peak, bw_peak = next((v for k_, v in PEAKS.items() if k_ in name), (float("nan"), float("nan")))
     n = 256 if args.quick else args.tokens
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     print(f"device: {name}   tokens/batch: {n}   commit: {commit}")
-    print(f"{'L':>3} {'d':>4} {'F':>6} {'k':>3} | {'what':<7} {'impl':<7} {'ms':>9} {'×dense':>7} {'peak GB':>8} "
-          f"{'util':>6}")
+    print(
+        f"{'L':>3} {'d':>4} {'F':>6} {'k':>3} | {'what':<7} {'impl':<7} {'ms':>9} {'×dense':>7} {'peak GB':>8} "
+        f"{'util':>6}"
+    )
     rows = []
-    for L, d, F, k in (QUICK if args.quick else SWEEP):
+    for L, d, F, k in QUICK if args.quick else SWEEP:
         pairs = L * (L + 1) // 2
         for what in ("decode", "step"):
             if what == "step" and args.no_step:
@@ -141,17 +154,41 @@ def main():
                 elif what == "decode":  # bandwidth: decoder rows read fwd + bwd(val) + bwd(W) writes
                     util = 3 * 4 * n * k * pairs * d / sec / bw_peak  # fp32 rows: n·k·Σ_s(L−s)·d
                 ratio = base / sec if base else float("nan")
-                print(f"{L:3d} {d:4d} {F:6d} {k:3d} | {what:<7} {impl:<7} {sec * 1e3:9.2f} {ratio:7.2f} "
-                      f"{peak / 1e9:8.2f} {util:6.1%}")
-                rows.append({"L": L, "d": d, "F": F, "k": k, "tokens": n, "what": what, "impl": impl,
-                             "seconds": sec, "speedup_vs_dense": ratio, "peak_bytes": peak, "util": util})
+                print(
+                    f"{L:3d} {d:4d} {F:6d} {k:3d} | {what:<7} {impl:<7} {sec * 1e3:9.2f} {ratio:7.2f} "
+                    f"{peak / 1e9:8.2f} {util:6.1%}"
+                )
+                rows.append(
+                    {
+                        "L": L,
+                        "d": d,
+                        "F": F,
+                        "k": k,
+                        "tokens": n,
+                        "what": what,
+                        "impl": impl,
+                        "seconds": sec,
+                        "speedup_vs_dense": ratio,
+                        "peak_bytes": peak,
+                        "util": util,
+                    }
+                )
             if device == "cuda":
                 torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
-        f.write(json.dumps({"device": name, "commit": commit, "date": time.strftime("%Y-%m-%d"),
-                            "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
-                            "rows": rows}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "device": name,
+                    "commit": commit,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+                    "rows": rows,
+                }
+            )
+            + "\n"
+        )
     print(f"appended to {args.out}")
 
 

@@ -48,8 +48,9 @@ def make_module(a, device):
     cfg = TrainConfig()
     cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = a.activation, a.d_sae, a.k
     torch.manual_seed(0)
-    arch = CLTArchitecture(n_layers=a.layers, d_model=a.d_model, d_sae=a.d_sae, activation=a.activation, k=a.k,
-                           decode="auto")
+    arch = CLTArchitecture(
+        n_layers=a.layers, d_model=a.d_model, d_sae=a.d_sae, activation=a.activation, k=a.k, decode="auto"
+    )
     return CLTModule(cfg, arch).to(device)
 
 
@@ -60,8 +61,9 @@ def worker(rank: int, world: int, port: int, mode: str, a, out) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     torch.set_num_threads(a.threads)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
     m = make_module(a, device)
     m.train()
     n = a.batch // world if mode == "data" else a.batch
@@ -136,11 +138,18 @@ def main() -> None:
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.cpu
     if cuda and torch.cuda.device_count() < a.procs:
-        raise SystemExit(f"{a.procs} processes need {a.procs} GPUs; this machine has {torch.cuda.device_count()}")
-    device = torch.cuda.get_device_name(0) if cuda else f"{platform.processor() or platform.machine()} CPU " \
-        f"({os.cpu_count()} cores)"
-    print(f"{device}; L={a.layers} d={a.d_model} F={a.d_sae} k={a.k} {a.activation}, batch {a.batch} tokens, "
-          f"{a.threads} thread(s)/process")
+        raise SystemExit(
+            f"{a.procs} processes need {a.procs} GPUs; this machine has {torch.cuda.device_count()}"
+        )
+    device = (
+        torch.cuda.get_device_name(0)
+        if cuda
+        else f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{device}; L={a.layers} d={a.d_model} F={a.d_sae} k={a.k} {a.activation}, batch {a.batch} tokens, "
+        f"{a.threads} thread(s)/process"
+    )
     ref = measure("single", 1, a)
     rows = [("1 process", ref)]
     rows.append((f"{a.procs} processes, data parallel", measure("data", a.procs, a)))
@@ -153,8 +162,17 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / "scaling.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
-        f.write(json.dumps({"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]), "device": device,
-                            "settings": vars(a), "results": results}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+                    "device": device,
+                    "settings": vars(a),
+                    "results": results,
+                }
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

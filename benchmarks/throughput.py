@@ -59,13 +59,22 @@ def main() -> None:
 
     cfg = compose(args.overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results: dict = {"settings": {"overrides": args.overrides, "d_sae": cfg.clt.d_sae, "k": cfg.clt.k,
-                                  "activation": cfg.clt.activation, "batch_tokens": cfg.trainer.batch_tokens,
-                                  "context_size": cfg.data.context_size, "batch_windows": cfg.data.batch_windows,
-                                  "model": cfg.model.name_or_path},
-                     "device": torch.cuda.get_device_name() if device == "cuda" else
-                     f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-                     "torch": torch.__version__}
+    results: dict = {
+        "settings": {
+            "overrides": args.overrides,
+            "d_sae": cfg.clt.d_sae,
+            "k": cfg.clt.k,
+            "activation": cfg.clt.activation,
+            "batch_tokens": cfg.trainer.batch_tokens,
+            "context_size": cfg.data.context_size,
+            "batch_windows": cfg.data.batch_windows,
+            "model": cfg.model.name_or_path,
+        },
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+    }
 
     # -- activation generation ----------------------------------------------------------------
     gen = {}
@@ -86,8 +95,14 @@ def main() -> None:
     step = {}
     for decode in ("dense", "sparse"):
         c = cfg.clt
-        arch = CLTArchitecture(n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae,
-                               activation=c.activation, k=c.k, decode=decode)
+        arch = CLTArchitecture(
+            n_layers=subject.n_layers,
+            d_model=subject.d_model,
+            d_sae=c.d_sae,
+            activation=c.activation,
+            k=c.k,
+            decode=decode,
+        )
         module = CLTModule(cfg, arch).to(device)
         module.initialize_from_data(x, y)
         opt = torch.optim.Adam(module.clt.parameters(), lr=1e-4)
@@ -107,17 +122,25 @@ def main() -> None:
 
     print(json.dumps(results["settings"]))
     print(f"device: {results['device']}")
-    print(f"activation generation  bf16 {gen['bfloat16']:9.0f} tok/s   fp32 {gen['float32']:9.0f} tok/s   "
-          f"bf16/fp32 = {gen['bfloat16'] / gen['float32']:.2f}x")
-    print(f"CLT step            sparse {step['sparse']:9.0f} tok/s  dense {step['dense']:9.0f} tok/s   "
-          f"sparse/dense = {step['sparse'] / step['dense']:.2f}x")
-    print(f"pipeline (bf16 generation + sparse step, serial): {pipeline:.0f} tok/s; time share: "
-          f"generation {pipeline / gen['bfloat16']:.0%}, CLT step {pipeline / step['sparse']:.0%}")
+    print(
+        f"activation generation  bf16 {gen['bfloat16']:9.0f} tok/s   fp32 {gen['float32']:9.0f} tok/s   "
+        f"bf16/fp32 = {gen['bfloat16'] / gen['float32']:.2f}x"
+    )
+    print(
+        f"CLT step            sparse {step['sparse']:9.0f} tok/s  dense {step['dense']:9.0f} tok/s   "
+        f"sparse/dense = {step['sparse'] / step['dense']:.2f}x"
+    )
+    print(
+        f"pipeline (bf16 generation + sparse step, serial): {pipeline:.0f} tok/s; time share: "
+        f"generation {pipeline / gen['bfloat16']:.0%}, CLT step {pipeline / step['sparse']:.0%}"
+    )
     results["command"] = "python benchmarks/throughput.py " + " ".join(args.overrides)
     results["date"] = time.strftime("%Y-%m-%d")
     import subprocess
-    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip()
+
+    results["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(results) + "\n")

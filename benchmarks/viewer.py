@@ -37,7 +37,9 @@ sys.path.insert(0, str(REPO))
 from clt.attribution.graph import Graph, prune, to_json  # noqa: E402
 
 
-def synthetic_graph(n_nodes: int, n_edges: int, L: int = 16, T: int = 64, K: int = 10, seed: int = 0) -> Graph:
+def synthetic_graph(
+    n_nodes: int, n_edges: int, L: int = 16, T: int = 64, K: int = 10, seed: int = 0
+) -> Graph:
     """Random DAG in the attribution layout: features (layer, pos) with edges from lower layers
     (features, errors, tokens) to higher ones and to the logits."""
     g = torch.Generator().manual_seed(seed)
@@ -51,9 +53,9 @@ def synthetic_graph(n_nodes: int, n_edges: int, L: int = 16, T: int = 64, K: int
     N = n_nodes
     key = torch.empty(N)  # topological key: tokens −1, features/errors their layer, logits L
     key[:n_sel] = af[:, 0].float()
-    key[n_sel:n_sel + L * T] = torch.arange(L).repeat_interleave(T).float()
-    key[n_sel + L * T:n_sel + L * T + T] = -1
-    key[N - K:] = L
+    key[n_sel : n_sel + L * T] = torch.arange(L).repeat_interleave(T).float()
+    key[n_sel + L * T : n_sel + L * T + T] = -1
+    key[N - K :] = L
     A = torch.zeros(N, N)
     targets = torch.cat([torch.arange(n_sel), torch.arange(N - K, N)])
     made = 0
@@ -66,11 +68,22 @@ def synthetic_graph(n_nodes: int, n_edges: int, L: int = 16, T: int = 64, K: int
         A[t, s] = torch.randn(len(t), generator=g) * torch.rand(len(t), generator=g) ** 3
         made = int((A != 0).sum())
     probs = torch.softmax(torch.randn(K, generator=g), 0).sort(descending=True).values
-    return Graph(prompt="synthetic", input_tokens=torch.arange(T), token_strings=[f"t{i}" for i in range(T)],
-                 active_features=af, activation_values=torch.rand(n_sel, generator=g) + 0.1,
-                 selected_features=torch.arange(n_sel), adjacency_matrix=A, logit_tokens=torch.arange(K),
-                 logit_token_strings=[f"o{i}" for i in range(K)], logit_probabilities=probs, n_layers=L,
-                 vocab_size=1000, scan="", model_name="synthetic")
+    return Graph(
+        prompt="synthetic",
+        input_tokens=torch.arange(T),
+        token_strings=[f"t{i}" for i in range(T)],
+        active_features=af,
+        activation_values=torch.rand(n_sel, generator=g) + 0.1,
+        selected_features=torch.arange(n_sel),
+        adjacency_matrix=A,
+        logit_tokens=torch.arange(K),
+        logit_token_strings=[f"o{i}" for i in range(K)],
+        logit_probabilities=probs,
+        n_layers=L,
+        vocab_size=1000,
+        scan="",
+        model_name="synthetic",
+    )
 
 
 def main() -> None:
@@ -91,8 +104,10 @@ def main() -> None:
     ct = json.dumps(to_json(graph, p, "big", 1.0)).encode()
     (tmp / "big.json").write_bytes(ct)
     n_view_nodes, n_view_edges = int(p.node_mask.sum()), int(p.edge_mask.sum())
-    print(f"synthetic graph: {graph.n_nodes} nodes, {n_view_edges} edges in the view "
-          f"({time.perf_counter() - t0:.1f} s to build); circuit-tracer JSON {len(ct) / 1e6:.1f} MB")
+    print(
+        f"synthetic graph: {graph.n_nodes} nodes, {n_view_edges} edges in the view "
+        f"({time.perf_counter() - t0:.1f} s to build); circuit-tracer JSON {len(ct) / 1e6:.1f} MB"
+    )
     del p
     srv = serve(str(tmp), quiet=True)
     import urllib.request
@@ -104,9 +119,18 @@ def main() -> None:
             received[what] = len(r.read())  # uncompressed (the browser may get the JSON gzipped)
     server_cold = time.perf_counter() - t0
     view_url = f"{srv.url}?slug=big&nt=1&et=1"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--enable-precise-memory-info", "--js-flags=--expose-gc"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--enable-precise-memory-info",
+        "--js-flags=--expose-gc",
+    ]
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
         page = b.new_page(viewport={"width": 1400, "height": 900})
@@ -148,25 +172,42 @@ def main() -> None:
     srv.shutdown()
     ours_bytes = received.get("graph", 0) + received.get("edges", 0)
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-        "nodes": graph.n_nodes, "view_edges": n_view_edges,
-        "bytes_ours": ours_bytes, "bytes_ct_json": len(ct), "bytes_ratio_ours_over_ct": ours_bytes / len(ct),
-        "server_cold_s": server_cold, "first_paint_s": first_paint, "ct_fetch_s": ct_parse[0], "ct_parse_s": ct_parse[1],
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "nodes": graph.n_nodes,
+        "view_edges": n_view_edges,
+        "bytes_ours": ours_bytes,
+        "bytes_ct_json": len(ct),
+        "bytes_ratio_ours_over_ct": ours_bytes / len(ct),
+        "server_cold_s": server_cold,
+        "first_paint_s": first_paint,
+        "ct_fetch_s": ct_parse[0],
+        "ct_parse_s": ct_parse[1],
         "first_paint_over_ct_fetch_and_parse": first_paint / (ct_parse[0] + ct_parse[1]),
         "hover_ms_median": statistics.median(h[0] for h in hover_ms),
         "hover_ms_p90": sorted(h[0] for h in hover_ms)[44],
         "hover_to_next_frame_ms_median": statistics.median(h[1] for h in hover_ms),
-        "heap_mb_ours": heap_ours / 2**20, "heap_mb_ct_parsed": heap_ct / 2**20, "heap_ratio": heap_ours / heap_ct,
+        "heap_mb_ours": heap_ours / 2**20,
+        "heap_mb_ct_parsed": heap_ct / 2**20,
+        "heap_ratio": heap_ours / heap_ct,
     }
-    print(f"bytes to the browser: ours {ours_bytes / 1e6:.1f} MB vs circuit-tracer JSON {len(ct) / 1e6:.1f} MB "
-          f"(ratio {result['bytes_ratio_ours_over_ct']:.3f})")
+    print(
+        f"bytes to the browser: ours {ours_bytes / 1e6:.1f} MB vs circuit-tracer JSON {len(ct) / 1e6:.1f} MB "
+        f"(ratio {result['bytes_ratio_ours_over_ct']:.3f})"
+    )
     print(f"server, cold (load, prune, node table, edges): {server_cold:.2f} s")
-    print(f"first paint {first_paint:.2f} s (server warm) vs fetch+JSON.parse of the JSON "
-          f"{ct_parse[0] + ct_parse[1]:.2f} s (ratio {result['first_paint_over_ct_fetch_and_parse']:.2f})")
-    print(f"hover: median {result['hover_ms_median']:.1f} ms, p90 {result['hover_ms_p90']:.1f} ms (highlight drawn); "
-          f"to the next frame {result['hover_to_next_frame_ms_median']:.1f} ms")
-    print(f"JS heap: ours {result['heap_mb_ours']:.0f} MiB vs parsed JSON {result['heap_mb_ct_parsed']:.0f} MiB "
-          f"(ratio {result['heap_ratio']:.3f})")
+    print(
+        f"first paint {first_paint:.2f} s (server warm) vs fetch+JSON.parse of the JSON "
+        f"{ct_parse[0] + ct_parse[1]:.2f} s (ratio {result['first_paint_over_ct_fetch_and_parse']:.2f})"
+    )
+    print(
+        f"hover: median {result['hover_ms_median']:.1f} ms, p90 {result['hover_ms_p90']:.1f} ms (highlight drawn); "
+        f"to the next frame {result['hover_to_next_frame_ms_median']:.1f} ms"
+    )
+    print(
+        f"JS heap: ours {result['heap_mb_ours']:.0f} MiB vs parsed JSON {result['heap_mb_ct_parsed']:.0f} MiB "
+        f"(ratio {result['heap_ratio']:.3f})"
+    )
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,4 +4,11 @@ from .config import CLTError, ConfigError, TrainConfig
 from .model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
 
 __version__ = "0.1.0"
-__all__ = ["CLTError", "CLTArchitecture", "CheckpointError", "ConfigError", "CrossLayerTranscoder", "TrainConfig"]
+__all__ = [
+    "CLTError",
+    "CLTArchitecture",
+    "CheckpointError",
+    "ConfigError",
+    "CrossLayerTranscoder",
+    "TrainConfig",
+]

@@ -68,7 +68,8 @@ class _JumpReLU(torch.autograd.Function):
         return grad_h, grad_theta.to(theta.dtype), None, None
 
 
-def jumprelu(h: torch.Tensor, theta: torch.Tensor, bandwidth: float = 1.0,
-             ste_to_input: bool = False) -> torch.Tensor:
+def jumprelu(
+    h: torch.Tensor, theta: torch.Tensor, bandwidth: float = 1.0, ste_to_input: bool = False
+) -> torch.Tensor:
     """h: [..., L, F], theta: [L, F] (fp32) -> a: same shape as h."""
     return _JumpReLU.apply(h, theta, bandwidth, ste_to_input)

@@ -22,8 +22,11 @@ from .config import CLTError, ModelConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clt.attribute", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clt.attribute",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", help="run dir, native CLT dir, or circuit-tracer export dir")
     p.add_argument("prompt", help="the text to attribute (a BOS token is prepended)")
     p.add_argument("--out", required=True, help="output directory")
@@ -36,15 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="subject model (default: the one the CLT was trained on)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="subject model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
-    p.add_argument("--slug", default="graph", help="name of the graph in the viewer files ({slug}.pt, {slug}.json)")
+    p.add_argument(
+        "--slug", default="graph", help="name of the graph in the viewer files ({slug}.pt, {slug}.json)"
+    )
     p.add_argument("--top", type=int, default=5, help="features printed per logit")
     p.add_argument("--no-plot", action="store_true", help="skip graph.png")
-    p.add_argument("--cards", action="store_true",
-                   help="compute the feature cards of the pruned graph's features (those the store lacks) "
-                        "and add them to the store")
+    p.add_argument(
+        "--cards",
+        action="store_true",
+        help="compute the feature cards of the pruned graph's features (those the store lacks) "
+        "and add them to the store",
+    )
     p.add_argument("--features", default=None, help="the feature store (default: next to the CLT)")
-    p.add_argument("--cards-tokens", type=int, default=65_536,
-                   help="tokens scanned for --cards when there is no store yet (else the store's count)")
+    p.add_argument(
+        "--cards-tokens",
+        type=int,
+        default=65_536,
+        help="tokens scanned for --cards when there is no store yet (else the store's count)",
+    )
     p.add_argument("--cache", default=None, help="activation cache to scan for --cards (default: online)")
     return p
 
@@ -64,7 +76,9 @@ def store_location(checkpoint: str, features: str | None) -> tuple[str, str | No
     return checkpoint, None
 
 
-def graph_cards(args: argparse.Namespace, clt, subject, pruned_features: list[torch.Tensor], store: str) -> Path:
+def graph_cards(
+    args: argparse.Namespace, clt, subject, pruned_features: list[torch.Tensor], store: str
+) -> Path:
     """The cards of these features (per layer), computed into `store` (with the store's settings
     when it exists)."""
     from dataclasses import replace
@@ -73,10 +87,14 @@ def graph_cards(args: argparse.Namespace, clt, subject, pruned_features: list[to
     from .features.pipeline import compute_store
     from .features.store import FeatureStore
 
-    data, f = DataConfig(), FeaturesConfig(checkpoint=str(args.checkpoint), out=store, tokens=args.cards_tokens,
-                                           task=0, tasks=1)
+    data, f = (
+        DataConfig(),
+        FeaturesConfig(checkpoint=str(args.checkpoint), out=store, tokens=args.cards_tokens, task=0, tasks=1),
+    )
     run_cfg = Path(args.checkpoint) / "config.json"
-    if run_cfg.exists() and "data" in json.loads(run_cfg.read_text()):  # a run dir: the text it was trained on
+    if run_cfg.exists() and "data" in json.loads(
+        run_cfg.read_text()
+    ):  # a run dir: the text it was trained on
         data = DataConfig(**json.loads(run_cfg.read_text())["data"])
     if (Path(store) / "manifest.json").exists():  # add to a store: its settings and text
         m = FeatureStore(store).manifest
@@ -87,7 +105,9 @@ def graph_cards(args: argparse.Namespace, clt, subject, pruned_features: list[to
     if args.cache:
         data = replace(data, cache=args.cache)
     job = FeaturesJobConfig(data=data, features=f).validate()
-    return compute_store(job, clt=clt, subject=subject, features=pruned_features, device=str(clt.W_enc.device))
+    return compute_store(
+        job, clt=clt, subject=subject, features=pruned_features, device=str(clt.W_enc.device)
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -107,52 +127,81 @@ def run(args: argparse.Namespace) -> dict:
     if not name:
         raise CLTError("the checkpoint does not name its subject model: pass --model")
     if args.model and arch.subject_model and args.model != arch.subject_model:
-        print(f"warning: the CLT was trained on {arch.subject_model!r}, attributing with {args.model!r}",
-              file=sys.stderr)
-    subject = load_subject(ModelConfig(name_or_path=name, dtype=args.dtype, input_hook=arch.input_hook,
-                                       output_hook=arch.output_hook), device)
+        print(
+            f"warning: the CLT was trained on {arch.subject_model!r}, attributing with {args.model!r}",
+            file=sys.stderr,
+        )
+    subject = load_subject(
+        ModelConfig(
+            name_or_path=name, dtype=args.dtype, input_hook=arch.input_hook, output_hook=arch.output_hook
+        ),
+        device,
+    )
     scan, store = store_location(str(args.checkpoint), args.features)
     if args.cards and store is None:
-        raise CLTError(f"--cards needs a local feature store for the Hub CLT {args.checkpoint}: pass --features DIR")
+        raise CLTError(
+            f"--cards needs a local feature store for the Hub CLT {args.checkpoint}: pass --features DIR"
+        )
     t0 = time.perf_counter()
-    graph = attribute(args.prompt, clt, subject, max_n_logits=args.max_n_logits,
-                      desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
-                      batch_size=args.batch_size, scan=scan)
+    graph = attribute(
+        args.prompt,
+        clt,
+        subject,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        scan=scan,
+    )
     graph.info["clt"] = str(args.checkpoint)
     graph.info["clt_checksum"] = clt_checksum(clt)  # the viewer refuses interventions with another CLT
     seconds = time.perf_counter() - t0
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     if args.cards:
         assert store is not None
-        kept = torch.nonzero(pruned.node_mask[:graph.n_features]).flatten().tolist()
+        kept = torch.nonzero(pruned.node_mask[: graph.n_features]).flatten().tolist()
         layers = [graph.feature_of(i) for i in kept]  # (layer, position, feature)
-        wanted = [torch.tensor(sorted({f for l, _, f in layers if l == layer}), dtype=torch.long)
-                  for layer in range(arch.n_layers)]
+        wanted = [
+            torch.tensor(sorted({f for l, _, f in layers if l == layer}), dtype=torch.long)
+            for layer in range(arch.n_layers)
+        ]
         t1 = time.perf_counter()
         graph_cards(args, clt, subject, wanted, store)
-        print(f"cards of the graph's {sum(len(w) for w in wanted)} features in {store} "
-              f"({time.perf_counter() - t1:.1f} s)")
+        print(
+            f"cards of the graph's {sum(len(w) for w in wanted)} features in {store} "
+            f"({time.perf_counter() - t1:.1f} s)"
+        )
     out = Path(args.out)
     graph.to_pt(out / f"{args.slug}.pt")
     write_graph_files(graph, pruned, out, args.slug, args.node_threshold, args.edge_threshold)
     if not args.no_plot:
         plot_graph(graph, pruned, out / "graph.png")
-    result = scores(graph, pruned) | {"seconds": round(seconds, 3), "n_tokens": graph.n_pos,
-                                      "n_active_features": graph.info["n_active_features"]}
+    result = scores(graph, pruned) | {
+        "seconds": round(seconds, 3),
+        "n_tokens": graph.n_pos,
+        "n_active_features": graph.info["n_active_features"],
+    }
     (out / "scores.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\n{graph.n_pos} tokens, {graph.info['n_active_features']} active features, "
-          f"{graph.n_features} visited, {graph.n_nodes} nodes; attribution {seconds:.1f} s")
+    print(
+        f"\n{graph.n_pos} tokens, {graph.info['n_active_features']} active features, "
+        f"{graph.n_features} visited, {graph.n_nodes} nodes; attribution {seconds:.1f} s"
+    )
     for k, feats in top_features(graph, args.top):
         print(f"\n{graph.describe(graph.logit_slice.start + k)}: top direct feature inputs")
         for w, i in feats:
             print(f"  {w:+9.4f}  {graph.describe(i)}")
-    print(f"\nscores: replacement {result['full/replacement_score']:.3f} "
-          f"(pruned {result['pruned/replacement_score']:.3f}), completeness {result['full/completeness_score']:.3f} "
-          f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} nodes, "
-          f"{result['pruned/n_edges']} edges")
-    print(f"wrote {out}/{args.slug}.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"
-          + ("" if args.no_plot else f", {out}/graph.png") + f", {out}/scores.json")
+    print(
+        f"\nscores: replacement {result['full/replacement_score']:.3f} "
+        f"(pruned {result['pruned/replacement_score']:.3f}), completeness {result['full/completeness_score']:.3f} "
+        f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} nodes, "
+        f"{result['pruned/n_edges']} edges"
+    )
+    print(
+        f"wrote {out}/{args.slug}.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"
+        + ("" if args.no_plot else f", {out}/graph.png")
+        + f", {out}/scores.json"
+    )
     return result
 
 

@@ -25,9 +25,11 @@ def _tool(argv: list[str]) -> int:
 
     from clt.data.cache import finalize
 
-    p = argparse.ArgumentParser(prog="python -m clt.cache",
-                                description="verify: check every shard against its checksum; merge: write the "
-                                            "manifest of a cache whose shards several tasks wrote")
+    p = argparse.ArgumentParser(
+        prog="python -m clt.cache",
+        description="verify: check every shard against its checksum; merge: write the "
+        "manifest of a cache whose shards several tasks wrote",
+    )
     p.add_argument("action", choices=["verify", "merge"])
     p.add_argument("dir")
     args = p.parse_args(argv)
@@ -37,8 +39,10 @@ def _tool(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     assert m is not None
-    print(f"{args.dir}: {m['n_shards']} shards, {m['tokens']} tokens, {m['documents']} documents, "
-          f"{m['storage']}, every checksum ok; manifest written")
+    print(
+        f"{args.dir}: {m['n_shards']} shards, {m['tokens']} tokens, {m['documents']} documents, "
+        f"{m['storage']}, every checksum ok; manifest written"
+    )
     return 0
 
 
@@ -50,8 +54,12 @@ def main(cfg: DictConfig) -> None:
     try:
         job = load_config(cfg, CacheJobConfig)
         import torch
-        device = "cuda" if job.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if job.device == "auto" else job.device)
+
+        device = (
+            "cuda"
+            if job.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if job.device == "auto" else job.device)
+        )
         subject = load_subject(job.model, device)
         manifest = generate(subject, job, progress=True)
     except CLTError as e:
@@ -61,8 +69,10 @@ def main(cfg: DictConfig) -> None:
         print(f"{job.cache.dir}: this task's shards are written; the manifest follows when every task's are")
     else:
         mb = sum(s["bytes"] for s in manifest["shards"]) / 2**20
-        print(f"{job.cache.dir}: {manifest['tokens']} tokens in {manifest['n_shards']} shards ({mb:.1f} MiB, "
-              f"{manifest['storage']}); train with data=cached data.cache={job.cache.dir}")
+        print(
+            f"{job.cache.dir}: {manifest['tokens']} tokens in {manifest['n_shards']} shards ({mb:.1f} MiB, "
+            f"{manifest['storage']}); train with data=cached data.cache={job.cache.dir}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def train_main(argv: list[str]) -> int:
 
     script = Path(__file__).resolve().parents[1] / "train.py"
     if not script.exists():
-        raise CLTError(f"clt train runs {script} and the conf/ tree beside it: use a checkout of the repository")
+        raise CLTError(
+            f"clt train runs {script} and the conf/ tree beside it: use a checkout of the repository"
+        )
     return _hydra_app([str(script)], argv)
 
 
@@ -34,13 +36,17 @@ def cache_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="clt export-circuit-tracer",
-                                description="Write a CLT in circuit-tracer's layout (config.yaml, W_enc_{l} and "
-                                            "W_dec_{l} safetensors, normalisation folded in).")
+    p = argparse.ArgumentParser(
+        prog="clt export-circuit-tracer",
+        description="Write a CLT in circuit-tracer's layout (config.yaml, W_enc_{l} and "
+        "W_dec_{l} safetensors, normalisation folded in).",
+    )
     p.add_argument("checkpoint", help="run dir or native CLT dir")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--model-name", default=None, help="model_name in config.yaml (default: the subject model)")
+    p.add_argument(
+        "--model-name", default=None, help="model_name in config.yaml (default: the subject model)"
+    )
     args = p.parse_args(argv)
     from .io import export_circuit_tracer, load_clt
 
@@ -50,8 +56,10 @@ def export_main(argv: list[str]) -> int:
 
 
 def import_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="clt import-circuit-tracer",
-                                description="Read a circuit-tracer cross-layer transcoder into a native checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="clt import-circuit-tracer",
+        description="Read a circuit-tracer cross-layer transcoder into a native checkpoint.",
+    )
     p.add_argument("directory", help="circuit-tracer transcoder dir (config.yaml + W_enc_*/W_dec_* files)")
     p.add_argument("out", help="native checkpoint dir to write")
     args = p.parse_args(argv)
@@ -86,25 +94,35 @@ def view_main(argv: list[str]) -> int:
     return view(argv)
 
 
-COMMANDS = {"train": train_main, "cache": cache_main, "export-circuit-tracer": export_main, "import-circuit-tracer": import_main, "push": push_main,
-            "features": features_main, "serve": serve_main, "view": view_main}
+COMMANDS = {
+    "train": train_main,
+    "cache": cache_main,
+    "export-circuit-tracer": export_main,
+    "import-circuit-tracer": import_main,
+    "push": push_main,
+    "features": features_main,
+    "serve": serve_main,
+    "view": view_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
-        print("usage: clt {train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
-              "…  (each with --help)\n"
-              "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
-              "  cache                  generate an activation cache (same as python -m clt.cache)\n"
-              "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
-              "  features               feature cards of a CLT (same as python -m clt.features)\n"
-              "  serve                  the local interactive viewer of a folder of graphs\n"
-              "  view                   one self-contained HTML file of a graph (--export)\n"
-              "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
-              "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
-              "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",
-              file=sys.stderr)
+        print(
+            "usage: clt {train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
+            "…  (each with --help)\n"
+            "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
+            "  cache                  generate an activation cache (same as python -m clt.cache)\n"
+            "  attribute              attribution graph of a prompt (same as python -m clt.attribute)\n"
+            "  features               feature cards of a CLT (same as python -m clt.features)\n"
+            "  serve                  the local interactive viewer of a folder of graphs\n"
+            "  view                   one self-contained HTML file of a graph (--export)\n"
+            "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
+            "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
+            "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",
+            file=sys.stderr,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "attribute":
         from .attribute import main as attribute_main

@@ -156,6 +156,7 @@ class HubConfig:
 @dataclass
 class CacheConfig:
     """`python -m clt.cache`: generate the activation cache once (conf/cache.yaml)."""
+
     dir: str = "cache/default"  # the cache directory (shards/, manifest.json)
     tokens: int = 1_048_576  # tokens to cache (fewer if the corpus ends first; BOS not counted)
     shard_tokens: int = 65_536  # tokens per shard file (rounded up to whole windows)
@@ -182,8 +183,12 @@ class CacheJobConfig:
         _check(c.dtype in CACHE_DTYPES, "cache.dtype", c.dtype, " | ".join(CACHE_DTYPES))
         _check(c.tasks == -1 or c.tasks >= 1, "cache.tasks", c.tasks, "≥ 1 (or -1: from Slurm)")
         _check(c.task == -1 or c.task >= 0, "cache.task", c.task, "≥ 0 (or -1: from Slurm)")
-        _check(self.data.cache is None, "data.cache", self.data.cache,
-               "unset when generating a cache (the output is cache.dir)")
+        _check(
+            self.data.cache is None,
+            "data.cache",
+            self.data.cache,
+            "unset when generating a cache (the output is cache.dir)",
+        )
         _check(self.data.context_size >= 2, "data.context_size", self.data.context_size, "≥ 2")
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto | cpu | cuda")
         return self
@@ -198,6 +203,7 @@ CACHE_DTYPES = ("bfloat16", "int8")
 @dataclass
 class FeaturesConfig:
     """`python -m clt.features CHECKPOINT`: feature cards in one streaming pass (conf/features.yaml)."""
+
     checkpoint: str = ""  # the CLT: run dir, native dir, circuit-tracer export or Hub id (required)
     out: str = ""  # the store directory; "" = next to the CLT (<run dir>/features or <native dir>/features)
     tokens: int = 262_144  # tokens scanned (rounded up to whole windows; fewer if the text ends first)
@@ -231,8 +237,12 @@ class FeaturesJobConfig:
 
     def validate(self) -> FeaturesJobConfig:
         f = self.features
-        _check(bool(f.checkpoint), "features.checkpoint", f.checkpoint, "a CLT (run dir, native dir, "
-               "circuit-tracer export or Hub id): python -m clt.features CHECKPOINT")
+        _check(
+            bool(f.checkpoint),
+            "features.checkpoint",
+            f.checkpoint,
+            "a CLT (run dir, native dir, circuit-tracer export or Hub id): python -m clt.features CHECKPOINT",
+        )
         _check(f.tokens > 0, "features.tokens", f.tokens, "> 0 tokens to scan")
         for name in ("batch_windows", "top_k", "intervals", "n_logits", "save_every"):
             _check(getattr(f, name) > 0, f"features.{name}", getattr(f, name), "> 0")
@@ -271,22 +281,50 @@ class TrainConfig:
             _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
         _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
         _check(c.threshold_init > 0, "clt.threshold_init", c.threshold_init, "> 0")
-        _check(c.decode in ("auto", "triton", "sparse", "dense"), "clt.decode", c.decode,
-               "auto | triton | sparse | dense")
-        _check(0 < c.batchtopk_threshold_decay < 1, "clt.batchtopk_threshold_decay",
-               c.batchtopk_threshold_decay, "in (0, 1)")
-        _check(self.model.input_hook in INPUT_HOOKS, "model.input_hook", self.model.input_hook,
-               f"one of {INPUT_HOOKS}")
-        _check(self.model.output_hook in OUTPUT_HOOKS, "model.output_hook", self.model.output_hook,
-               f"one of {OUTPUT_HOOKS}")
-        _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
-               self.model.dtype, "auto | float32 | bfloat16 | float16")
+        _check(
+            c.decode in ("auto", "triton", "sparse", "dense"),
+            "clt.decode",
+            c.decode,
+            "auto | triton | sparse | dense",
+        )
+        _check(
+            0 < c.batchtopk_threshold_decay < 1,
+            "clt.batchtopk_threshold_decay",
+            c.batchtopk_threshold_decay,
+            "in (0, 1)",
+        )
+        _check(
+            self.model.input_hook in INPUT_HOOKS,
+            "model.input_hook",
+            self.model.input_hook,
+            f"one of {INPUT_HOOKS}",
+        )
+        _check(
+            self.model.output_hook in OUTPUT_HOOKS,
+            "model.output_hook",
+            self.model.output_hook,
+            f"one of {OUTPUT_HOOKS}",
+        )
+        _check(
+            self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            self.model.dtype,
+            "auto | float32 | bfloat16 | float16",
+        )
         _check(d.context_size >= 2, "data.context_size", d.context_size, "≥ 2 (BOS + one token)")
         _check(d.batch_windows > 0, "data.batch_windows", d.batch_windows, "> 0")
-        _check(d.buffer_tokens >= t.batch_tokens, "data.buffer_tokens", d.buffer_tokens,
-               f"≥ trainer.batch_tokens = {t.batch_tokens}")
-        _check(d.buffer_dtype in ("float32", "bfloat16"), "data.buffer_dtype", d.buffer_dtype,
-               "float32 | bfloat16")
+        _check(
+            d.buffer_tokens >= t.batch_tokens,
+            "data.buffer_tokens",
+            d.buffer_tokens,
+            f"≥ trainer.batch_tokens = {t.batch_tokens}",
+        )
+        _check(
+            d.buffer_dtype in ("float32", "bfloat16"),
+            "data.buffer_dtype",
+            d.buffer_dtype,
+            "float32 | bfloat16",
+        )
         _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
         _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")
@@ -321,10 +359,25 @@ def load_config(cfg: DictConfig | dict, schema_cls: type = TrainConfig):
 
 # Keys that may differ between a run and its resumption (everything else must match).
 # The world size and the mesh may change (trainer.batch_tokens is the global batch, whatever the world).
-RESUMABLE_CHANGES = ("resume", "report", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every",
-                     "trainer.eval_every", "trainer.num_threads", "logger", "hub", "data.cache_verify", "trainer.accelerator",
-                     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.requeue",
-                     "clt.shard_features", "clt.feature_shards")
+RESUMABLE_CHANGES = (
+    "resume",
+    "report",
+    "trainer.max_steps",
+    "trainer.log_every",
+    "trainer.ckpt_every",
+    "trainer.eval_every",
+    "trainer.num_threads",
+    "logger",
+    "hub",
+    "data.cache_verify",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.requeue",
+    "clt.shard_features",
+    "clt.feature_shards",
+)
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -349,7 +402,9 @@ def check_resume(saved: dict, current: dict) -> None:
     bad = [k for k in config_diff(saved, current) if not _resumable(k)]
     if bad:
         detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in bad)
-        raise ConfigError(f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides")
+        raise ConfigError(
+            f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides"
+        )
 
 
 def resume_config(saved: dict, defaults: dict, current: dict, named: tuple[str, ...] = ()) -> dict:
@@ -358,12 +413,17 @@ def resume_config(saved: dict, defaults: dict, current: dict, named: tuple[str, 
     `named`, even when set to their default: `trainer.devices=1`). Changing a non-resumable key is
     an error."""
     explicit = config_diff(defaults, current)
-    explicit += [k for k in config_diff(saved, current) if k not in explicit
-                 and any(k == n or k.startswith(n + ".") for n in named)]
+    explicit += [
+        k
+        for k in config_diff(saved, current)
+        if k not in explicit and any(k == n or k.startswith(n + ".") for n in named)
+    ]
     conflicts = [k for k in explicit if not _resumable(k) and _get(saved, k) != _get(current, k)]
     if conflicts:
         detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in conflicts)
-        raise ConfigError(f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides")
+        raise ConfigError(
+            f"config mismatch on resume ({detail}); start a new run_dir or drop these overrides"
+        )
     out = copy.deepcopy(saved)
     for k in explicit:
         _set(out, k, _get(current, k))

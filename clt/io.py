@@ -35,8 +35,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @torch.no_grad()
-def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | os.PathLike, dtype: str = "float32",
-                          model_name: str | None = None) -> Path:
+def export_circuit_tracer(
+    clt: CrossLayerTranscoder,
+    out_dir: str | os.PathLike,
+    dtype: str = "float32",
+    model_name: str | None = None,
+) -> Path:
     """Write `clt` in circuit-tracer's layout (atomically)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -44,27 +48,39 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | os.PathLike,
     f = clt.folded().cpu()
     dt = DTYPES[dtype]
     act = arch.activation
-    cfg = {"model_kind": "cross_layer_transcoder", "model_name": model_name or arch.subject_model,
-           "feature_input_hook": HOOK_NAMES[arch.input_hook], "feature_output_hook": HOOK_NAMES[arch.output_hook],
-           "activation": {"batchtopk": "jumprelu"}.get(act, act)}
+    cfg = {
+        "model_kind": "cross_layer_transcoder",
+        "model_name": model_name or arch.subject_model,
+        "feature_input_hook": HOOK_NAMES[arch.input_hook],
+        "feature_output_hook": HOOK_NAMES[arch.output_hook],
+        "activation": {"batchtopk": "jumprelu"}.get(act, act),
+    }
     if act == "topk":
         cfg["k"] = arch.k
     cfg["clt"] = {"architecture": asdict(arch)}
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
         for layer in range(arch.n_layers):
-            enc = {f"W_enc_{layer}": f.W_enc[layer], f"b_enc_{layer}": f.b_enc[layer], f"b_dec_{layer}": f.b_dec[layer]}
+            enc = {
+                f"W_enc_{layer}": f.W_enc[layer],
+                f"b_enc_{layer}": f.b_enc[layer],
+                f"b_dec_{layer}": f.b_dec[layer],
+            }
             if act == "jumprelu":
                 enc[f"threshold_{layer}"] = f.threshold[layer]
             elif act == "batchtopk":
                 enc[f"threshold_{layer}"] = f.batchtopk_threshold[layer].expand(arch.d_sae)
             save_file({k: v.to(dt).contiguous() for k, v in enc.items()}, tmp / f"W_enc_{layer}.safetensors")
-            save_file({f"W_dec_{layer}": f.W_dec[layer].to(dt).contiguous()}, tmp / f"W_dec_{layer}.safetensors")
+            save_file(
+                {f"W_dec_{layer}": f.W_dec[layer].to(dt).contiguous()}, tmp / f"W_dec_{layer}.safetensors"
+            )
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
 
 
-def import_circuit_tracer(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+def import_circuit_tracer(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> CrossLayerTranscoder:
     """Read a CLT in circuit-tracer's layout (ours or any other) into a CrossLayerTranscoder
     (normalisation scales 1: they are folded into the weights)."""
     d = Path(directory)
@@ -75,7 +91,9 @@ def import_circuit_tracer(directory: str | os.PathLike, device: str | torch.devi
     except yaml.YAMLError as e:
         raise CheckpointError(f"unreadable {d / 'config.yaml'}: {e}") from e
     if cfg.get("model_kind") != "cross_layer_transcoder":
-        raise CheckpointError(f"{d}: model_kind is {cfg.get('model_kind')!r}, expected 'cross_layer_transcoder'")
+        raise CheckpointError(
+            f"{d}: model_kind is {cfg.get('model_kind')!r}, expected 'cross_layer_transcoder'"
+        )
     n_layers = 0
     while (d / f"W_enc_{n_layers}.safetensors").exists():
         n_layers += 1
@@ -93,13 +111,21 @@ def import_circuit_tracer(directory: str | os.PathLike, device: str | torch.devi
     else:
         has_theta = "threshold_0" in enc[0]
         act = cfg.get("activation") or ("jumprelu" if has_theta else "relu")
-        arch = CLTArchitecture(n_layers=n_layers, d_model=dm, d_sae=F, activation=act, k=int(cfg.get("k", 16)),
-                               subject_model=cfg.get("model_name") or "",
-                               input_hook=HOOKS_BACK.get(cfg.get("feature_input_hook", "hook_resid_mid"), "resid_mid"),
-                               output_hook=HOOKS_BACK.get(cfg.get("feature_output_hook", "hook_mlp_out"), "mlp_out"))
+        arch = CLTArchitecture(
+            n_layers=n_layers,
+            d_model=dm,
+            d_sae=F,
+            activation=act,
+            k=int(cfg.get("k", 16)),
+            subject_model=cfg.get("model_name") or "",
+            input_hook=HOOKS_BACK.get(cfg.get("feature_input_hook", "hook_resid_mid"), "resid_mid"),
+            output_hook=HOOKS_BACK.get(cfg.get("feature_output_hook", "hook_mlp_out"), "mlp_out"),
+        )
     if (arch.n_layers, arch.d_model, arch.d_sae) != (n_layers, dm, F):
-        raise CheckpointError(f"{d}: config.yaml says {arch.n_layers}×{arch.d_sae} features of width {arch.d_model}, "
-                              f"the files hold {n_layers}×{F} of width {dm}")
+        raise CheckpointError(
+            f"{d}: config.yaml says {arch.n_layers}×{arch.d_sae} features of width {arch.d_model}, "
+            f"the files hold {n_layers}×{F} of width {dm}"
+        )
     clt = CrossLayerTranscoder(arch)
     with torch.no_grad():
         clt.W_enc.copy_(torch.stack([e[f"W_enc_{i}"] for i, e in enumerate(enc)]).float())
@@ -151,9 +177,17 @@ def _checkpoint_parts(path: Path) -> tuple[Path, Path | None]:
     return path, run
 
 
-def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | None = None,
-                private: bool = False, token: str | None = None, commit_message: str | None = None,
-                export: bool = True, dtype: str = "float32") -> str:
+def push_to_hub(
+    checkpoint: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    export: bool = True,
+    dtype: str = "float32",
+) -> str:
     """Upload a trained CLT to the Hub repo `repo_id` (created if needed; `revision`: a branch,
     created from main if needed): the native checkpoint at the repo root (`config.json`,
     `model.safetensors`, as written by training), circuit-tracer's layout under `circuit_tracer/`,
@@ -187,25 +221,39 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, revision: str | 
             if (run / "report.json").exists():
                 report = json.loads((run / "report.json").read_text())
             train_cfg = json.loads((run / "config.json").read_text())
-            for src, dst in (("report.json", "report.json"), ("loss_curve.png", "loss_curve.png"),
-                             ("config.json", "training_config.json")):
+            for src, dst in (
+                ("report.json", "report.json"),
+                ("loss_curve.png", "loss_curve.png"),
+                ("config.json", "training_config.json"),
+            ):
                 if (run / src).exists():
                     shutil.copy2(run / src, stage / dst)
         features = _feature_store(run or native, clt)
         if features is not None:  # the feature cards, as `clt features` wrote them
             shutil.copytree(features.dir, stage / "features")
         summary = json.loads((stage / "config.json").read_text()).get("summary", {})
-        (stage / "README.md").write_text(model_card(clt.arch, repo_id, report or summary, train_cfg,
-                                                    circuit_tracer=export,
-                                                    features=features.manifest if features else None))
+        (stage / "README.md").write_text(
+            model_card(
+                clt.arch,
+                repo_id,
+                report or summary,
+                train_cfg,
+                circuit_tracer=export,
+                features=features.manifest if features else None,
+            )
+        )
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.upload_folder(folder_path=stage, repo_id=repo_id, revision=revision,
-                                     commit_message=commit_message or f"Upload CLT ({clt.arch.n_layers} layers × "
-                                                                      f"{clt.arch.d_sae} features)")
+            info = api.upload_folder(
+                folder_path=stage,
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=commit_message
+                or f"Upload CLT ({clt.arch.n_layers} layers × {clt.arch.d_sae} features)",
+            )
         except HfHubHTTPError as e:
             raise CheckpointError(f"pushing {checkpoint} to {repo_id} failed: {e}") from e
     return str(getattr(info, "commit_url", info))
@@ -231,9 +279,15 @@ def _feature_store(checkpoint: Path, clt: CrossLayerTranscoder):
     return store
 
 
-def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                 token: str | None = None) -> Path:
+def hub_download(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | None = None,
+) -> Path:
     """Download a CLT from the Hub into the local cache (huggingface_hub's; offline mode and
     `local_files_only` read only from it) and return its directory: native (`config.json` +
     `model.safetensors`) or circuit-tracer (`config.yaml` + `W_enc_*`/`W_dec_*`)."""
@@ -246,8 +300,17 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
     )
 
     def get(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, subfolder=subfolder or None, revision=revision,
-                                    cache_dir=cache_dir, local_files_only=local_files_only, token=token))
+        return Path(
+            hf_hub_download(
+                repo_id,
+                name,
+                subfolder=subfolder or None,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+            )
+        )
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "") + (f"/{subfolder}" if subfolder else "")
     try:
@@ -269,20 +332,29 @@ def hub_download(repo_id: str, *, revision: str | None = None, subfolder: str | 
             layer += 1
         return cfg.parent
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"no CLT at {where}: no such local directory, and no such Hub repo (or it needs "
-                              "a token: HF_TOKEN)") from e
+        raise CheckpointError(
+            f"no CLT at {where}: no such local directory, and no such Hub repo (or it needs "
+            "a token: HF_TOKEN)"
+        ) from e
     except RevisionNotFoundError as e:
         raise CheckpointError(f"no revision {revision!r} in {repo_id}") from e
     except RemoteEntryNotFoundError as e:
-        raise CheckpointError(f"{where} holds no CLT (neither config.json + model.safetensors nor a "
-                              "circuit-tracer config.yaml)") from e
+        raise CheckpointError(
+            f"{where} holds no CLT (neither config.json + model.safetensors nor a circuit-tracer config.yaml)"
+        ) from e
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{where}: no such local directory, and not in the local Hugging Face cache while the Hub cannot be "
-                              f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}") from e
+        raise CheckpointError(
+            f"{where}: no such local directory, and not in the local Hugging Face cache while the Hub cannot be "
+            f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}"
+        ) from e
 
 
 def looks_like_repo_id(name: str) -> bool:
-    """"user/name" or "name", and not a path into a local directory (`runs/x` when `runs/` exists)."""
+    """ "user/name" or "name", and not a path into a local directory (`runs/x` when `runs/` exists)."""
     parts = str(name).split("/")
-    return (len(parts) in (1, 2) and all(parts) and not str(name).startswith((".", "~"))
-            and not (len(parts) == 2 and Path(parts[0]).is_dir()))
+    return (
+        len(parts) in (1, 2)
+        and all(parts)
+        and not str(name).startswith((".", "~"))
+        and not (len(parts) == 2 and Path(parts[0]).is_dir())
+    )

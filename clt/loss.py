@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def reconstruction(y_hat: torch.Tensor, y: torch.Tensor, sst: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reconstruction(
+    y_hat: torch.Tensor, y: torch.Tensor, sst: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y_hat, y: [N, L, d] -> (loss, sse: [L], sst: [L]) with per-token means
     sse_l = E_n ‖ŷ_l − y_l‖², sst_l = E_n ‖y_l − E y_l‖² (batch estimate, no gradient; pass the
     global batch's under data parallelism)."""

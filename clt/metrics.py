@@ -21,14 +21,15 @@ def l0_per_layer(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_stats(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor,
-                         batch_tokens: int = 1024) -> dict[str, torch.Tensor]:
+def reconstruction_stats(
+    clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, batch_tokens: int = 1024
+) -> dict[str, torch.Tensor]:
     """FVU and L0 per layer of `clt` (in its current mode) on activations x, y: [N, L, d]."""
     sse = torch.zeros(clt.n_layers)
     l0 = torch.zeros(clt.n_layers)
     ys = []
     for i in range(0, x.shape[0], batch_tokens):
-        xb, yb = x[i:i + batch_tokens].float(), y[i:i + batch_tokens].float()
+        xb, yb = x[i : i + batch_tokens].float(), y[i : i + batch_tokens].float()
         a, y_hat = clt(xb)
         scale = clt.output_scale[:, None].cpu()
         sse += ((y_hat.cpu() - yb) * scale).pow(2).sum(-1).sum(0)
@@ -46,8 +47,9 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def spliced_logits(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spliced_logits(
+    subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits [B, T, V] of the clean model, the replacement model and the zero-ablated model.
 
     Every MLP output (positions after BOS; the CLT is not trained on BOS) is replaced by the CLT's
@@ -94,6 +96,10 @@ def spliced_eval(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Ten
     logp, logq = clean[:, 1:].float().log_softmax(-1), spliced[:, 1:].float().log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()
     score = (ce_zero - ce_spliced) / (ce_zero - ce_clean)
-    return {"eval/ce_loss_clean": ce_clean.item(), "eval/ce_loss_spliced": ce_spliced.item(),
-            "eval/kl_spliced": kl.item(), "eval/ce_loss_zero_ablation": ce_zero.item(),
-            "eval/ce_loss_score": score.item()}
+    return {
+        "eval/ce_loss_clean": ce_clean.item(),
+        "eval/ce_loss_spliced": ce_spliced.item(),
+        "eval/kl_spliced": kl.item(),
+        "eval/ce_loss_zero_ablation": ce_zero.item(),
+        "eval/ce_loss_score": score.item(),
+    }

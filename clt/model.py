@@ -64,7 +64,8 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, F))
         bound = 1 / math.sqrt(L * d)
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(F, L - s, d).uniform_(-bound, bound)) for s in range(L)])
+            [nn.Parameter(torch.empty(F, L - s, d).uniform_(-bound, bound)) for s in range(L)]
+        )
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         if arch.activation == "jumprelu":
             t = torch.full((L, F), float(threshold_init), dtype=torch.float32)
@@ -113,8 +114,9 @@ class CrossLayerTranscoder(nn.Module):
             return h.relu()
         raise ValueError(f"unknown activation {kind!r}")
 
-    def decode_normalized(self, a: torch.Tensor, bias: bool = True, support: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+    def decode_normalized(
+        self, a: torch.Tensor, bias: bool = True, support: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
         `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
         y = kernels.decode(a, list(self.W_dec), support, self.arch.decode)
@@ -139,8 +141,9 @@ class CrossLayerTranscoder(nn.Module):
         if kind in ("jumprelu", "relu") and kernels.use_triton(x, self.arch.decode):
             x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
             theta = self.threshold if kind == "jumprelu" else None
-            return kernels.encode_fused(x, self.W_enc, self.b_enc, theta, kind, self.arch.bandwidth,
-                                        self.arch.ste_to_input)
+            return kernels.encode_fused(
+                x, self.W_enc, self.b_enc, theta, kind, self.arch.bandwidth, self.arch.ste_to_input
+            )
         h = self.encode(x)
         return h, self.activate(h)
 
@@ -198,32 +201,54 @@ class CrossLayerTranscoder(nn.Module):
         with atomic_directory(directory) as tmp:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "clt"})
-            config = {"format_version": FORMAT_VERSION, "architecture": asdict(self.arch),
-                      "normalisation": {"input_scale": self.input_scale.tolist(),
-                                        "output_scale": self.output_scale.tolist()},
-                      "summary": summary or {}}
+            config = {
+                "format_version": FORMAT_VERSION,
+                "architecture": asdict(self.arch),
+                "normalisation": {
+                    "input_scale": self.input_scale.tolist(),
+                    "output_scale": self.output_scale.tolist(),
+                },
+                "summary": summary or {},
+            }
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         return directory
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                        revision: str | None = None, subfolder: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                        token: str | None = None) -> CrossLayerTranscoder:
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | None = None,
+    ) -> CrossLayerTranscoder:
         """A native checkpoint directory, or a Hub repo id ("user/name", downloaded through
         huggingface_hub's cache: `revision`, `subfolder`, `cache_dir`, `local_files_only`; offline
         mode (HF_HUB_OFFLINE=1) reads the cache only). A circuit-tracer layout is imported."""
         directory = Path(name_or_path) / (subfolder or "")
         circuit_tracer = (directory / "config.yaml").exists() and not (directory / "config.json").exists()
-        if not directory.exists() or circuit_tracer:  # a Hub repo or circuit-tracer's layout: the general loader
+        if (
+            not directory.exists() or circuit_tracer
+        ):  # a Hub repo or circuit-tracer's layout: the general loader
             from .io import load_clt
 
-            return load_clt(name_or_path, device, revision=revision, subfolder=subfolder, cache_dir=cache_dir,
-                            local_files_only=local_files_only, token=token)
+            return load_clt(
+                name_or_path,
+                device,
+                revision=revision,
+                subfolder=subfolder,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+            )
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
         if not cfg_path.exists() or not weights.exists():
-            raise CheckpointError(f"{directory} is not a CLT checkpoint: expected config.json and "
-                                  "model.safetensors")
+            raise CheckpointError(
+                f"{directory} is not a CLT checkpoint: expected config.json and model.safetensors"
+            )
         try:
             config = json.loads(cfg_path.read_text())
             arch = CLTArchitecture(**config["architecture"])

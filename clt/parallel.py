@@ -61,8 +61,13 @@ def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTra
     if F % world:
         raise ShardingError(f"clt.d_sae={F} is not divisible by the {world} feature shards")
     lo, hi = shard_range(F, rank, world)
-    arch = type(clt.arch)(**{**clt.arch.__dict__, "d_sae": hi - lo,
-                             "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}}})
+    arch = type(clt.arch)(
+        **{
+            **clt.arch.__dict__,
+            "d_sae": hi - lo,
+            "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}},
+        }
+    )
     local = CrossLayerTranscoder(arch).to(clt.W_enc.device)
     state = {}
     for k, v in clt.state_dict().items():
@@ -75,8 +80,11 @@ def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTra
 def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
     """The full CLT from its shards, in rank order."""
     info = [s.arch.extra.get("shard") for s in shards]
-    if any(i is None for i in info) or [i["rank"] for i in info] != list(range(len(shards))) \
-            or any(i["world"] != len(shards) for i in info):
+    if (
+        any(i is None for i in info)
+        or [i["rank"] for i in info] != list(range(len(shards)))
+        or any(i["world"] != len(shards) for i in info)
+    ):
         raise ShardingError(f"expected the {len(shards)} shards of one CLT in rank order, got {info}")
     extra = {k: v for k, v in shards[0].arch.extra.items() if k != "shard"}
     arch = type(shards[0].arch)(**{**shards[0].arch.__dict__, "d_sae": info[0]["d_sae"], "extra": extra})
@@ -107,8 +115,9 @@ class Parallel:
     replica). select_group: the ranks BatchTopK selects over (its batch spans the data replicas
     and its features the shards): the world of the mesh. `Parallel()` is the single process."""
 
-    def __init__(self, shard_group=None, data_group=None, select_group=None, shards: bool = False,
-                 data: bool = False):
+    def __init__(
+        self, shard_group=None, data_group=None, select_group=None, shards: bool = False, data: bool = False
+    ):
         self.shard_group, self.data_group, self.select_group = shard_group, data_group, select_group
         self.shards, self.data = shards, data
         self.world = dist.get_world_size(shard_group) if shards else 1  # feature shards
@@ -161,7 +170,9 @@ class Parallel:
         return self.data_sum(t.detach()) / self.replicas if self.data else t
 
     # -- sharded CLT operations ------------------------------------------------------------------
-    def activate(self, clt: CrossLayerTranscoder, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+    def activate(
+        self, clt: CrossLayerTranscoder, h: torch.Tensor, layers: slice = slice(None)
+    ) -> torch.Tensor:
         kind = clt.arch.activation
         if kind == "topk" and self.shards:
             t = self.kth_largest(h.detach(), clt.arch.k)  # [N, L]
@@ -203,10 +214,14 @@ class Parallel:
         if not params:
             return torch.zeros(())
         dev = params[0][1].grad.device
-        sharded = sum((p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is not None),
-                      torch.zeros((), device=dev))
-        replicated = sum((p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is None),
-                         torch.zeros((), device=dev))
+        sharded = sum(
+            (p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is not None),
+            torch.zeros((), device=dev),
+        )
+        replicated = sum(
+            (p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is None),
+            torch.zeros((), device=dev),
+        )
         total = (self.sum(sharded) + replicated).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for _, p in params:
@@ -218,7 +233,9 @@ class Parallel:
         if self.shards or (self.data and clt.arch.activation == "batchtopk"):
             clt.activate = lambda h, layers=slice(None): self.activate(clt, h, layers)
         if self.shards:
-            clt.decode_normalized = lambda a, bias=True, support=None: self.decode_normalized(clt, a, bias, support)
+            clt.decode_normalized = lambda a, bias=True, support=None: self.decode_normalized(
+                clt, a, bias, support
+            )
             clt.decode_layer = lambda acts, layer: self.decode_layer(clt, acts, layer)
         return clt
 
@@ -246,20 +263,27 @@ def is_sharded(directory) -> bool:
     return any(Path(directory).glob("shard-*-of-*"))
 
 
-def load_sharded(directory, rank: int | None = None, world: int | None = None,
-                 device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+def load_sharded(
+    directory, rank: int | None = None, world: int | None = None, device: str | torch.device = "cpu"
+) -> CrossLayerTranscoder:
     """The full CLT from a sharded checkpoint (rank=None), or its shard `rank` of `world` for any
     world size dividing the feature count."""
     found = sorted(Path(directory).glob("shard-*-of-*"))
     worlds = {int(p.name.split("-of-")[1]) for p in found}
     if len(worlds) != 1:
-        raise ShardingError(f"{directory}: expected the shards of one sharding, found {[p.name for p in found]}")
+        raise ShardingError(
+            f"{directory}: expected the shards of one sharding, found {[p.name for p in found]}"
+        )
     saved_world = worlds.pop()
     missing = [r for r in range(saved_world) if not shard_dir(directory, r, saved_world).exists()]
     if missing:
         raise ShardingError(f"{directory}: shards {missing} of {saved_world} are missing")
-    full = unshard_clt([CrossLayerTranscoder.from_pretrained(shard_dir(directory, r, saved_world), device)
-                        for r in range(saved_world)])
+    full = unshard_clt(
+        [
+            CrossLayerTranscoder.from_pretrained(shard_dir(directory, r, saved_world), device)
+            for r in range(saved_world)
+        ]
+    )
     if rank is None:
         return full
     return shard_clt(full, rank, world or 1)
@@ -272,15 +296,21 @@ def load_sharded(directory, rank: int | None = None, world: int | None = None,
 def mesh_shape(world: int, feature_shards: int, d_sae: int, batch_tokens: int) -> tuple[int, int]:
     """(replicas, shards) of a world of `world` processes; clear errors when they do not fit."""
     if world % feature_shards:
-        raise ShardingError(f"{feature_shards} feature shards do not divide the {world} processes "
-                            "(trainer.devices × trainer.num_nodes); set clt.feature_shards to a divisor")
+        raise ShardingError(
+            f"{feature_shards} feature shards do not divide the {world} processes "
+            "(trainer.devices × trainer.num_nodes); set clt.feature_shards to a divisor"
+        )
     if d_sae % feature_shards:
-        raise ShardingError(f"clt.d_sae={d_sae} is not divisible by the {feature_shards} feature shards "
-                            f"(world size {world}); choose d_sae or clt.feature_shards so that it is")
+        raise ShardingError(
+            f"clt.d_sae={d_sae} is not divisible by the {feature_shards} feature shards "
+            f"(world size {world}); choose d_sae or clt.feature_shards so that it is"
+        )
     replicas = world // feature_shards
     if batch_tokens % replicas:
-        raise ShardingError(f"trainer.batch_tokens={batch_tokens} (the global batch) is not divisible by "
-                            f"the {replicas} data-parallel replicas")
+        raise ShardingError(
+            f"trainer.batch_tokens={batch_tokens} (the global batch) is not divisible by "
+            f"the {replicas} data-parallel replicas"
+        )
     return replicas, feature_shards
 
 
@@ -292,8 +322,13 @@ def build_mesh(world: int, rank: int, shards: int) -> tuple[Parallel, int, int]:
     shard_groups = [dist.new_group(list(range(r * shards, (r + 1) * shards))) for r in range(replicas)]
     data_groups = [dist.new_group(list(range(s, world, shards))) for s in range(shards)]
     replica, shard = divmod(rank, shards)
-    fp = Parallel(shard_group=shard_groups[replica], data_group=data_groups[shard], select_group=None,
-                  shards=shards > 1, data=replicas > 1)
+    fp = Parallel(
+        shard_group=shard_groups[replica],
+        data_group=data_groups[shard],
+        select_group=None,
+        shards=shards > 1,
+        data=replicas > 1,
+    )
     return fp, replica, shard
 
 
@@ -328,8 +363,11 @@ def load_training_state(ckpt: dict, path, param_names: list[str], rank: int, wor
     saved = int(ckpt.get("clt_feature_shards", 1))
     if saved == world:
         return ckpt if world == 1 else _read_shard(path, rank, world, ckpt)
-    full = ckpt if saved == 1 else _concat_states([_read_shard(path, r, saved, ckpt) for r in range(saved)],
-                                                   param_names)
+    full = (
+        ckpt
+        if saved == 1
+        else _concat_states([_read_shard(path, r, saved, ckpt) for r in range(saved)], param_names)
+    )
     return _slice_state(full, param_names, rank, world)
 
 
@@ -338,25 +376,38 @@ def _read_shard(path, rank: int, world: int, index: dict) -> dict:
     if not f.exists():
         raise ShardingError(f"{path} was written by {world} feature shards but {f.name} is missing")
     part = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-    if part.get("global_step") != index.get("global_step") or part.get("clt_shard") != {"rank": rank, "world": world}:
-        raise ShardingError(f"{f} is not shard {rank} of {world} at step {index.get('global_step')} "
-                            f"(found {part.get('clt_shard')} at step {part.get('global_step')}): "
-                            "the checkpoint's shards come from different saves or meshes")
+    if part.get("global_step") != index.get("global_step") or part.get("clt_shard") != {
+        "rank": rank,
+        "world": world,
+    }:
+        raise ShardingError(
+            f"{f} is not shard {rank} of {world} at step {index.get('global_step')} "
+            f"(found {part.get('clt_shard')} at step {part.get('global_step')}): "
+            "the checkpoint's shards come from different saves or meshes"
+        )
     return part
 
 
 def _map_training_tensors(ckpt: dict, param_names: list[str], fn) -> dict:
     """A copy of `ckpt` whose sharded tensors (module state and Adam moments) are fn(key, dim, value)."""
     out = dict(ckpt)
-    out["state_dict"] = {k: (v if _training_dim(k) is None else fn(("state", k), _training_dim(k), v))
-                         for k, v in ckpt["state_dict"].items()}
+    out["state_dict"] = {
+        k: (v if _training_dim(k) is None else fn(("state", k), _training_dim(k), v))
+        for k, v in ckpt["state_dict"].items()
+    }
     opts = []
     for j, o in enumerate(ckpt.get("optimizer_states", [])):
         state = {}
         for i, st in o["state"].items():
             dim = _training_dim(param_names[i])
-            state[i] = {k: (fn(("opt", j, i, k), dim, v) if dim is not None and torch.is_tensor(v) and v.dim() > 0
-                            else v) for k, v in st.items()}
+            state[i] = {
+                k: (
+                    fn(("opt", j, i, k), dim, v)
+                    if dim is not None and torch.is_tensor(v) and v.dim() > 0
+                    else v
+                )
+                for k, v in st.items()
+            }
         opts.append({**o, "state": state})
     out["optimizer_states"] = opts
     out.pop("clt_shard", None)
@@ -371,15 +422,18 @@ def _concat_states(parts: list[dict], param_names: list[str]) -> dict:
         _, j, i, k = key
         return p["optimizer_states"][j]["state"][i][k]
 
-    return _map_training_tensors(parts[0], param_names,
-                                 lambda key, dim, v: torch.cat([get(key, p) for p in parts], dim=dim))
+    return _map_training_tensors(
+        parts[0], param_names, lambda key, dim, v: torch.cat([get(key, p) for p in parts], dim=dim)
+    )
 
 
 def _slice_state(full: dict, param_names: list[str], rank: int, world: int) -> dict:
     def cut(key, dim, v):
         n = v.shape[dim]
         if n % world:
-            raise ShardingError(f"the checkpoint's {n} features per layer are not divisible by {world} shards")
+            raise ShardingError(
+                f"the checkpoint's {n} features per layer are not divisible by {world} shards"
+            )
         lo, hi = shard_range(n, rank, world)
         return v.narrow(dim, lo, hi - lo).clone()
 

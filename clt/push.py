@@ -23,14 +23,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", default=None, help="commit message")
     p.add_argument("--no-export", action="store_true", help="skip the circuit-tracer export")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the circuit-tracer export")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the circuit-tracer export",
+    )
     args = p.parse_args(argv)
     from .io import push_to_hub
 
     try:
-        url = push_to_hub(args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
-                          commit_message=args.message, export=not args.no_export, dtype=args.dtype)
+        url = push_to_hub(
+            args.checkpoint,
+            args.repo_id,
+            revision=args.revision,
+            private=args.private,
+            commit_message=args.message,
+            export=not args.no_export,
+            dtype=args.dtype,
+        )
     except CLTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

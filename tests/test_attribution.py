@@ -111,7 +111,9 @@ def test_perturbation_faithfulness(family, activation, trained):
 
     # exact row sums: Σ_s A[t, s] + bias[t] = value[t]
     row_sum = A.sum(1) + graph.node_bias[rows]
-    torch.testing.assert_close(row_sum, graph.node_values[rows], rtol=1e-4, atol=1e-4 * base.abs().max().item())
+    torch.testing.assert_close(
+        row_sum, graph.node_values[rows], rtol=1e-4, atol=1e-4 * base.abs().max().item()
+    )
     torch.testing.assert_close(base, graph.node_values[rows], rtol=1e-4, atol=1e-5)
 
     gen = torch.Generator().manual_seed(3)
@@ -196,7 +198,9 @@ def test_batched_rows_equal_dense_per_node_reference(activation):
     lv = rm.logit_vectors(graph.logit_tokens)
     K = len(lv)
     ref_logits = dense_rows(rm, ctx, feats, vals, torch.full((K,), rm.n_layers), torch.full((K,), T - 1), lv)
-    torch.testing.assert_close(graph.adjacency_matrix[graph.logit_slice, :n_cols], ref_logits, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        graph.adjacency_matrix[graph.logit_slice, :n_cols], ref_logits, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_max_feature_nodes_visits_the_most_influential_features():
@@ -208,8 +212,12 @@ def test_max_feature_nodes_visits_the_most_influential_features():
     keep = torch.cat([part.selected_features, torch.arange(full.n_features, full.logit_slice.start)])
     full_rows = torch.cat([part.selected_features, torch.arange(full.logit_slice.start, full.n_nodes)])
     part_rows = torch.cat([torch.arange(20), torch.arange(part.logit_slice.start, part.n_nodes)])
-    torch.testing.assert_close(part.adjacency_matrix[part_rows][:, : part.logit_slice.start],
-                               full.adjacency_matrix[full_rows][:, keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        part.adjacency_matrix[part_rows][:, : part.logit_slice.start],
+        full.adjacency_matrix[full_rows][:, keep],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # what the dropped columns carried is kept per row: rows still add up to the targets' values
     rows = torch.cat([torch.arange(20), torch.arange(part.logit_slice.start, part.n_nodes)])
     total = part.adjacency_matrix[rows].sum(1) + part.node_unvisited[rows] + part.node_bias[rows]
@@ -231,11 +239,20 @@ def hand_graph(A: np.ndarray, n_features: int, n_layers: int, n_pos: int, probs:
     n_logits = len(probs)
     assert A.shape[0] == n_features + n_layers * n_pos + n_pos + n_logits
     feats = torch.tensor([[i % n_layers, i % n_pos, i] for i in range(n_features)])
-    return Graph(prompt="x", input_tokens=torch.arange(n_pos), token_strings=[f"t{i}" for i in range(n_pos)],
-                 active_features=feats, activation_values=torch.ones(n_features),
-                 selected_features=torch.arange(n_features), adjacency_matrix=torch.tensor(A, dtype=torch.float32),
-                 logit_tokens=torch.arange(n_logits), logit_token_strings=[f"l{i}" for i in range(n_logits)],
-                 logit_probabilities=torch.tensor(probs), n_layers=n_layers, vocab_size=10)
+    return Graph(
+        prompt="x",
+        input_tokens=torch.arange(n_pos),
+        token_strings=[f"t{i}" for i in range(n_pos)],
+        active_features=feats,
+        activation_values=torch.ones(n_features),
+        selected_features=torch.arange(n_features),
+        adjacency_matrix=torch.tensor(A, dtype=torch.float32),
+        logit_tokens=torch.arange(n_logits),
+        logit_token_strings=[f"l{i}" for i in range(n_logits)],
+        logit_probabilities=torch.tensor(probs),
+        n_layers=n_layers,
+        vocab_size=10,
+    )
 
 
 def random_dag(seed: int, n_features=6, n_layers=2, n_pos=2, n_logits=2):
@@ -245,7 +262,9 @@ def random_dag(seed: int, n_features=6, n_layers=2, n_pos=2, n_logits=2):
     src_end = n - n_logits
     for t in range(n_features):  # features read from earlier features and all errors/tokens
         A[t, :t] = rng.normal(size=t) * (rng.random(t) < 0.7)
-        A[t, n_features:src_end] = rng.normal(size=src_end - n_features) * (rng.random(src_end - n_features) < 0.5)
+        A[t, n_features:src_end] = rng.normal(size=src_end - n_features) * (
+            rng.random(src_end - n_features) < 0.5
+        )
     for t in range(src_end, n):
         A[t, :src_end] = rng.normal(size=src_end) * (rng.random(src_end) < 0.8)
     return A, n_features, n_layers, n_pos, [0.7, 0.2][:n_logits]
@@ -255,7 +274,7 @@ def numpy_prune(A, n_features, n_pos, probs, node_t, edge_t):
     """Direct computation: influence by matrix inverse, thresholds by sorting."""
     n = len(A)
     w = np.zeros(n)
-    w[n - len(probs):] = probs
+    w[n - len(probs) :] = probs
 
     def norm(M):
         M = np.abs(M)
@@ -273,7 +292,7 @@ def numpy_prune(A, n_features, n_pos, probs, node_t, edge_t):
 
     node_infl = infl(norm(A))
     keep = node_infl >= cut(node_infl, node_t)
-    keep[n - len(probs) - n_pos:] = True
+    keep[n - len(probs) - n_pos :] = True
     P = A.copy()
     P[~keep] = 0
     P[:, ~keep] = 0
@@ -290,8 +309,10 @@ def test_pruning_matches_direct_inverse_computation(seed):
     w = g.logit_weights()
     A_hat = normalize_matrix(g.adjacency_matrix)
     from clt.attribution import compute_influence
-    torch.testing.assert_close(compute_influence(A_hat, w).double(), influence_by_inverse(A_hat, w),
-                               rtol=1e-5, atol=1e-7)
+
+    torch.testing.assert_close(
+        compute_influence(A_hat, w).double(), influence_by_inverse(A_hat, w), rtol=1e-5, atol=1e-7
+    )
     keep, edges, _ = numpy_prune(A, nf, npos, probs, 0.8, 0.98)
     p = prune(g, 0.8, 0.98)
     # before dangling removal the node set is exactly the direct one; dangling removal only drops
@@ -324,7 +345,10 @@ def test_scores_on_a_hand_graph():
     assert s["replacement_score"] == pytest.approx(0.5)
     assert s["completeness_score"] == pytest.approx(2.5 / 3)  # circuit-tracer's convention: 0.833
     A[0, 1] = 0.0  # no error: everything explained
-    assert graph_scores(hand_graph(A, 1, 1, 1, [1.0])) == {"replacement_score": 1.0, "completeness_score": 1.0}
+    assert graph_scores(hand_graph(A, 1, 1, 1, [1.0])) == {
+        "replacement_score": 1.0,
+        "completeness_score": 1.0,
+    }
 
 
 def test_pruned_scores_count_pruned_features_as_error():
@@ -420,7 +444,11 @@ def test_graph_json_validates_against_the_viewer_schema(tmp_path):
     assert {"embedding", "logit"} <= kinds
     assert sum(n.feature_type == "embedding" for n in model.nodes) == T
     logits = [n for n in model.nodes if n.feature_type == "logit"]
-    assert len(logits) == graph.n_logits and logits[0].is_target_logit and logits[0].layer == str(rm.n_layers + 1)
+    assert (
+        len(logits) == graph.n_logits
+        and logits[0].is_target_logit
+        and logits[0].layer == str(rm.n_layers + 1)
+    )
     for n in model.nodes:
         if n.feature_type == "mlp reconstruction error":
             layer, minus_one, pos = n.node_id.split("_")
@@ -494,7 +522,9 @@ def test_free_intervention_propagates_through_the_model():
     feat = int(ctx.a[pos, layer].argmax())
     a = float(ctx.a[pos, layer, feat])
     free = rm.intervene(ids, [Intervention(layer, pos, feat, 0.0)], mode="free")  # ablate
-    torch.testing.assert_close(free, manual_free_intervention(rm, ids, layer, pos, feat, -a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        free, manual_free_intervention(rm, ids, layer, pos, feat, -a), rtol=1e-4, atol=1e-5
+    )
     assert torch.allclose(free[:pos], ctx.logits[:pos], atol=1e-5)  # causal
     constrained = rm.intervene(ids, [Intervention(layer, pos, feat, 0.0)], mode="constrained", ctx=ctx)
     assert not torch.allclose(free[-1], constrained[-1], atol=1e-4)  # indirect effects differ
@@ -509,9 +539,9 @@ def test_generation_holds_the_intervention():
     assert len(out_ids) == T + 4
     # the cached generation equals the full-sequence forward with the same open-ended intervention
     full = rm.forward(out_ids[:-1], iv)
-    torch.testing.assert_close(step_logits, full[T - 1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step_logits, full[T - 1 :], rtol=1e-4, atol=1e-4)
     plain = rm.forward(out_ids[:-1])
-    assert not torch.allclose(plain[T - 1:], full[T - 1:], atol=1e-3)
+    assert not torch.allclose(plain[T - 1 :], full[T - 1 :], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

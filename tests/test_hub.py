@@ -22,13 +22,25 @@ from clt.io import export_circuit_tracer, load_clt
 
 
 def hub_env(hub: FakeHub, tmp_path, **extra) -> dict:
-    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test",
-            "HF_HOME": str(tmp_path / "hf"), **extra}
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "hf_test",
+        "HF_HOME": str(tmp_path / "hf"),
+        **extra,
+    }
 
 
 def python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=os.environ | env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 LOAD = """
@@ -47,8 +59,10 @@ def trained(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("hub")
     with FakeHub() as hub:
         run = tmp / "run"
-        done = train_cli(tiny_overrides(tiny_model_dir, run, report=True, **{"hub.repo_id": "alice/tiny-clt"}),
-                         env=hub_env(hub, tmp))
+        done = train_cli(
+            tiny_overrides(tiny_model_dir, run, report=True, **{"hub.repo_id": "alice/tiny-clt"}),
+            env=hub_env(hub, tmp),
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         yield hub, run, tmp, done.stdout
 
@@ -61,11 +75,22 @@ def test_training_pushes_every_file_byte_identical(trained):
     hub, run, tmp, out = trained
     assert "pushed to the Hub: " in out and "alice/tiny-clt/commit/" in out
     files = hub.files("alice/tiny-clt")
-    assert {"README.md", "config.json", "model.safetensors", "report.json", "loss_curve.png",
-            "training_config.json", "circuit_tracer/config.yaml"} <= set(files)
-    for local, remote in (("clt/config.json", "config.json"), ("clt/model.safetensors", "model.safetensors"),
-                          ("report.json", "report.json"), ("loss_curve.png", "loss_curve.png"),
-                          ("config.json", "training_config.json")):
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "report.json",
+        "loss_curve.png",
+        "training_config.json",
+        "circuit_tracer/config.yaml",
+    } <= set(files)
+    for local, remote in (
+        ("clt/config.json", "config.json"),
+        ("clt/model.safetensors", "model.safetensors"),
+        ("report.json", "report.json"),
+        ("loss_curve.png", "loss_curve.png"),
+        ("config.json", "training_config.json"),
+    ):
         assert files[remote] == (run / local).read_bytes(), remote
     # the circuit-tracer files are what exporting the run's CLT here writes
     export_circuit_tracer(load_clt(run), tmp / "export")
@@ -110,8 +135,10 @@ def test_from_pretrained_downloads_the_same_clt(trained):
     assert cached and cached[0].read_bytes() == (run / "clt" / "model.safetensors").read_bytes()
     # offline: from the local cache only, with the Hub unreachable
     out = tmp / "offline.pt"
-    done = python(LOAD.format(repo="alice/tiny-clt", kw="", out=str(out)),
-                  env | {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    done = python(
+        LOAD.format(repo="alice/tiny-clt", kw="", out=str(out)),
+        env | {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert all(torch.equal(g, r) for g, r in zip(torch.load(out), ref))
 
@@ -124,9 +151,23 @@ def test_push_cli_revision_and_errors(trained, tmp_path):
     with torch.no_grad():
         clt.b_dec.add_(1.0)
     clt.save_pretrained(tmp_path / "edited")
-    done = subprocess.run([sys.executable, "-m", "clt.push", str(tmp_path / "edited"), "alice/tiny-clt",
-                           "--revision", "dev", "--no-export"], cwd=REPO, env=os.environ | env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.push",
+            str(tmp_path / "edited"),
+            "alice/tiny-clt",
+            "--revision",
+            "dev",
+            "--no-export",
+        ],
+        cwd=REPO,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     dev, main = hub.files("alice/tiny-clt", "dev"), hub.files("alice/tiny-clt", "main")
     assert dev["model.safetensors"] == (tmp_path / "edited" / "model.safetensors").read_bytes()
@@ -141,26 +182,36 @@ def test_push_cli_revision_and_errors(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) == pytest.approx(1.0)
     # bad input: clear errors from the loader, not tracebacks from HTTP
-    for repo, kw, msg in (("alice/missing", "", "no CLT at alice/missing: no such local directory, and no such Hub repo"),
-                          ("alice/tiny-clt", "revision='nope'", "no revision 'nope' in alice/tiny-clt"),
-                          ("alice/tiny-clt", "subfolder='nothing'", "alice/tiny-clt/nothing holds no CLT")):
-        done = python(f"""
+    for repo, kw, msg in (
+        ("alice/missing", "", "no CLT at alice/missing: no such local directory, and no such Hub repo"),
+        ("alice/tiny-clt", "revision='nope'", "no revision 'nope' in alice/tiny-clt"),
+        ("alice/tiny-clt", "subfolder='nothing'", "alice/tiny-clt/nothing holds no CLT"),
+    ):
+        done = python(
+            f"""
             from clt.model import CrossLayerTranscoder, CheckpointError
             try:
                 CrossLayerTranscoder.from_pretrained({repo!r}, {kw})
             except CheckpointError as e:
                 print("ERR", e)
-        """, env)
+        """,
+            env,
+        )
         assert f"ERR {msg}" in done.stdout, done.stdout + done.stderr[-2000:]
     # not cached and offline
-    done = python("""
+    done = python(
+        """
         from clt.model import CrossLayerTranscoder, CheckpointError
         try:
             CrossLayerTranscoder.from_pretrained("alice/never-downloaded")
         except CheckpointError as e:
             print("ERR", e)
-    """, env | {"HF_HUB_OFFLINE": "1"})
-    assert "no such local directory, and not in the local Hugging Face cache" in done.stdout, done.stdout + done.stderr[-2000:]
+    """,
+        env | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert "no such local directory, and not in the local Hugging Face cache" in done.stdout, (
+        done.stdout + done.stderr[-2000:]
+    )
 
 
 def test_push_uploads_the_feature_cards_and_the_hub_clt_finds_them(trained, tmp_path):
@@ -174,20 +225,29 @@ def test_push_uploads_the_feature_cards_and_the_hub_clt_finds_them(trained, tmp_
     env = hub_env(hub, tmp_path)
     local = tmp_path / "run"
     shutil.copytree(run, local)
-    job = FeaturesJobConfig(model=ModelConfig(name_or_path="", dtype="float32"),
-                            data=DataConfig(context_size=32, eval_docs=2),
-                            features=FeaturesConfig(checkpoint=str(local), tokens=1500, task=0, tasks=1))
+    job = FeaturesJobConfig(
+        model=ModelConfig(name_or_path="", dtype="float32"),
+        data=DataConfig(context_size=32, eval_docs=2),
+        features=FeaturesConfig(checkpoint=str(local), tokens=1500, task=0, tasks=1),
+    )
     store = compute_store(job.validate(), progress=False)
     assert store == local / "features"
-    done = subprocess.run([sys.executable, "-m", "clt.push", str(local), "alice/tiny-cards", "--no-export"],
-                          cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "clt.push", str(local), "alice/tiny-cards", "--no-export"],
+        cwd=REPO,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     files = hub.files("alice/tiny-cards")
     for f in store.iterdir():
         assert files[f"features/{f.name}"] == f.read_bytes(), f.name
     assert 'FeatureStore.of("alice/tiny-cards")' in files["README.md"].decode()
     want = FeatureStore(store).record(1, 2)
-    done = python("""
+    done = python(
+        """
         import json
         from clt.features import FeatureStore
         print("CARD", json.dumps(FeatureStore.of("alice/tiny-cards").record(1, 2)))
@@ -195,7 +255,9 @@ def test_push_uploads_the_feature_cards_and_the_hub_clt_finds_them(trained, tmp_
             FeatureStore.of("alice/tiny-clt")
         except Exception as e:
             print("ERR", e)
-    """, env)
+    """,
+        env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.split("CARD ", 1)[1].splitlines()[0]) == want
     assert "ERR alice/tiny-clt has no feature cards" in done.stdout

@@ -18,12 +18,28 @@ from clt.io import export_circuit_tracer, import_circuit_tracer, load_clt
 from clt.model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
 
 
-def random_clt(activation: str, log_threshold: bool = False, L: int = 3, d: int = 32, F: int = 40,
-               seed: int = 0, subject: str = "tiny") -> CrossLayerTranscoder:
+def random_clt(
+    activation: str,
+    log_threshold: bool = False,
+    L: int = 3,
+    d: int = 32,
+    F: int = 40,
+    seed: int = 0,
+    subject: str = "tiny",
+) -> CrossLayerTranscoder:
     torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=d, d_sae=F, activation=activation, k=4,
-                                               log_threshold=log_threshold, subject_model=subject),
-                               threshold_init=0.05)
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(
+            n_layers=L,
+            d_model=d,
+            d_sae=F,
+            activation=activation,
+            k=4,
+            log_threshold=log_threshold,
+            subject_model=subject,
+        ),
+        threshold_init=0.05,
+    )
     with torch.no_grad():
         clt.input_scale.uniform_(0.3, 3.0)
         clt.output_scale.uniform_(0.3, 3.0)
@@ -36,8 +52,10 @@ def random_clt(activation: str, log_threshold: bool = False, L: int = 3, d: int 
     return clt.eval()
 
 
-@pytest.mark.parametrize("activation,log_threshold", [("topk", False), ("batchtopk", False), ("jumprelu", False),
-                                                      ("jumprelu", True), ("relu", False)])
+@pytest.mark.parametrize(
+    "activation,log_threshold",
+    [("topk", False), ("batchtopk", False), ("jumprelu", False), ("jumprelu", True), ("relu", False)],
+)
 def test_circuit_tracer_round_trip(tmp_path, activation, log_threshold):
     clt = random_clt(activation, log_threshold)
     out = export_circuit_tracer(clt, tmp_path / "ct")
@@ -78,8 +96,10 @@ def test_foreign_circuit_tracer_files_load_as_jumprelu_or_relu(tmp_path):
                 t[f"threshold_{i}"] = theta[i]
             save_file(t, folder / f"W_enc_{i}.safetensors")
             save_file({f"W_dec_{i}": W_dec[i]}, folder / f"W_dec_{i}.safetensors")
-        (folder / "config.yaml").write_text("model_kind: cross_layer_transcoder\nmodel_name: google/gemma-2-2b\n"
-                                            "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n")
+        (folder / "config.yaml").write_text(
+            "model_kind: cross_layer_transcoder\nmodel_name: google/gemma-2-2b\n"
+            "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+        )
         clt = load_clt(folder).eval()
         assert clt.arch.activation == ("jumprelu" if with_theta else "relu")
         assert clt.arch.subject_model == "google/gemma-2-2b"
@@ -117,8 +137,12 @@ def test_load_clt_accepts_run_dir_native_dir_and_export(tmp_path):
 def test_clt_command_exports_and_imports(tmp_path):
     clt = random_clt("batchtopk")
     clt.save_pretrained(tmp_path / "native")
-    assert clt_main(["export-circuit-tracer", str(tmp_path / "native"), str(tmp_path / "ct"), "--dtype",
-                     "bfloat16"]) == 0
+    assert (
+        clt_main(
+            ["export-circuit-tracer", str(tmp_path / "native"), str(tmp_path / "ct"), "--dtype", "bfloat16"]
+        )
+        == 0
+    )
     assert load_file(tmp_path / "ct" / "W_dec_0.safetensors")["W_dec_0"].dtype == torch.bfloat16
     assert clt_main(["import-circuit-tracer", str(tmp_path / "ct"), str(tmp_path / "back")]) == 0
     back = CrossLayerTranscoder.from_pretrained(tmp_path / "back").eval()
@@ -133,8 +157,11 @@ def test_clt_command_exports_and_imports(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_model_dir, tmp_path_factory):
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=32, d_sae=48, activation="topk", k=3,
-                                               subject_model=str(tiny_model_dir)))
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(
+            n_layers=3, d_model=32, d_sae=48, activation="topk", k=3, subject_model=str(tiny_model_dir)
+        )
+    )
     out = tmp_path_factory.mktemp("ckpt") / "clt"
     clt.save_pretrained(out)
     return out
@@ -142,9 +169,23 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory):
 
 def test_attribute_cli_writes_graph_files_and_prints_top_features(tiny_checkpoint, tmp_path):
     out = tmp_path / "graph"
-    proc = subprocess.run([sys.executable, "-m", "clt.attribute", str(tiny_checkpoint),
-                           "The capital of France is", "--out", str(out), "--batch-size", "16"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.attribute",
+            str(tiny_checkpoint),
+            "The capital of France is",
+            "--out",
+            str(out),
+            "--batch-size",
+            "16",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     for name in ("graph.pt", "graph.json", "graph-metadata.json", "graph.png", "scores.json"):
         assert (out / name).stat().st_size > 0, name
@@ -154,6 +195,7 @@ def test_attribute_cli_writes_graph_files_and_prints_top_features(tiny_checkpoin
     s = json.loads((out / "scores.json").read_text())
     assert 0 <= s["full/replacement_score"] <= 1
     from PIL import Image
+
     assert Image.open(out / "graph.png").size[0] > 500
 
 
@@ -174,7 +216,8 @@ def test_attribute_cli_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert code == 2 and "context is 512 tokens" in err
     other = random_clt("topk", d=64, subject=str(tiny_checkpoint.parent))
     other.arch.subject_model = json.loads((tiny_checkpoint / "config.json").read_text())["architecture"][
-        "subject_model"]
+        "subject_model"
+    ]
     other.save_pretrained(tmp_path / "other")
     code, err = run(str(tmp_path / "other"), "hello")
     assert code == 2 and "wrong checkpoint" in err
@@ -193,15 +236,32 @@ def test_attribute_cards_for_the_graph_features_only(tiny_checkpoint, tmp_path, 
     ckpt = tmp_path / "clt"
     shutil.copytree(tiny_checkpoint, ckpt)
     out = tmp_path / "g"
-    args = [str(ckpt), "The capital of France is", "--out", str(out), "--batch-size", "16", "--no-plot",
-            "--cards", "--cards-tokens", "1500", "--node-threshold", "1", "--edge-threshold", "1"]
+    args = [
+        str(ckpt),
+        "The capital of France is",
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--no-plot",
+        "--cards",
+        "--cards-tokens",
+        "1500",
+        "--node-threshold",
+        "1",
+        "--edge-threshold",
+        "1",
+    ]
     assert attribute_main(args) == 0, capsys.readouterr().err
     data = json.loads((out / "graph.json").read_text())
     store = ckpt / "features"
     assert data["metadata"]["scan"] == str(store.resolve()) and data["metadata"]["scan"].startswith("/")
     st = FeatureStore(store)
-    feats = {(int(n["layer"]), int(n["node_id"].split("_")[1])) for n in data["nodes"]
-             if n["feature_type"] == "cross layer transcoder"}
+    feats = {
+        (int(n["layer"]), int(n["node_id"].split("_")[1]))
+        for n in data["nodes"]
+        if n["feature_type"] == "cross layer transcoder"
+    }
     assert feats and all(st.has(layer, f) for layer, f in feats)
     present = sum(len(p) for p in st.present())
     assert present < 3 * 48 and not st.manifest["complete"]  # only the graph's features

@@ -44,19 +44,26 @@ def check_decode(a, W0, dtype=torch.float32, rtol=1e-4, atol=1e-4):
         else:
             y = decode_triton(*to_padded(aa), W)
         (y.float() * g.to(DEVICE)).sum().backward()
-        out[name] = (y.float().cpu(), (aa.grad.float() * support.to(DEVICE)).cpu(), [w.grad.float().cpu() for w in W])
+        out[name] = (
+            y.float().cpu(),
+            (aa.grad.float() * support.to(DEVICE)).cpu(),
+            [w.grad.float().cpu() for w in W],
+        )
     torch.testing.assert_close(out["triton"][0], out["ref"][0], rtol=rtol, atol=atol)
     torch.testing.assert_close(out["triton"][1], out["ref"][1], rtol=rtol, atol=atol)
     for gt, gr in zip(out["triton"][2], out["ref"][2]):
         torch.testing.assert_close(gt, gr, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("L,d,F,k,ragged", [
-    (1, 24, 37, 3, False),  # L = 1
-    (3, 20, 37, 5, False),  # non-power-of-two d, F, k
-    (4, 70, 50, 17, False),  # d > one block, K > one block
-    (3, 16, 29, 4, True),  # BatchTopK: ragged rows, padded
-])
+@pytest.mark.parametrize(
+    "L,d,F,k,ragged",
+    [
+        (1, 24, 37, 3, False),  # L = 1
+        (3, 20, 37, 5, False),  # non-power-of-two d, F, k
+        (4, 70, 50, 17, False),  # d > one block, K > one block
+        (3, 16, 29, 4, True),  # BatchTopK: ragged rows, padded
+    ],
+)
 def test_sparse_decode_matches_dense_reference(L, d, F, k, ragged):
     a = sparse_acts(11, L, F, k, ragged)
     W0 = [torch.randn(F, L - s, d) for s in range(L)]
@@ -109,10 +116,15 @@ def test_choose_paths(monkeypatch):
 SLOW_ON_CPU = pytest.mark.slow if DEVICE == "cpu" else []
 
 
-@pytest.mark.parametrize("activation,steps,batch", [
-    ("topk", 100, 16), ("jumprelu", 100, 16),
-    pytest.param("topk", 300, 32, marks=SLOW_ON_CPU), pytest.param("jumprelu", 300, 32, marks=SLOW_ON_CPU),
-])
+@pytest.mark.parametrize(
+    "activation,steps,batch",
+    [
+        ("topk", 100, 16),
+        ("jumprelu", 100, 16),
+        pytest.param("topk", 300, 32, marks=SLOW_ON_CPU),
+        pytest.param("jumprelu", 300, 32, marks=SLOW_ON_CPU),
+    ],
+)
 def test_training_curve_matches_reference(activation, steps, batch):
     """Hundreds of Adam steps with the Triton decode and with the torch reference give the same
     loss curve to within fp32 noise (the interpreter is slow: 300-step runs are `slow` on CPU)."""
@@ -130,8 +142,9 @@ def test_training_curve_matches_reference(activation, steps, batch):
         cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, 24, 3
         cfg.clt.sparsity_coeff, cfg.trainer.max_steps = 1e-3, steps
         torch.manual_seed(0)
-        m = CLTModule(cfg, CLTArchitecture(n_layers=2, d_model=16, d_sae=24, activation=activation, k=3,
-                                           decode=impl)).to(DEVICE)
+        m = CLTModule(
+            cfg, CLTArchitecture(n_layers=2, d_model=16, d_sae=24, activation=activation, k=3, decode=impl)
+        ).to(DEVICE)
         m.initialize_from_data(x[:256].to(DEVICE), y[:256].to(DEVICE))
         opt = torch.optim.Adam(m.clt.parameters(), lr=3e-3)
         losses = []
@@ -153,8 +166,9 @@ def test_training_curve_matches_reference(activation, steps, batch):
     assert abs(late_t - late_s) <= 0.02 * late_s, (late_t, late_s)
 
 
-@pytest.mark.parametrize("activation,ste", [("jumprelu", False), ("jumprelu", True), ("relu", False),
-                                             ("none", False)])
+@pytest.mark.parametrize(
+    "activation,ste", [("jumprelu", False), ("jumprelu", True), ("relu", False), ("none", False)]
+)
 def test_fused_encode_matches_reference(activation, ste):
     from clt.activations import jumprelu
     from kernels.triton_encode import encode_triton
@@ -162,7 +176,7 @@ def test_fused_encode_matches_reference(activation, ste):
     g = torch.Generator().manual_seed(0)
     n, L, d, F = 37, 3, 40, 45  # non-powers of two, more than one block each way
     x0 = torch.randn(n, L, d, generator=g)
-    W0, b0 = torch.randn(L, F, d, generator=g) / d ** 0.5, torch.randn(L, F, generator=g) * 0.1
+    W0, b0 = torch.randn(L, F, d, generator=g) / d**0.5, torch.randn(L, F, generator=g) * 0.1
     th0 = torch.rand(L, F, generator=g) * 0.5 + 0.2
     gh, ga = torch.randn(n, L, F, generator=g), torch.randn(n, L, F, generator=g)
     results = []
@@ -200,8 +214,12 @@ def test_module_loss_gradients_triton_vs_dense(activation):
         cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, 33, 4
         cfg.clt.sparsity_coeff, cfg.clt.sparsity_warmup_frac, cfg.clt.dead_after_tokens = 0.1, 0.0, 40
         torch.manual_seed(0)
-        m = CLTModule(cfg, CLTArchitecture(n_layers=3, d_model=24, d_sae=33, activation=activation, k=4,
-                                           bandwidth=2.0, decode=impl)).to(DEVICE)
+        m = CLTModule(
+            cfg,
+            CLTArchitecture(
+                n_layers=3, d_model=24, d_sae=33, activation=activation, k=4, bandwidth=2.0, decode=impl
+            ),
+        ).to(DEVICE)
         m.initialize_from_data(x.to(DEVICE), y.to(DEVICE))
         with torch.no_grad():
             m.clt.b_enc.add_(shift)
@@ -238,8 +256,22 @@ def test_kernel_benchmark_runs():
     import sys
 
     from conftest import REPO
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--quick", "--reps", "1",
-                          "--no-step", "--out", "/dev/null"], capture_output=True, text=True, timeout=300)
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "kernels.py"),
+            "--quick",
+            "--reps",
+            "1",
+            "--no-step",
+            "--out",
+            "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "decode  sparse" in out.stdout and "×dense" in out.stdout
 

@@ -29,16 +29,25 @@ def test_reconstruction_is_batch_size_invariant():
 def test_tanh_sparsity_direct():
     torch.manual_seed(0)
     a, norms = torch.rand(4, 2, 3), torch.rand(2, 3)
-    expected = sum(torch.tanh(4.0 * a[n, l, i] * norms[l, i]) for n in range(4) for l in range(2)
-                   for i in range(3)) / 4
+    expected = (
+        sum(torch.tanh(4.0 * a[n, l, i] * norms[l, i]) for n in range(4) for l in range(2) for i in range(3))
+        / 4
+    )
     torch.testing.assert_close(losses.tanh_sparsity(a, norms, 4.0), expected)
 
 
 def test_preactivation_direct():
     torch.manual_seed(0)
     h, theta, norms = torch.randn(4, 2, 3), torch.rand(2, 3), torch.rand(2, 3)
-    expected = sum(max(0.0, float(theta[l, i] - h[n, l, i])) * norms[l, i] for n in range(4)
-                   for l in range(2) for i in range(3)) / 4
+    expected = (
+        sum(
+            max(0.0, float(theta[l, i] - h[n, l, i])) * norms[l, i]
+            for n in range(4)
+            for l in range(2)
+            for i in range(3)
+        )
+        / 4
+    )
     torch.testing.assert_close(losses.preactivation(h, theta, norms), expected)
 
 

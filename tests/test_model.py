@@ -12,7 +12,9 @@ from kernels.reference import decode_dense, decode_padded, decode_sparse, to_pad
 
 def make_clt(activation="topk", L=4, d=6, F=10, k=3, seed=0, **kw):
     torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=L, d_model=d, d_sae=F, activation=activation, k=k, **kw))
+    clt = CrossLayerTranscoder(
+        CLTArchitecture(n_layers=L, d_model=d, d_sae=F, activation=activation, k=k, **kw)
+    )
     with torch.no_grad():
         clt.b_enc.normal_(0, 0.1)
         clt.b_dec.normal_()

@@ -62,7 +62,9 @@ def test_jumprelu_loss_terms_and_threshold_gradient():
     m.initialize_from_data(x, y)
     total, logs = m.loss(x, y)
     assert logs["losses/sparsity"] > 0 and logs["losses/preact"] >= 0
-    torch.testing.assert_close(total, logs["losses/mse"] + logs["losses/sparsity"] + 3e-6 * logs["losses/preact"])
+    torch.testing.assert_close(
+        total, logs["losses/mse"] + logs["losses/sparsity"] + 3e-6 * logs["losses/preact"]
+    )
     total.backward()
     assert m.clt.threshold_param.grad is not None and m.clt.threshold_param.grad.abs().sum() > 0
     assert m.clt.threshold_param.dtype == torch.float32
@@ -83,5 +85,6 @@ def test_sparse_decode_gives_the_dense_gradients_of_every_parameter():
             total.backward()
             grads[decode] = {k: p.grad.clone() for k, p in m.clt.named_parameters()}
         for k in grads["dense"]:
-            torch.testing.assert_close(grads["sparse"][k], grads["dense"][k], rtol=1e-5, atol=1e-6,
-                                       msg=f"{activation}: {k}")
+            torch.testing.assert_close(
+                grads["sparse"][k], grads["dense"][k], rtol=1e-5, atol=1e-6, msg=f"{activation}: {k}"
+            )

@@ -18,8 +18,20 @@ def test_train_help_lists_groups():
     import sys
 
     from conftest import REPO
-    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0
-    for group in ("clt: batchtopk, jumprelu, relu, topk", "model:", "data:", "trainer: cpu, ddp, gpu", "logger:"):
+    for group in (
+        "clt: batchtopk, jumprelu, relu, topk",
+        "model:",
+        "data:",
+        "trainer: cpu, ddp, gpu",
+        "logger:",
+    ):
         assert group in out.stdout, group

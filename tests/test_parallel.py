@@ -60,11 +60,22 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
 
         torch.testing.assert_close(y_hat, ref_y, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
-        for k in ("losses/mse", "losses/auxk", "losses/sparsity", "losses/preact", "metrics/l0",
-                  "sparsity/dead_fraction"):
+        for k in (
+            "losses/mse",
+            "losses/auxk",
+            "losses/sparsity",
+            "losses/preact",
+            "metrics/l0",
+            "sparsity/dead_fraction",
+        ):
             if k in ref_logs:
-                torch.testing.assert_close(torch.as_tensor(logs[k]).float(), torch.as_tensor(ref_logs[k]).float(),
-                                           rtol=1e-5, atol=1e-7, msg=k)
+                torch.testing.assert_close(
+                    torch.as_tensor(logs[k]).float(),
+                    torch.as_tensor(ref_logs[k]).float(),
+                    rtol=1e-5,
+                    atol=1e-7,
+                    msg=k,
+                )
         if activation in ("topk", "batchtopk"):
             assert float(ref_logs["losses/auxk"]) > 0  # AuxK ran, across shards
         p, r = sharded.clt, full.clt
@@ -74,8 +85,9 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
         for s in range(L):
             torch.testing.assert_close(p.W_dec[s].grad, r.W_dec[s].grad[lo:hi], rtol=1e-4, atol=1e-7)
         if activation == "jumprelu":
-            torch.testing.assert_close(p.threshold_param.grad, r.threshold_param.grad[:, lo:hi], rtol=1e-4,
-                                       atol=1e-7)
+            torch.testing.assert_close(
+                p.threshold_param.grad, r.threshold_param.grad[:, lo:hi], rtol=1e-4, atol=1e-7
+            )
         if activation == "batchtopk":
             torch.testing.assert_close(p._last_min_kept, r._last_min_kept)
     finally:
@@ -116,6 +128,7 @@ def test_sharded_checkpoint_loads_into_any_world_size_and_one_process(tmp_path):
     with pytest.raises(ShardingError, match="not divisible"):
         load_sharded(tmp_path / "clt", 0, 5)
     import shutil
+
     shutil.rmtree(tmp_path / "clt" / "shard-002-of-004")
     with pytest.raises(ShardingError, match=r"shards \[2\] of 4 are missing"):
         load_sharded(tmp_path / "clt")
@@ -155,9 +168,13 @@ def _dp_worker(rank: int, world: int, init: str, activation: str, steps: int) ->
                 opt.step()
             for k in ("metrics/fvu", "metrics/l0", "losses/auxk"):
                 if k in logs_ref:
-                    torch.testing.assert_close(torch.as_tensor(logs_dp[k]).float(),
-                                               torch.as_tensor(logs_ref[k]).float(), rtol=1e-4, atol=1e-6,
-                                               msg=f"{k} at step {step}")
+                    torch.testing.assert_close(
+                        torch.as_tensor(logs_dp[k]).float(),
+                        torch.as_tensor(logs_ref[k]).float(),
+                        rtol=1e-4,
+                        atol=1e-6,
+                        msg=f"{k} at step {step}",
+                    )
         assert torch.equal(dp.tokens_since_fired, ref.tokens_since_fired)
         for (name, p), q in zip(dp.clt.named_parameters(), ref.clt.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
@@ -187,21 +204,41 @@ def test_training_checkpoint_reshards_and_rejects_inconsistent_shards(tmp_path):
 
     def sliced(state, rank, world):  # the reference: narrow every feature dimension by hand
         lo, hi = rank * F // world, (rank + 1) * F // world
-        sd = {k: (v[:, lo:hi] if k in ("clt.W_enc", "clt.b_enc", "clt.threshold_param", "tokens_since_fired")
-                  else v[lo:hi] if k.startswith("clt.W_dec.") else v) for k, v in state["state_dict"].items()}
+        sd = {
+            k: (
+                v[:, lo:hi]
+                if k in ("clt.W_enc", "clt.b_enc", "clt.threshold_param", "tokens_since_fired")
+                else v[lo:hi]
+                if k.startswith("clt.W_dec.")
+                else v
+            )
+            for k, v in state["state_dict"].items()
+        }
         opt_state = {}
         for i, st in state["optimizer_states"][0]["state"].items():
             n = names[i]
-            cut = (lambda v: v[:, lo:hi]) if n in ("clt.W_enc", "clt.b_enc", "clt.threshold_param") else \
-                (lambda v: v[lo:hi]) if n.startswith("clt.W_dec.") else (lambda v: v)
+            cut = (
+                (lambda v: v[:, lo:hi])
+                if n in ("clt.W_enc", "clt.b_enc", "clt.threshold_param")
+                else (lambda v: v[lo:hi])
+                if n.startswith("clt.W_dec.")
+                else (lambda v: v)
+            )
             opt_state[i] = {k: cut(v) if k != "step" else v for k, v in st.items()}
         return sd, opt_state
 
     path = tmp_path / "last.ckpt"
     for r in range(2):  # a 2-shard save, as CLTStrategy writes it
         sd, st = sliced(full, r, 2)
-        torch.save({"global_step": 7, "state_dict": sd, "optimizer_states": [{**opt.state_dict(), "state": st}],
-                    "clt_shard": {"rank": r, "world": 2}}, shard_checkpoint(path, r, 2))
+        torch.save(
+            {
+                "global_step": 7,
+                "state_dict": sd,
+                "optimizer_states": [{**opt.state_dict(), "state": st}],
+                "clt_shard": {"rank": r, "world": 2},
+            },
+            shard_checkpoint(path, r, 2),
+        )
     index = {"global_step": 7, "clt_feature_shards": 2}
     for rank, world in ((0, 1), (1, 4), (3, 4), (1, 2)):
         got = load_training_state(index, path, names, rank, world)
@@ -219,5 +256,7 @@ def test_training_checkpoint_reshards_and_rejects_inconsistent_shards(tmp_path):
     with pytest.raises(ShardingError, match="come from different saves"):
         load_training_state(index, path, names, 0, 1)
     shard_checkpoint(path, 1, 2).unlink()
-    with pytest.raises(ShardingError, match="written by 2 feature shards but last.shard-001-of-002.ckpt is missing"):
+    with pytest.raises(
+        ShardingError, match="written by 2 feature shards but last.shard-001-of-002.ckpt is missing"
+    ):
         load_training_state(index, path, names, 0, 1)

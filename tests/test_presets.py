@@ -15,8 +15,14 @@ NAMES = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
 def test_the_issue_s_presets_exist():
-    assert {"smollm2_topk", "smollm2_jumprelu", "gpt2_jumprelu_32k", "llama3.2_1b_topk", "qwen2.5_0.5b_topk",
-            "gemma2_2b_jumprelu"} <= set(NAMES)
+    assert {
+        "smollm2_topk",
+        "smollm2_jumprelu",
+        "gpt2_jumprelu_32k",
+        "llama3.2_1b_topk",
+        "qwen2.5_0.5b_topk",
+        "gemma2_2b_jumprelu",
+    } <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -34,8 +40,10 @@ def test_preset_composes_validates_and_fits_its_mesh(name):
 
 def test_readme_table_matches_the_presets():
     text = (REPO / "docs" / "training.md").read_text()
-    rows = {m.group(1): [c.strip() for c in m.group(0).strip("|").split("|")]
-            for m in re.finditer(r"^\| `([\w.]+)` \|.*\|$", text, re.M)}
+    rows = {
+        m.group(1): [c.strip() for c in m.group(0).strip("|").split("|")]
+        for m in re.finditer(r"^\| `([\w.]+)` \|.*\|$", text, re.M)
+    }
     assert sorted(rows) == NAMES
     for name, cells in rows.items():
         cfg = compose([f"experiment={name}"])

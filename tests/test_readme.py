@@ -38,8 +38,12 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
                 assert "clt.attribute runs/demo" in dry.stdout and "clt serve runs/demo/graphs" in dry.stdout
         elif argv[:2] == [".venv/bin/clt", "serve"]:
             assert argv[2] == "runs/demo/graphs"
-            proc = subprocess.Popen([sys.executable, "-m", "clt.cli", "serve", str(viewer_folder.folder), "--quiet"],
-                                    cwd=REPO, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "clt.cli", "serve", str(viewer_folder.folder), "--quiet"],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             try:
                 url = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stdout.readline()).group(1)
                 with urllib.request.urlopen(url + "api/graphs") as r:
@@ -49,10 +53,21 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
                 proc.wait(10)
         elif argv[:2] == [".venv/bin/clt", "attribute"]:
             assert argv[2] == "runs/demo"
-            args = [str(viewer_folder.clt), argv[3], *[str(tmp_path / "paris") if a == "runs/paris" else a
-                                                       for a in argv[4:]], "--batch-size", "16", "--no-plot"]
-            done = subprocess.run([sys.executable, "-m", "clt.cli", "attribute", *args], cwd=REPO,
-                                  capture_output=True, text=True, timeout=300)
+            args = [
+                str(viewer_folder.clt),
+                argv[3],
+                *[str(tmp_path / "paris") if a == "runs/paris" else a for a in argv[4:]],
+                "--batch-size",
+                "16",
+                "--no-plot",
+            ]
+            done = subprocess.run(
+                [sys.executable, "-m", "clt.cli", "attribute", *args],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             assert (tmp_path / "paris" / "graph.pt").exists()
         elif argv[:2] in ([".venv/bin/python", "train.py"], [".venv/bin/clt", "train"]):
@@ -63,8 +78,13 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
             if argv[1] == "train.py":
                 done = train_cli(overrides)
             else:  # the front door execs train.py
-                done = subprocess.run([sys.executable, "-m", "clt.cli", "train", *overrides], cwd=REPO,
-                                      capture_output=True, text=True, timeout=600)
+                done = subprocess.run(
+                    [sys.executable, "-m", "clt.cli", "train", *overrides],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
             assert done.returncode == 0, done.stderr[-3000:]
             assert (tmp_path / "run" / "clt" / "config.json").exists()
         else:

@@ -27,13 +27,20 @@ pytestmark = pytest.mark.timeout(900)
 def slurm(tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm")
     env = os.environ | {"CLT_SLURM_BASE": str(base), "CLT_SLURM_PORT": "6937"}
-    done = subprocess.run(["bash", str(SCRIPT), "install"], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "install"], env=env, capture_output=True, text=True, timeout=900
+    )
     if done.returncode:
         pytest.skip(f"Slurm cannot be installed here: {(done.stderr or done.stdout).strip()[-300:]}")
-    done = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr  # installed but not starting: a real failure
-    env |= {"SLURM_CONF": str(base / "etc" / "slurm.conf"), "PATH": f"{base / 'bin'}:{os.environ['PATH']}",
-            "CLT_PYTHON": sys.executable}
+    env |= {
+        "SLURM_CONF": str(base / "etc" / "slurm.conf"),
+        "PATH": f"{base / 'bin'}:{os.environ['PATH']}",
+        "CLT_PYTHON": sys.executable,
+    }
     for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         del env[k]  # a test run inside a Slurm job must not leak that job's ids
     try:
@@ -43,7 +50,9 @@ def slurm(tmp_path_factory):
 
 
 def job_states(env, job: str) -> list[dict]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True
+    ).stdout
     return [dict(tok.split("=", 1) for tok in line.split() if "=" in tok) for line in out.splitlines()]
 
 
@@ -62,8 +71,14 @@ def finished(states) -> bool:
 
 
 def submit(env, *args) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "--cpu", "--cpus-per-task", "1",
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "slurm" / "submit.py"), "--cpu", "--cpus-per-task", "1", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()[1]
 
@@ -74,7 +89,9 @@ def overrides(model_dir, run_dir, **extra):
 
 def test_two_task_srun_data_parallel(slurm, tiny_model_dir, tmp_path):
     log = tmp_path / "job.out"
-    job = submit(slurm, "--tasks-per-node", "2", "--output", str(log), *overrides(tiny_model_dir, tmp_path / "run"))
+    job = submit(
+        slurm, "--tasks-per-node", "2", "--output", str(log), *overrides(tiny_model_dir, tmp_path / "run")
+    )
     states = wait(slurm, job, finished)
     text = log.read_text(errors="replace")
     assert states[0]["JobState"] == "COMPLETED", text[-3000:]
@@ -89,9 +106,24 @@ def test_hydra_multirun_as_a_job_array(slurm, tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in overrides(tiny_model_dir, "unused") if not a.startswith("run_dir=")]
     done = subprocess.run(
-        [sys.executable, "train.py", "-m", *args, "clt.k=2,4,6,8", "hydra/launcher=slurm",
-         "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         f"hydra.sweep.dir={sweep}"], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *args,
+            "clt.k=2,4,6,8",
+            "hydra/launcher=slurm",
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     arrays = {t.split("_")[0] for t in tasks}
@@ -107,11 +139,21 @@ def test_hydra_multirun_as_a_job_array(slurm, tiny_model_dir, tmp_path):
 def test_submit_py_sweep_array(slurm, tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in overrides(tiny_model_dir, "unused") if not a.startswith("run_dir=")]
-    job = submit(slurm, "--tasks-per-node", "1", "--sweep-dir", str(sweep), "--output", str(tmp_path / "%A_%a.out"),
-                 *args, "clt.k=3,5")
+    job = submit(
+        slurm,
+        "--tasks-per-node",
+        "1",
+        "--sweep-dir",
+        str(sweep),
+        "--output",
+        str(tmp_path / "%A_%a.out"),
+        *args,
+        "clt.k=3,5",
+    )
     states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
-    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, \
-        [p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.out")]
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, [
+        p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.out")
+    ]
     assert sorted(s["ArrayTaskId"] for s in states) == ["0", "1"]
     assert [load_clt(sweep / str(i) / "clt").arch.k for i in (0, 1)] == [3, 5]
 
@@ -119,11 +161,14 @@ def test_submit_py_sweep_array(slurm, tiny_model_dir, tmp_path):
 def test_sigusr1_checkpoints_requeues_and_finishes_with_the_same_weights(slurm, tiny_model_dir, tmp_path):
     extra = {"trainer.max_steps": 200, "trainer.ckpt_every": 1000, "trainer.eval_every": 0}
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm, "--tasks-per-node", "1", "--output", str(log), *overrides(tiny_model_dir, run_dir, **extra))
+    job = submit(
+        slurm, "--tasks-per-node", "1", "--output", str(log), *overrides(tiny_model_dir, run_dir, **extra)
+    )
     t0 = time.time()
     while not (run_dir / "config.json").exists():  # the run is set up; its signal handler is in place
-        assert time.time() - t0 < 120 and job_states(slurm, job)[0]["JobState"] in ("PENDING", "RUNNING"), \
+        assert time.time() - t0 < 120 and job_states(slurm, job)[0]["JobState"] in ("PENDING", "RUNNING"), (
             log.read_text(errors="replace")[-3000:] if log.exists() else job_states(slurm, job)
+        )
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     # Slurm holds a requeued job ~2 minutes before it is eligible again; let it start at once
@@ -151,17 +196,36 @@ def test_missing_slurm_is_a_clear_error(tmp_path):
     (bin_dir / "python").symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"} | {"PATH": str(bin_dir)}
     assert shutil.which("sbatch", path=env["PATH"]) is None
-    done = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "clt.k=8"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "slurm" / "submit.py"), "clt.k=8"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: sbatch not found: Slurm is not installed here")
 
 
 def two_task_array(slurm, tmp_path, name: str, args: list[str]) -> None:
     """`sbatch --array=0-1 slurm/<name>.sbatch ARGS`: both tasks complete and say which they are."""
-    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={tmp_path}/{name}-%a.out", str(REPO / "slurm" / f"{name}.sbatch"), *args],
-                          cwd=REPO, env=slurm, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0-1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/{name}-%a.out",
+            str(REPO / "slurm" / f"{name}.sbatch"),
+            *args,
+        ],
+        cwd=REPO,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     job = done.stdout.strip().split(";")[0]
     states = wait(slurm, job, lambda s: len(s) == 2 and finished(s))
@@ -173,13 +237,24 @@ def two_task_array(slurm, tmp_path, name: str, args: list[str]) -> None:
 def test_cache_generation_as_a_job_array(slurm, tiny_model_dir, tmp_path):
     """slurm/cache.sbatch --array=0-1: each task writes its slice of the shards; the cache that
     results is the one a single process writes."""
-    args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", "cache.tokens=2000",
-            "cache.shard_tokens=500", "data.context_size=32", "data.eval_docs=2"]
+    args = [
+        f"model.name_or_path={tiny_model_dir}",
+        "model.dtype=float32",
+        "cache.tokens=2000",
+        "cache.shard_tokens=500",
+        "data.context_size=32",
+        "data.eval_docs=2",
+    ]
     two_task_array(slurm, tmp_path, "cache", [*args, f"cache.dir={tmp_path / 'array'}"])
-    single = subprocess.run([sys.executable, "-m", "clt.cache", *args, f"cache.dir={tmp_path / 'single'}"],
-                            cwd=REPO, capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, "-m", "clt.cache", *args, f"cache.dir={tmp_path / 'single'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     from clt.data.cache import read_manifest  # (merges, should both tasks have finished at the same instant)
+
     manifests = [read_manifest(tmp_path / d) for d in ("array", "single")]
     assert manifests[0] == manifests[1] and manifests[0]["n_shards"] == 4
 
@@ -190,13 +265,34 @@ def test_feature_cards_as_a_job_array(slurm, tiny_model_dir, tmp_path):
     from clt.features import FeatureStore
     from clt.model import CLTArchitecture, CrossLayerTranscoder
 
-    CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=32, d_sae=24, activation="topk", k=3,
-                                         subject_model=str(tiny_model_dir))).save_pretrained(tmp_path / "clt")
-    args = [str(tmp_path / "clt"), "model.dtype=float32", "features.tokens=1200", "data.context_size=32",
-            "data.eval_docs=2", "device=cpu"]
+    CrossLayerTranscoder(
+        CLTArchitecture(
+            n_layers=3, d_model=32, d_sae=24, activation="topk", k=3, subject_model=str(tiny_model_dir)
+        )
+    ).save_pretrained(tmp_path / "clt")
+    args = [
+        str(tmp_path / "clt"),
+        "model.dtype=float32",
+        "features.tokens=1200",
+        "data.context_size=32",
+        "data.eval_docs=2",
+        "device=cpu",
+    ]
     two_task_array(slurm, tmp_path, "features", [*args, f"features.out={tmp_path / 'array'}"])
-    single = subprocess.run([sys.executable, "-m", "clt.features", *args, "features.task=0", "features.tasks=1",
-                             f"features.out={tmp_path / 'single'}"], cwd=REPO, capture_output=True, text=True)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.features",
+            *args,
+            "features.task=0",
+            "features.tasks=1",
+            f"features.out={tmp_path / 'single'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     a, b = FeatureStore(tmp_path / "array"), FeatureStore(tmp_path / "single")
     assert a.manifest["n_tokens"] == b.manifest["n_tokens"] > 1000

@@ -6,18 +6,30 @@ from conftest import tiny_model
 
 from clt.subject import FAMILIES, Subject, SubjectModelError
 
-CASES = [("llama", {}), ("qwen2", {}), ("gemma2", {}), ("gpt2", {}),
-         ("gpt_neox", {"use_parallel_residual": False}), ("gpt_neox", {"use_parallel_residual": True})]
+CASES = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("gemma2", {}),
+    ("gpt2", {}),
+    ("gpt_neox", {"use_parallel_residual": False}),
+    ("gpt_neox", {"use_parallel_residual": True}),
+]
 
 
 def layer_inputs(subject: Subject, ids):
     """Residual stream entering every layer, and the final hidden state (before the final norm)."""
     seen = []
-    handles = [layer.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0] if args else
-                                                                                 kw["hidden_states"]),
-                                               with_kwargs=True) for layer in subject.layers]
-    handles.append(subject.layers[-1].register_forward_hook(
-        lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out)))
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+        )
+        for layer in subject.layers
+    ]
+    handles.append(
+        subject.layers[-1].register_forward_hook(
+            lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+        )
+    )
     with torch.no_grad():
         subject.model(input_ids=ids)
     for h in handles:

@@ -18,9 +18,22 @@ from clt.training import run
 
 
 def test_300_steps_halve_fvu(tiny_model_dir, tmp_path):
-    cfg = compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **{
-        "trainer.max_steps": 300, "trainer.log_every": 1, "trainer.ckpt_every": 300,
-        "trainer.eval_every": 150, "optim.lr": 3e-3, "clt.d_sae": 128, "clt.k": 8, "report": True}))
+    cfg = compose(
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            **{
+                "trainer.max_steps": 300,
+                "trainer.log_every": 1,
+                "trainer.ckpt_every": 300,
+                "trainer.eval_every": 150,
+                "optim.lr": 3e-3,
+                "clt.d_sae": 128,
+                "clt.k": 8,
+                "report": True,
+            },
+        )
+    )
     report = run(cfg)
     fvu = [v for _, v in read_metrics(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")["metrics/fvu"]]
     assert len(fvu) == 300
@@ -36,8 +49,13 @@ def test_300_steps_halve_fvu(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("activation", ["jumprelu", "batchtopk", "relu"])
 def test_train_py_with_hydra_overrides(tiny_model_dir, tmp_path, activation):
-    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{
-        "clt.activation": activation, "clt.d_sae": 48, "trainer.max_steps": 12}))
+    out = train_cli(
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            **{"clt.activation": activation, "clt.d_sae": 48, "trainer.max_steps": 12},
+        )
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     clt = CrossLayerTranscoder.from_pretrained(tmp_path / "run" / "clt")
     assert clt.arch.activation == activation and clt.arch.d_sae == 48
@@ -57,12 +75,20 @@ def _weights(run_dir):
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_model_dir, tmp_path):
-    extra = {"trainer.max_steps": 120, "trainer.ckpt_every": 10, "trainer.eval_every": 0,
-             "clt.activation": "batchtopk"}
+    extra = {
+        "trainer.max_steps": 120,
+        "trainer.ckpt_every": 10,
+        "trainer.eval_every": 0,
+        "clt.activation": "batchtopk",
+    }
     ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    args = [sys.executable, str(REPO / "train.py"), *tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)]
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *tiny_overrides(tiny_model_dir, tmp_path / "run", **extra),
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -87,8 +113,9 @@ def test_config_mismatch_on_resume(tiny_model_dir, tmp_path):
     first = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 10}))
     assert first.returncode == 0, first.stderr[-3000:]
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
-    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 20,
-                                                                        "clt.d_sae": 32}))
+    out = train_cli(
+        tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 20, "clt.d_sae": 32})
+    )
     assert out.returncode == 2
     assert "config mismatch on resume" in out.stderr and "clt.d_sae: run has 64, now 32" in out.stderr
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before  # nothing touched
@@ -116,13 +143,16 @@ def test_unreadable_training_checkpoint(tiny_model_dir, tmp_path):
         run(cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"clt.k": 100, "clt.d_sae": 64}, "clt.k=100 is invalid: expected 1 ≤ k ≤ d_sae = 64"),
-    ({"clt.d_sae": 0}, "clt.d_sae=0 is invalid"),
-    ({"clt.d_sae": -5}, "clt.d_sae=-5 is invalid"),
-    ({"clt.activation": "gelu"}, "clt.activation='gelu' is invalid"),
-    ({"model.input_hook": "resid_post"}, "model.input_hook='resid_post' is invalid"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"clt.k": 100, "clt.d_sae": 64}, "clt.k=100 is invalid: expected 1 ≤ k ≤ d_sae = 64"),
+        ({"clt.d_sae": 0}, "clt.d_sae=0 is invalid"),
+        ({"clt.d_sae": -5}, "clt.d_sae=-5 is invalid"),
+        ({"clt.activation": "gelu"}, "clt.activation='gelu' is invalid"),
+        ({"model.input_hook": "resid_post"}, "model.input_hook='resid_post' is invalid"),
+    ],
+)
 def test_bad_config_values(tiny_model_dir, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **override))
@@ -141,8 +171,9 @@ def test_unknown_key_is_rejected():
 
 def test_wandb_offline(tiny_model_dir, tmp_path):
     pytest.importorskip("wandb")
-    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 6}) +
-                    ["logger=wandb"])
+    out = train_cli(
+        tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 6}) + ["logger=wandb"]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 

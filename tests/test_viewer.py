@@ -73,9 +73,9 @@ def decode_edges(blob: bytes):
     assert blob[:4] == b"CLTE"
     (n,) = struct.unpack("<I", blob[4:8])
     assert len(blob) == 8 + 12 * n
-    src = torch.frombuffer(bytearray(blob[8:8 + 4 * n]), dtype=torch.int32)
-    dst = torch.frombuffer(bytearray(blob[8 + 4 * n:8 + 8 * n]), dtype=torch.int32)
-    w = torch.frombuffer(bytearray(blob[8 + 8 * n:]), dtype=torch.float32)
+    src = torch.frombuffer(bytearray(blob[8 : 8 + 4 * n]), dtype=torch.int32)
+    dst = torch.frombuffer(bytearray(blob[8 + 4 * n : 8 + 8 * n]), dtype=torch.int32)
+    w = torch.frombuffer(bytearray(blob[8 + 8 * n :]), dtype=torch.float32)
     return src, dst, w
 
 
@@ -84,8 +84,13 @@ def decode_edges(blob: bytes):
 
 
 def test_binds_loopback_and_a_free_port_by_default(folder):
-    proc = subprocess.Popen([sys.executable, "-m", "clt.cli", "serve", str(folder), "--quiet"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clt.cli", "serve", str(folder), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -134,10 +139,19 @@ def test_ranges_are_exact_and_out_of_range_is_416(srv, viewer_folder):
     assert status == 200 and json.loads(gzip.decompress(body))["0"]["filename"] == "layer_0.bin"
 
 
-@pytest.mark.parametrize("path", ["/features/../../../etc/passwd", "/data/%2e%2e/%2e%2e/etc/passwd",
-                                  "/graph_data/..%2f..%2fclt/config.json", "/static/..%2fserver.py",
-                                  "/data//etc/passwd", "/static/%2e%2e/__init__.py", "/data/capitals.json%00",
-                                  "/api/graph/..%2fcapitals"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/features/../../../etc/passwd",
+        "/data/%2e%2e/%2e%2e/etc/passwd",
+        "/graph_data/..%2f..%2fclt/config.json",
+        "/static/..%2fserver.py",
+        "/data//etc/passwd",
+        "/static/%2e%2e/__init__.py",
+        "/data/capitals.json%00",
+        "/api/graph/..%2fcapitals",
+    ],
+)
 def test_traversal_is_refused(srv, path):
     status, _, body = request(srv, "GET", path)
     assert status in (403, 404), body[:200]
@@ -206,7 +220,9 @@ def test_neighbours_are_the_strongest_entries_of_the_adjacency(srv, graph):
     want = row.abs().topk(5).indices.tolist()
     assert [ids[x["id"]] for x in nb["inputs"]] == [j for j in want if row[j] != 0]
     col = graph.adjacency_matrix[:, ids[feat["id"]]]
-    assert [x["weight"] for x in nb["outputs"]] == pytest.approx(col[col.abs().topk(len(nb["outputs"])).indices].tolist())
+    assert [x["weight"] for x in nb["outputs"]] == pytest.approx(
+        col[col.abs().topk(len(nb["outputs"])).indices].tolist()
+    )
 
 
 def brute_force_paths(view, src, dst, w_hat, start, goal):
@@ -241,8 +257,11 @@ def test_k_best_paths_equal_brute_force(srv, graph):
     start = max(i for i, n in enumerate(nodes) if n["kind"] == "embedding")
     goal = next(i for i, n in enumerate(nodes) if n["kind"] == "logit")
     want = brute_force_paths(view, src.tolist(), dst.tolist(), w_hat, start, goal)[:5]
-    got = get_json(srv, f"/api/paths/capitals?from={nodes[start]['id']}&to={nodes[goal]['id']}&k=5"
-                        f"&node_threshold={nt}&edge_threshold={et}")["paths"]
+    got = get_json(
+        srv,
+        f"/api/paths/capitals?from={nodes[start]['id']}&to={nodes[goal]['id']}&k=5"
+        f"&node_threshold={nt}&edge_threshold={et}",
+    )["paths"]
     assert len(want) >= 2 and len(got) == len(want)
     assert [p["strength"] for p in got] == pytest.approx([s for s, _ in want], rel=1e-4)
     assert [p["nodes"] for p in got] == [[nodes[i]["id"] for i in path] for _, path in want]
@@ -291,9 +310,18 @@ def test_subgraph_scores(srv, graph):
 def valid_state(srv, **kw):
     view = get_json(srv, "/api/graph/capitals")
     ids = [n["id"] for n in view["nodes"]]
-    st = {"format": "clt-viewer-state", "version": 1, "slug": "capitals", "pinned": ids[:3],
-          "supernodes": [{"label": "pair", "members": ids[:2]}], "labels": {"features": {"0/1": "one"}, "nodes": {}},
-          "clicked": ids[0], "node_threshold": 0.8, "edge_threshold": 0.98, "positions": {}}
+    st = {
+        "format": "clt-viewer-state",
+        "version": 1,
+        "slug": "capitals",
+        "pinned": ids[:3],
+        "supernodes": [{"label": "pair", "members": ids[:2]}],
+        "labels": {"features": {"0/1": "one"}, "nodes": {}},
+        "clicked": ids[0],
+        "node_threshold": 0.8,
+        "edge_threshold": 0.98,
+        "positions": {},
+    }
     return st | kw
 
 
@@ -305,10 +333,15 @@ def test_state_round_trip_and_bad_posts_change_nothing(srv, folder):
     path = folder / "capitals.state.json"
     saved = path.read_bytes()
     assert json.loads(saved) == st and get_json(srv, "/api/state/capitals") == st
-    bad = [b"{not json", json.dumps(st | {"pinned": ["no_such_node"]}).encode(),
-           json.dumps(st | {"supernodes": [{"label": "x", "members": [st["pinned"][0]]}]}).encode(),
-           json.dumps(st | {"extra": 1}).encode(), json.dumps(st | {"node_threshold": 2}).encode(),
-           json.dumps(st | {"slug": "other"}).encode(), json.dumps([1, 2]).encode()]
+    bad = [
+        b"{not json",
+        json.dumps(st | {"pinned": ["no_such_node"]}).encode(),
+        json.dumps(st | {"supernodes": [{"label": "x", "members": [st["pinned"][0]]}]}).encode(),
+        json.dumps(st | {"extra": 1}).encode(),
+        json.dumps(st | {"node_threshold": 2}).encode(),
+        json.dumps(st | {"slug": "other"}).encode(),
+        json.dumps([1, 2]).encode(),
+    ]
     for b in bad:
         status, _, body = request(srv, "POST", "/api/state/capitals", b, {"Content-Type": "application/json"})
         assert status == 400 and json.loads(body)["error"], b
@@ -320,7 +353,11 @@ def test_circuit_tracer_save_goes_to_the_sidecar(srv, folder):
     """circuit-tracer's Save button posts URL strings (pinnedIds comma-joined, supernodes as JSON)."""
     graph_bytes = (folder / "capitals.json").read_bytes()
     ids = [n["id"] for n in get_json(srv, "/api/graph/capitals")["nodes"]]
-    q = {"pinnedIds": ",".join(ids[:2]), "supernodes": json.dumps([["grp", ids[2], ids[3]]]), "clickedId": ids[1]}
+    q = {
+        "pinnedIds": ",".join(ids[:2]),
+        "supernodes": json.dumps([["grp", ids[2], ids[3]]]),
+        "clickedId": ids[1],
+    }
     status, _, body = request(srv, "POST", "/save_graph/capitals", {"qParams": q, "timestamp": 1})
     assert status == 200, body
     st = json.loads((folder / "capitals.state.json").read_text())
@@ -332,17 +369,30 @@ def test_kill_9_during_saves_leaves_an_old_or_new_sidecar(folder, tmp_path):
     d = tmp_path / "graphs"
     shutil.copytree(folder, d)
     (d / "capitals.state.json").unlink(missing_ok=True)
-    ids = [n["node_id"] for n in json_nodes(Graph.from_pt(d / "capitals.pt"),
-                                           prune(Graph.from_pt(d / "capitals.pt"), 1, 1)).values()]
+    ids = [
+        n["node_id"]
+        for n in json_nodes(
+            Graph.from_pt(d / "capitals.pt"), prune(Graph.from_pt(d / "capitals.pt"), 1, 1)
+        ).values()
+    ]
 
     def state(version: int) -> dict:  # ~3 MB, so that a write takes a while
         labels = {f"{i % 3}/{i}": f"v{version} " + "x" * 150 for i in range(20_000)}
-        return {"pinned": ids[:2], "labels": {"features": labels, "nodes": {}}, "clicked": ids[version % len(ids)]}
+        return {
+            "pinned": ids[:2],
+            "labels": {"features": labels, "nodes": {}},
+            "clicked": ids[version % len(ids)],
+        }
 
     written = {}
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "clt.viewer", "serve", str(d), "--quiet"], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clt.viewer", "serve", str(d), "--quiet"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
         stop = threading.Event()
 
@@ -412,7 +462,9 @@ def rm(viewer_folder):
     from clt.subject import load_subject
 
     clt = load_clt(viewer_folder.clt)
-    return ReplacementModel(load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt)
+    return ReplacementModel(
+        load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt
+    )
 
 
 def wait_job(srv, job: dict, timeout: float = 300) -> dict:
@@ -453,14 +505,22 @@ def test_a_one_token_prompt_gives_a_graph_with_its_nodes(srv):
 def test_intervene_from_the_api_gives_the_logits_of_intervene(srv, graph, rm, mode):
     view = get_json(srv, "/api/graph/capitals")
     feats = [n for n in view["nodes"] if n["kind"] == "feature"][:2]
-    body = {"slug": "capitals", "mode": mode, "max_new_tokens": 4,
-            "interventions": [{"node": feats[0]["id"], "op": "scale", "value": 0.0},
-                              {"node": feats[1]["id"], "op": "set", "value": 3.0}]}
+    body = {
+        "slug": "capitals",
+        "mode": mode,
+        "max_new_tokens": 4,
+        "interventions": [
+            {"node": feats[0]["id"], "op": "scale", "value": 0.0},
+            {"node": feats[1]["id"], "op": "set", "value": 3.0},
+        ],
+    }
     status, _, out = request(srv, "POST", "/api/intervene", body)
     assert status == 200, out
     r = json.loads(out)
-    ivs = [Intervention(feats[0]["layer"], feats[0]["pos"], feats[0]["feature"], 0.0, "scale"),
-           Intervention(feats[1]["layer"], feats[1]["pos"], feats[1]["feature"], 3.0, "set")]
+    ivs = [
+        Intervention(feats[0]["layer"], feats[0]["pos"], feats[0]["feature"], 0.0, "scale"),
+        Intervention(feats[1]["layer"], feats[1]["pos"], feats[1]["feature"], 3.0, "set"),
+    ]
     logits = rm.intervene(graph.input_tokens, ivs, mode=mode)[-1]
     p = logits.softmax(-1)
     assert [x["id"] for x in r["after"]] == p.topk(10).indices.tolist()
@@ -479,10 +539,14 @@ def test_bad_input_is_a_clear_message_and_the_server_keeps_serving(srv, folder, 
 
     feat = next(n for n in get_json(srv, "/api/graph/capitals")["nodes"] if n["kind"] == "feature")
     # an unknown feature
-    status, err = post("/api/intervene", {"slug": "capitals", "interventions": [
-        {"layer": 0, "position": 1, "feature": 999, "value": 1}]})
+    status, err = post(
+        "/api/intervene",
+        {"slug": "capitals", "interventions": [{"layer": 0, "position": 1, "feature": 999, "value": 1}]},
+    )
     assert status == 400 and "999" in err and "48 features" in err
-    status, err = post("/api/intervene", {"slug": "capitals", "interventions": [{"node": "E_1_0", "value": 1}]})
+    status, err = post(
+        "/api/intervene", {"slug": "capitals", "interventions": [{"node": "E_1_0", "value": 1}]}
+    )
     assert status in (400, 404)
     # a prompt longer than the context
     status, err = post("/api/attribute", {"prompt": "word " * 600})
@@ -498,15 +562,25 @@ def test_bad_input_is_a_clear_message_and_the_server_keeps_serving(srv, folder, 
     g = Graph.from_pt(folder / "capitals.pt")
     g.info["clt_checksum"] = "0" * 64
     g.to_pt(folder / "other.pt")
-    status, err = post("/api/intervene", {"slug": "other", "interventions": [{"node": feat["id"], "value": 0}]})
+    status, err = post(
+        "/api/intervene", {"slug": "other", "interventions": [{"node": feat["id"], "value": 0}]}
+    )
     assert status == 409 and "another CLT" in err
     assert request(srv, "GET", "/api/graphs")[0] == 200  # still serving
     for slug in ("cut", "junk", "other"):
         (folder / f"{slug}.pt").unlink()
     srv.quiet = True
     log = capfd.readouterr().err
-    for needle in ("error 400: POST /api/intervene", "48 features", "error 400: POST /api/attribute",
-                   "model's context", "error 422: GET /api/graph/cut", "cannot be read", "error 409", "another CLT"):
+    for needle in (
+        "error 400: POST /api/intervene",
+        "48 features",
+        "error 400: POST /api/attribute",
+        "model's context",
+        "error 422: GET /api/graph/cut",
+        "cannot be read",
+        "error 409",
+        "another CLT",
+    ):
         assert needle in log, (needle, log[-2000:])
     assert "Traceback" not in log
 
@@ -528,21 +602,42 @@ def test_packaged_assets_reference_nothing_remote():
 
 def test_export_is_one_file_with_the_view_and_its_cards(folder, graph, tmp_path):
     out = tmp_path / "graph.html"
-    proc = subprocess.run([sys.executable, "-m", "clt.cli", "view", str(folder / "capitals.pt"), "--export", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clt.cli", "view", str(folder / "capitals.pt"), "--export", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     html = out.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", html)
     assert "/static/" not in html and "connect-src 'none'" in html
-    data = json.loads(re.search(r'<script id="clt-data" type="application/json">(.*?)</script>', html, re.S)
-                      .group(1).replace("<\\/", "</"))
+    data = json.loads(
+        re.search(r'<script id="clt-data" type="application/json">(.*?)</script>', html, re.S)
+        .group(1)
+        .replace("<\\/", "</")
+    )
     p = prune(graph, 0.8, 0.98)
     assert len(data["view"]["nodes"]) == int(p.node_mask.sum())
     feats = [n for n in data["view"]["nodes"] if n["kind"] == "feature"]
     assert feats and all(data["cards"][n["id"]]["card"]["layer"] == n["layer"] for n in feats)
     # bad input: one line, exit 2, nothing written
-    bad = subprocess.run([sys.executable, "-m", "clt.cli", "view", str(tmp_path / "none.pt"), "--export",
-                          str(tmp_path / "x.html")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.cli",
+            "view",
+            str(tmp_path / "none.pt"),
+            "--export",
+            str(tmp_path / "x.html"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and not (tmp_path / "x.html").exists()
     assert len(bad.stderr.strip().splitlines()) == 1
     assert math.isfinite(len(html))

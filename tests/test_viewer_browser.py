@@ -25,8 +25,16 @@ from clt.viewer import serve
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "viewer"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 try:
     import playwright.sync_api as pw
@@ -34,7 +42,9 @@ except ImportError:  # pragma: no cover
     pw = None
 
 if (pw is None or CHROMIUM is None) and os.environ.get("CLT_REQUIRE_BROWSER") == "1":
-    raise RuntimeError("CLT_REQUIRE_BROWSER=1 but Chromium or Playwright is missing (apt-get install chromium)")
+    raise RuntimeError(
+        "CLT_REQUIRE_BROWSER=1 but Chromium or Playwright is missing (apt-get install chromium)"
+    )
 pytestmark = pytest.mark.skipif(pw is None or CHROMIUM is None, reason="needs Chromium and Playwright")
 
 
@@ -123,7 +133,9 @@ def rm(viewer_folder):
     from clt.subject import load_subject
 
     clt = load_clt(viewer_folder.clt)
-    return ReplacementModel(load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt)
+    return ReplacementModel(
+        load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt
+    )
 
 
 def open_graph(p: Page, url: str):
@@ -160,12 +172,17 @@ def test_renders_offline_and_the_slider_re_prunes_nodes_and_edges(page, srv, gra
     assert len(tokens) == graph.n_pos and "capital" in "".join(tokens)
     page.shot("graph")
     for nt, et in ((0.5, 0.98), (0.5, 0.7), (1.0, 1.0)):
-        page.page.eval_on_selector("#node-slider", f"(e) => {{ e.value = {nt}; e.dispatchEvent(new Event('input')); }}")
-        page.page.eval_on_selector("#edge-slider", f"(e) => {{ e.value = {et}; e.dispatchEvent(new Event('input')); }}")
+        page.page.eval_on_selector(
+            "#node-slider", f"(e) => {{ e.value = {nt}; e.dispatchEvent(new Event('input')); }}"
+        )
+        page.page.eval_on_selector(
+            "#edge-slider", f"(e) => {{ e.value = {et}; e.dispatchEvent(new Event('input')); }}"
+        )
         q = prune(graph, nt, et)
         t0 = time.time()
-        while page.page.get_attribute("#graph", "data-edges") != str(int(q.edge_mask.sum())) or \
-                n_nodes(page) != int(q.node_mask.sum()):
+        while page.page.get_attribute("#graph", "data-edges") != str(int(q.edge_mask.sum())) or n_nodes(
+            page
+        ) != int(q.node_mask.sum()):
             assert time.time() - t0 < 10, (n_nodes(page), int(q.node_mask.sum()))
             time.sleep(0.05)
         assert f"nt={nt:g}" in page.page.url and f"et={et:g}" in page.page.url
@@ -195,14 +212,19 @@ def test_clicking_a_feature_shows_its_card(page, srv, viewer_folder):
     first = page.page.locator("#card-body .group").first.locator(".example").first
     shown = ex["tokens"][ex["train_token_ind"]].replace("\n", "⏎")
     assert first.locator(".peak").inner_text() == shown
-    chips = page.page.locator(".logit-chip.top").evaluate_all("(es) => es.map((e) => e.firstChild.textContent)")
+    chips = page.page.locator(".logit-chip.top").evaluate_all(
+        "(es) => es.map((e) => e.firstChild.textContent)"
+    )
     assert chips == [t.replace("\n", "⏎") for t in rec["top_logits"]]
     assert page.page.locator(".hist .bar").count() == len(rec["histogram"])
     assert page.page.locator(".hist .current").count() == 1
     page.shot("card")
     # an error node has no card, only its edges
-    err = next(x for x in json.loads(page.page.evaluate("JSON.stringify(window.cltViewer.S.view.nodes)"))
-               if x["kind"] == "error")
+    err = next(
+        x
+        for x in json.loads(page.page.evaluate("JSON.stringify(window.cltViewer.S.view.nodes)"))
+        if x["kind"] == "error"
+    )
     page.page.click(f"#nodes [data-node-id='{err['id']}']")
     page.page.wait_for_selector("#card-body h3")
     assert page.page.locator("#card-body .example").count() == 0
@@ -248,8 +270,12 @@ def test_pins_supernode_and_label_survive_a_reload_and_a_fresh_context(browser, 
     p.shot("subgraph")
 
     def check(pg: Page):
-        s = json.loads(pg.page.evaluate("JSON.stringify({pinned: window.cltViewer.S.pinned, "
-                                        "sn: window.cltViewer.S.supernodes, labels: window.cltViewer.S.labels})"))
+        s = json.loads(
+            pg.page.evaluate(
+                "JSON.stringify({pinned: window.cltViewer.S.pinned, "
+                "sn: window.cltViewer.S.supernodes, labels: window.cltViewer.S.labels})"
+            )
+        )
         assert s["pinned"] == pins and s["sn"] == [{"label": "capital pair", "members": pins[:2]}]
         assert s["labels"]["features"][label_key] == "says capital"
         assert pg.page.locator("#subgraph .sg-node.supernode").count() == 1
@@ -290,8 +316,12 @@ def test_attribute_a_prompt_from_the_page(page, srv, folder, rm):
     open_graph(page, srv.url + "?slug=capitals")
     page.page.fill("#prompt-input", "Cats and dogs are")
     page.page.click("#attribute-btn")
-    wait_js(page.page, "window.cltViewer.S.view.slug === 'cats-and-dogs-are' && "
-                                "document.getElementById('graph').dataset.ready === '1'", timeout=120_000)
+    wait_js(
+        page.page,
+        "window.cltViewer.S.view.slug === 'cats-and-dogs-are' && "
+        "document.getElementById('graph').dataset.ready === '1'",
+        timeout=120_000,
+    )
     got = Graph.from_pt(folder / "cats-and-dogs-are.pt")
     want = attribute("Cats and dogs are", rm.clt, rm, verbose=False)
     assert torch.equal(got.active_features, want.active_features)
@@ -314,9 +344,15 @@ def test_intervene_from_the_page(page, srv, graph, rm):
     page.page.click("#iv-run")
     page.page.wait_for_selector("#iv-top .iv-row", timeout=60_000)
     probs = [float(x) for x in page.page.locator("#iv-top .iv-after-prob").all_inner_texts()]
-    ids = [int(x) for x in page.page.locator("#iv-top .iv-after-token").evaluate_all("(es) => es.map((e) => e.dataset.id)")]
-    logits = rm.intervene(graph.input_tokens, [Intervention(n["layer"], n["pos"], n["feature"], 2.5, "set")],
-                          mode="constrained")[-1]
+    ids = [
+        int(x)
+        for x in page.page.locator("#iv-top .iv-after-token").evaluate_all(
+            "(es) => es.map((e) => e.dataset.id)"
+        )
+    ]
+    logits = rm.intervene(
+        graph.input_tokens, [Intervention(n["layer"], n["pos"], n["feature"], 2.5, "set")], mode="constrained"
+    )[-1]
     v, i = logits.softmax(-1).topk(10)
     assert ids == i.tolist()
     assert probs == pytest.approx([round(x, 4) for x in v.tolist()], abs=1.1e-4)
@@ -363,9 +399,25 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(browser, srv, fo
 
 def test_the_export_renders_from_file_with_the_same_nodes_and_cards(browser, folder, graph, tmp_path):
     out = tmp_path / "graph.html"
-    proc = subprocess.run([sys.executable, "-m", "clt.cli", "view", str(folder / "capitals.pt"), "--export",
-                           str(out), "--node-threshold", "0.8", "--edge-threshold", "0.98"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clt.cli",
+            "view",
+            str(folder / "capitals.pt"),
+            "--export",
+            str(out),
+            "--node-threshold",
+            "0.8",
+            "--edge-threshold",
+            "0.98",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     p = Page(browser, allow_file=True)
     requests: list[str] = []

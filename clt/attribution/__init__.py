@@ -4,6 +4,22 @@ from .attribute import attribute, dense_rows, feature_vectors, logit_targets, no
 from .graph import Graph, Pruned, compute_influence, graph_scores, normalize_matrix, prune, scores, to_json
 from .replacement import AttributionError, Intervention, PromptContext, ReplacementModel
 
-__all__ = ["AttributionError", "Graph", "Intervention", "PromptContext", "Pruned", "ReplacementModel", "attribute",
-           "compute_influence", "dense_rows", "feature_vectors", "graph_scores", "logit_targets", "node_bias",
-           "normalize_matrix", "prune", "scores", "to_json"]
+__all__ = [
+    "AttributionError",
+    "Graph",
+    "Intervention",
+    "PromptContext",
+    "Pruned",
+    "ReplacementModel",
+    "attribute",
+    "compute_influence",
+    "dense_rows",
+    "feature_vectors",
+    "graph_scores",
+    "logit_targets",
+    "node_bias",
+    "normalize_matrix",
+    "prune",
+    "scores",
+    "to_json",
+]

@@ -36,13 +36,16 @@ def replacement_model(model, clt: CrossLayerTranscoder, tokenizer=None) -> Repla
     return ReplacementModel(model, clt)
 
 
-def logit_targets(ctx: PromptContext, max_n_logits: int, desired_logit_prob: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_targets(
+    ctx: PromptContext, max_n_logits: int, desired_logit_prob: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The most likely next tokens, until their probability reaches `desired_logit_prob` (at most
     `max_n_logits`). -> (vocab ids [K], probabilities [K])."""
     probs = torch.softmax(ctx.logits[-1].float(), -1)
     top_p, top_i = probs.topk(min(max_n_logits, probs.numel()))
-    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
+    cutoff = (
+        int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
+    )
     k = min(cutoff, len(top_p))
     return top_i[:k], top_p[:k]
 
@@ -50,8 +53,15 @@ def logit_targets(ctx: PromptContext, max_n_logits: int, desired_logit_prob: flo
 class _Rows:
     """Computes edge rows in batches of targets on one retained frozen forward graph."""
 
-    def __init__(self, rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, values: torch.Tensor,
-                 batch_size: int, cache_bytes: int):
+    def __init__(
+        self,
+        rm: ReplacementModel,
+        ctx: PromptContext,
+        feats: torch.Tensor,
+        values: torch.Tensor,
+        batch_size: int,
+        cache_bytes: int,
+    ):
         self.rm, self.ctx, self.B = rm, ctx, batch_size
         L, T = rm.n_layers, len(ctx.ids)
         self.L, self.T = L, T
@@ -60,7 +70,9 @@ class _Rows:
         self.n_cols = self.n_active + L * T + T
         self.err_col0, self.tok_col0 = self.n_active, self.n_active + L * T
         # the features of source layer s are the range [bounds[s], bounds[s + 1]) of the sorted list
-        self.bounds = torch.searchsorted(feats[:, 0].contiguous(), torch.arange(L + 1, device=feats.device)).tolist()
+        self.bounds = torch.searchsorted(
+            feats[:, 0].contiguous(), torch.arange(L + 1, device=feats.device)
+        ).tolist()
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_left = cache_bytes
         self.buf: torch.Tensor | None = None
@@ -96,7 +108,7 @@ class _Rows:
         assert self.buf is not None and self.grads is not None
         g = g.float()
         c0 = self.err_col0 + l * self.T
-        self.buf[:, c0:c0 + self.T] += (g * self.ctx.err[:, l]).sum(-1)
+        self.buf[:, c0 : c0 + self.T] += (g * self.ctx.err[:, l]).sum(-1)
         self.grads[:, :, l] = g.transpose(0, 1)
 
     def _feature_edges(self) -> None:
@@ -114,7 +126,7 @@ class _Rows:
 
     def _token_grad(self, g: torch.Tensor) -> None:
         assert self.buf is not None
-        self.buf[:, self.tok_col0:] += (g.float() * self.ctx.E).sum(-1)
+        self.buf[:, self.tok_col0 :] += (g.float() * self.ctx.E).sum(-1)
 
     def _build(self) -> None:
         """The frozen forward pass at batch B, with gradient hooks."""
@@ -165,13 +177,16 @@ class _Rows:
 def node_bias(rm: ReplacementModel, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen model with every source at zero: the constant part of every target.
     -> (h: [T, L, F], demeaned pre-softcap logits at the last position: [V])."""
-    h, logits = rm.frozen_forward(ctx, torch.zeros_like(ctx.E), torch.zeros_like(ctx.a), torch.zeros_like(ctx.err))
+    h, logits = rm.frozen_forward(
+        ctx, torch.zeros_like(ctx.E), torch.zeros_like(ctx.a), torch.zeros_like(ctx.err)
+    )
     last = logits[-1]
     return h, last - last.mean()
 
 
-def partial_influence(rows: torch.Tensor, row_weights: torch.Tensor, row_cols: torch.Tensor,
-                      max_iter: int = 1000) -> torch.Tensor:
+def partial_influence(
+    rows: torch.Tensor, row_weights: torch.Tensor, row_cols: torch.Tensor, max_iter: int = 1000
+) -> torch.Tensor:
     """Influence on the logits of every column, from the rows computed so far.
 
     rows: [r, n_cols]; row_weights: [r] (logit probabilities on logit rows); row_cols: [r] the
@@ -192,10 +207,22 @@ def partial_influence(rows: torch.Tensor, row_weights: torch.Tensor, row_cols: t
     return total @ norm
 
 
-def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n_logits: int = 10,
-              desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None, batch_size: int = 64,
-              update_interval: int = 4, decoder_cache_bytes: int = 2 << 30, verbose: bool = True,
-              scan: str = "", progress=None) -> Graph:
+def attribute(
+    prompt,
+    clt: CrossLayerTranscoder,
+    model,
+    *,
+    tokenizer=None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    update_interval: int = 4,
+    decoder_cache_bytes: int = 2 << 30,
+    verbose: bool = True,
+    scan: str = "",
+    progress=None,
+) -> Graph:
     """The attribution graph of `prompt` through `clt` spliced into `model` (a ReplacementModel,
     a Subject or a transformers causal LM; pass `tokenizer` with a bare model).
 
@@ -241,15 +268,17 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     for i in range(0, K, batch_size):
         j = min(i + batch_size, K)
         n = j - i
-        edge[i:j] = rows.compute(torch.full((n,), L, device=dev), torch.full((n,), T - 1, device=dev), lv[i:j])
+        edge[i:j] = rows.compute(
+            torch.full((n,), L, device=dev), torch.full((n,), T - 1, device=dev), lv[i:j]
+        )
         advance(n)
 
     def visit(idx: torch.Tensor, at: int) -> int:
         for i in range(0, len(idx), batch_size):
-            chunk = idx[i:i + batch_size]
+            chunk = idx[i : i + batch_size]
             f = feats[chunk]
-            edge[at:at + len(chunk)] = rows.compute(f[:, 0], f[:, 1], feature_vectors(rm, f))
-            row_cols[at:at + len(chunk)] = chunk
+            edge[at : at + len(chunk)] = rows.compute(f[:, 0], f[:, 1], feature_vectors(rm, f))
+            row_cols[at : at + len(chunk)] = chunk
             at += len(chunk)
             advance(len(chunk))
         return at
@@ -280,13 +309,13 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     feature_rows = edge[row_of[selected]]  # [n_sel, n_cols], gathered once
     adj = torch.zeros(N, N)
     adj[:n_sel, : n_sel + L * T + T] = feature_rows[:, cols].cpu()
-    adj[N - K:, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
+    adj[N - K :, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
 
     unvisited = torch.zeros(N)
     rest = (~visited).nonzero().flatten()
     if len(rest):
         unvisited[:n_sel] = feature_rows[:, rest].sum(1).cpu()
-        unvisited[N - K:] = edge[:K][:, rest].sum(1).cpu()
+        unvisited[N - K :] = edge[:K][:, rest].sum(1).cpu()
     del feature_rows
 
     h0, logit0 = node_bias(rm, ctx)
@@ -295,25 +324,49 @@ def attribute(prompt, clt: CrossLayerTranscoder, model, *, tokenizer=None, max_n
     values_t[:n_sel] = ctx.h[fs[:, 1], fs[:, 0], fs[:, 2]].float().cpu()
     bias_t[:n_sel] = h0[fs[:, 1], fs[:, 0], fs[:, 2]].cpu()
     last = ctx.logits_pre[-1]
-    values_t[N - K:] = (last[vocab] - last.mean()).cpu()
-    bias_t[N - K:] = logit0[vocab].cpu()
+    values_t[N - K :] = (last[vocab] - last.mean()).cpu()
+    bias_t[N - K :] = logit0[vocab].cpu()
 
     tok = rm.subject.tokenizer
     decode = (lambda i: tok.decode([int(i)])) if tok is not None else (lambda i: str(int(i)))
     return Graph(
-        prompt=prompt if isinstance(prompt, str) else "", input_tokens=ctx.ids.cpu(),
-        token_strings=[decode(i) for i in ctx.ids], active_features=feats.cpu(), activation_values=values.cpu(),
-        selected_features=selected.cpu(), adjacency_matrix=adj, logit_tokens=vocab.cpu(),
-        logit_token_strings=[decode(i) for i in vocab], logit_probabilities=probs.float().cpu(),
-        n_layers=L, vocab_size=int(ctx.logits.shape[-1]), node_values=values_t, node_bias=bias_t, node_unvisited=unvisited, scan=scan,
+        prompt=prompt if isinstance(prompt, str) else "",
+        input_tokens=ctx.ids.cpu(),
+        token_strings=[decode(i) for i in ctx.ids],
+        active_features=feats.cpu(),
+        activation_values=values.cpu(),
+        selected_features=selected.cpu(),
+        adjacency_matrix=adj,
+        logit_tokens=vocab.cpu(),
+        logit_token_strings=[decode(i) for i in vocab],
+        logit_probabilities=probs.float().cpu(),
+        n_layers=L,
+        vocab_size=int(ctx.logits.shape[-1]),
+        node_values=values_t,
+        node_bias=bias_t,
+        node_unvisited=unvisited,
+        scan=scan,
         model_name=rm.subject.name,
-        info={"n_active_features": n_active, "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
-              "activation": rm.clt.arch.activation, "d_sae": rm.clt.d_sae,
-              "visited_fraction": n_visit / max(n_active, 1)})
+        info={
+            "n_active_features": n_active,
+            "max_feature_nodes": max_feature_nodes,
+            "batch_size": batch_size,
+            "activation": rm.clt.arch.activation,
+            "d_sae": rm.clt.d_sae,
+            "visited_fraction": n_visit / max(n_active, 1),
+        },
+    )
 
 
-def dense_rows(rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, values: torch.Tensor,
-               layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+def dense_rows(
+    rm: ReplacementModel,
+    ctx: PromptContext,
+    feats: torch.Tensor,
+    values: torch.Tensor,
+    layers: torch.Tensor,
+    positions: torch.Tensor,
+    vectors: torch.Tensor,
+) -> torch.Tensor:
     """Reference rows: one backward pass per target at batch 1, gradients taken on leaf copies of
     the sources, every decoder contracted densely (all F features, then the active ones picked).
     The baseline of `benchmarks/attribution.py` and the oracle of the tests. Same layout as
@@ -327,8 +380,9 @@ def dense_rows(rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, va
         out = []
         for layer, pos, vec in zip(layers.tolist(), positions.tolist(), vectors):
             src = hidden if layer == L else xs[layer]
-            gE, gM = torch.autograd.grad((src[0, pos].float() * vec).sum(), [E, M], retain_graph=True,
-                                         materialize_grads=True)
+            gE, gM = torch.autograd.grad(
+                (src[0, pos].float() * vec).sum(), [E, M], retain_graph=True, materialize_grads=True
+            )
             gE, gM = gE[0].float(), gM[0].float()  # [T, d], [T, L, d]
             row = torch.zeros(len(feats) + L * T + T, device=vectors.device)
             contrib = torch.zeros(L, T, F, device=vectors.device)
@@ -336,8 +390,8 @@ def dense_rows(rm: ReplacementModel, ctx: PromptContext, feats: torch.Tensor, va
                 g = gM[:, s:] / clt.output_scale[s:, None].float()  # [T, L − s, d]
                 contrib[s] = torch.einsum("fld,tld->tf", clt.W_dec[s].float(), g)
             row[: len(feats)] = contrib[feats[:, 0], feats[:, 1], feats[:, 2]] * values
-            row[len(feats): len(feats) + L * T] = (gM * ctx.err).sum(-1).T.flatten()
-            row[len(feats) + L * T:] = (gE * ctx.E).sum(-1)
+            row[len(feats) : len(feats) + L * T] = (gM * ctx.err).sum(-1).T.flatten()
+            row[len(feats) + L * T :] = (gE * ctx.E).sum(-1)
             out.append(row)
     return torch.stack(out) if out else torch.zeros(0, len(feats) + L * T + T)
 
@@ -346,4 +400,3 @@ def feature_vectors(rm: ReplacementModel, feats: torch.Tensor) -> torch.Tensor:
     """∂h/∂x for features (layer, pos, feat): [n, 3] -> [n, d]."""
     clt = rm.clt
     return clt.W_enc[feats[:, 0], feats[:, 2]].float() * clt.input_scale[feats[:, 0]].float()[:, None]
-

@@ -31,14 +31,14 @@ GRAPH_FORMAT = 1
 @dataclass
 class Graph:
     prompt: str
-    input_tokens: torch.Tensor        # [T] ids
-    token_strings: list[str]          # [T] decoded tokens
-    active_features: torch.Tensor     # [n_active, 3] (layer, pos, feature), sorted
-    activation_values: torch.Tensor   # [n_active]
-    selected_features: torch.Tensor   # [n_sel] indices into active_features (ascending)
-    adjacency_matrix: torch.Tensor    # [N, N] fp32, rows = targets, columns = sources
-    logit_tokens: torch.Tensor        # [K] vocab ids
-    logit_token_strings: list[str]    # [K]
+    input_tokens: torch.Tensor  # [T] ids
+    token_strings: list[str]  # [T] decoded tokens
+    active_features: torch.Tensor  # [n_active, 3] (layer, pos, feature), sorted
+    activation_values: torch.Tensor  # [n_active]
+    selected_features: torch.Tensor  # [n_sel] indices into active_features (ascending)
+    adjacency_matrix: torch.Tensor  # [N, N] fp32, rows = targets, columns = sources
+    logit_tokens: torch.Tensor  # [K] vocab ids
+    logit_token_strings: list[str]  # [K]
     logit_probabilities: torch.Tensor  # [K]
     n_layers: int
     vocab_size: int
@@ -51,7 +51,7 @@ class Graph:
     # per node: the summed direct effect of the active features that were never visited (their
     # columns are dropped); Σ_s A[t, s] + unvisited[t] + bias[t] = value[t] always holds
     node_unvisited: torch.Tensor | None = None
-    scan: str = ""                    # names the CLT (checkpoint or repo) for the viewer
+    scan: str = ""  # names the CLT (checkpoint or repo) for the viewer
     model_name: str = ""
     info: dict = field(default_factory=dict)
 
@@ -180,9 +180,9 @@ def check_threshold(name: str, value: float) -> None:
 
 @dataclass
 class Pruned:
-    node_mask: torch.Tensor         # [N] bool
-    edge_mask: torch.Tensor         # [N, N] bool
-    influence: torch.Tensor         # [N] node influence on the logits (unpruned graph)
+    node_mask: torch.Tensor  # [N] bool
+    edge_mask: torch.Tensor  # [N, N] bool
+    influence: torch.Tensor  # [N] node influence on the logits (unpruned graph)
     cumulative_scores: torch.Tensor  # [N] cumulative influence fraction at each node's rank
 
 
@@ -287,33 +287,67 @@ def json_nodes(graph: Graph, pruned: Pruned) -> dict[int, dict]:
     L, T = graph.n_layers, graph.n_pos
 
     def node(**kw):
-        base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
-                "influence": None, "activation": None}
+        base = {
+            "token_prob": 0.0,
+            "is_target_logit": False,
+            "run_idx": 0,
+            "reverse_ctx_idx": 0,
+            "clerp": "",
+            "influence": None,
+            "activation": None,
+        }
         return base | kw
 
     for i in pruned.node_mask.nonzero().flatten().tolist():
         if i < graph.n_features:
             layer, pos, feat = graph.feature_of(i)
-            nodes[i] = node(node_id=f"{layer}_{feat}_{pos}", feature=_cantor(layer, feat), layer=str(layer),
-                            ctx_idx=pos, feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0",
-                            influence=cum[i],
-                            activation=float(graph.activation_values[graph.selected_features[i]]))
+            nodes[i] = node(
+                node_id=f"{layer}_{feat}_{pos}",
+                feature=_cantor(layer, feat),
+                layer=str(layer),
+                ctx_idx=pos,
+                feature_type="cross layer transcoder",
+                jsNodeId=f"{layer}_{feat}-0",
+                influence=cum[i],
+                activation=float(graph.activation_values[graph.selected_features[i]]),
+            )
         elif i < graph.error_slice.stop:
             layer, pos = divmod(i - graph.n_features, T)
-            nodes[i] = node(node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
-                            feature_type="mlp reconstruction error", jsNodeId=f"{layer}_-1-{pos}", influence=cum[i])
+            nodes[i] = node(
+                node_id=f"{layer}_-1_{pos}",
+                feature=-1,
+                layer=str(layer),
+                ctx_idx=pos,
+                feature_type="mlp reconstruction error",
+                jsNodeId=f"{layer}_-1-{pos}",
+                influence=cum[i],
+            )
         elif i < graph.token_slice.stop:
             pos = i - graph.token_slice.start
             vocab = int(graph.input_tokens[pos])
-            nodes[i] = node(node_id=f"E_{vocab}_{pos}", feature=pos, layer="E", ctx_idx=pos,
-                            feature_type="embedding", jsNodeId=f"E_{vocab}-{pos}", influence=cum[i])
+            nodes[i] = node(
+                node_id=f"E_{vocab}_{pos}",
+                feature=pos,
+                layer="E",
+                ctx_idx=pos,
+                feature_type="embedding",
+                jsNodeId=f"E_{vocab}-{pos}",
+                influence=cum[i],
+            )
         else:
             k = i - graph.logit_slice.start
             vocab, p = int(graph.logit_tokens[k]), float(graph.logit_probabilities[k])
-            nodes[i] = node(node_id=f"{L + 1}_{vocab}_{T - 1}", feature=vocab, layer=str(L + 1), ctx_idx=T - 1,
-                            feature_type="logit", token_prob=p, is_target_logit=k == 0,
-                            jsNodeId=f"L_{vocab}-{T - 1}",
-                            clerp=f'Output "{graph.logit_token_strings[k]}" (p={p:.3f})')
+            nodes[i] = node(
+                node_id=f"{L + 1}_{vocab}_{T - 1}",
+                feature=vocab,
+                layer=str(L + 1),
+                ctx_idx=T - 1,
+                feature_type="logit",
+                token_prob=p,
+                is_target_logit=k == 0,
+                jsNodeId=f"L_{vocab}-{T - 1}",
+                clerp=f'Output "{graph.logit_token_strings[k]}" (p={p:.3f})',
+            )
     return nodes
 
 
@@ -321,32 +355,55 @@ def check_slug(slug: str) -> str:
     """A graph's name: it names files ({slug}.pt, {slug}.json) and URL paths, so no separators."""
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", slug) or slug.endswith((".state", ".json", ".pt")):
-        raise AttributionError(f"graph slug {slug!r}: use 1-128 letters, digits, '.', '_' or '-' (starting with a "
-                               "letter or digit)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", slug) or slug.endswith(
+        (".state", ".json", ".pt")
+    ):
+        raise AttributionError(
+            f"graph slug {slug!r}: use 1-128 letters, digits, '.', '_' or '-' (starting with a "
+            "letter or digit)"
+        )
     return slug
 
 
-def to_json(graph: Graph, pruned: Pruned, slug: str, node_threshold: float, edge_threshold: float | None = None
-            ) -> dict:
+def to_json(
+    graph: Graph, pruned: Pruned, slug: str, node_threshold: float, edge_threshold: float | None = None
+) -> dict:
     """The graph file the circuit-tracer viewer reads (pruned: kept nodes and edges only)."""
     nodes = json_nodes(graph, pruned)
     dst, src = pruned.edge_mask.nonzero(as_tuple=True)
     weights = graph.adjacency_matrix[dst, src].tolist()
-    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": wt}
-             for s, t, wt in zip(src.tolist(), dst.tolist(), weights) if s in nodes and t in nodes]
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": wt}
+        for s, t, wt in zip(src.tolist(), dst.tolist(), weights)
+        if s in nodes and t in nodes
+    ]
     connected = {x for link in links for x in (link["source"], link["target"])}
-    used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
-    metadata = {"slug": slug, "scan": graph.scan, "transcoder_list": [], "prompt_tokens": list(graph.token_strings),
-                "prompt": graph.prompt, "node_threshold": node_threshold, "schema_version": 1,
-                "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
-                "info": {"model": graph.model_name, "generator": {"name": "clt"}, **graph.info}}
+    used = [
+        n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")
+    ]
+    metadata = {
+        "slug": slug,
+        "scan": graph.scan,
+        "transcoder_list": [],
+        "prompt_tokens": list(graph.token_strings),
+        "prompt": graph.prompt,
+        "node_threshold": node_threshold,
+        "schema_version": 1,
+        "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+        "info": {"model": graph.model_name, "generator": {"name": "clt"}, **graph.info},
+    }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
-def write_graph_files(graph: Graph, pruned: Pruned, out_dir: str | os.PathLike, slug: str,
-                      node_threshold: float, edge_threshold: float | None = None) -> Path:
+def write_graph_files(
+    graph: Graph,
+    pruned: Pruned,
+    out_dir: str | os.PathLike,
+    slug: str,
+    node_threshold: float,
+    edge_threshold: float | None = None,
+) -> Path:
     """Write `{slug}.json` and add its metadata to `graph-metadata.json` (the viewer's index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,4 +419,3 @@ def write_graph_files(graph: Graph, pruned: Pruned, out_dir: str | os.PathLike, 
     index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
     write_atomic(index_path, json.dumps(index, indent=2))
     return out / f"{slug}.json"
-

@@ -14,8 +14,9 @@ from .graph import Graph, Pruned
 POSITIVE, NEGATIVE = "#2563eb", "#dc2626"
 
 
-def plot_graph(graph: Graph, pruned: Pruned, path: str | os.PathLike, max_edges: int = 1500,
-               title: str | None = None) -> None:
+def plot_graph(
+    graph: Graph, pruned: Pruned, path: str | os.PathLike, max_edges: int = 1500, title: str | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,27 +56,53 @@ def plot_graph(graph: Graph, pruned: Pruned, path: str | os.PathLike, max_edges:
             if s not in xy or t not in xy:
                 continue
             r = abs(val) / wmax
-            ax.plot([xy[s][0], xy[t][0]], [xy[s][1], xy[t][1]], color=POSITIVE if val > 0 else NEGATIVE,
-                    lw=0.3 + 2.5 * r, alpha=0.15 + 0.7 * r, zorder=1)
+            ax.plot(
+                [xy[s][0], xy[t][0]],
+                [xy[s][1], xy[t][1]],
+                color=POSITIVE if val > 0 else NEGATIVE,
+                lw=0.3 + 2.5 * r,
+                alpha=0.15 + 0.7 * r,
+                zorder=1,
+            )
 
     infl = pruned.influence
     imax = float(infl.max()) if len(infl) else 1.0
-    for kind, sl, marker, color in (("feature", slice(0, graph.n_features), "o", "#f59e0b"),
-                                    ("error", graph.error_slice, "s", "#9ca3af"),
-                                    ("token", graph.token_slice, "D", "#10b981"),
-                                    ("logit", graph.logit_slice, "^", "#7c3aed")):
+    for kind, sl, marker, color in (
+        ("feature", slice(0, graph.n_features), "o", "#f59e0b"),
+        ("error", graph.error_slice, "s", "#9ca3af"),
+        ("token", graph.token_slice, "D", "#10b981"),
+        ("logit", graph.logit_slice, "^", "#7c3aed"),
+    ):
         idx = [i for i in kept if sl.start <= i < sl.stop]
         if not idx:
             continue
-        sizes = [30 + 200 * float(infl[i]) / max(imax, 1e-12) if kind in ("feature", "error") else 80 for i in idx]
-        ax.scatter([xy[i][0] for i in idx], [xy[i][1] for i in idx], s=sizes, marker=marker, c=color,
-                   edgecolors="black", linewidths=0.4, zorder=2, label=kind)
+        sizes = [
+            30 + 200 * float(infl[i]) / max(imax, 1e-12) if kind in ("feature", "error") else 80 for i in idx
+        ]
+        ax.scatter(
+            [xy[i][0] for i in idx],
+            [xy[i][1] for i in idx],
+            s=sizes,
+            marker=marker,
+            c=color,
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=2,
+            label=kind,
+        )
     for k in range(graph.n_logits):
         i = graph.logit_slice.start + k
         if i in xy:
-            ax.annotate(f"{graph.logit_token_strings[k]!r} {float(graph.logit_probabilities[k]):.2f}", xy[i],
-                        textcoords="offset points", xytext=(0, 7), fontsize=6, rotation=70, ha="left",
-                        va="bottom")
+            ax.annotate(
+                f"{graph.logit_token_strings[k]!r} {float(graph.logit_probabilities[k]):.2f}",
+                xy[i],
+                textcoords="offset points",
+                xytext=(0, 7),
+                fontsize=6,
+                rotation=70,
+                ha="left",
+                va="bottom",
+            )
     ax.set_xticks(range(T))
     ax.set_xticklabels([repr(s)[1:-1] for s in graph.token_strings], rotation=60, ha="right", fontsize=7)
     ticks = [-1, *range(0, L, max(1, L // 10)), L]

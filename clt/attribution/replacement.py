@@ -49,6 +49,7 @@ class Freeze:
 
     attention / norms: "off" (normal), "record" (normal, and remember), "replay" (use what was
     remembered: patterns [1, H, T, T] and norm scales [1, T, 1] broadcast over any batch)."""
+
     attention: str = "off"
     norms: str = "off"
     patterns: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -127,7 +128,8 @@ def _frozen_norm_forward(module: nn.Module, kind: str, original):
             if errs[best] > tol:
                 raise AttributionError(
                     f"cannot freeze {type(module).__name__}: it is not a plain RMSNorm/LayerNorm "
-                    f"(max deviation {errs[best]:.3g}); this model family is not supported by attribution")
+                    f"(max deviation {errs[best]:.3g}); this model family is not supported by attribution"
+                )
             fz.gains_plus_one[key] = bool(best)
             return out
         return affine(z * fz.scales[key], fz.gains_plus_one[key]).to(x.dtype)
@@ -143,6 +145,7 @@ def _frozen_norm_forward(module: nn.Module, kind: str, original):
 class Intervention:
     """Set (or scale) feature `feature` of source layer `layer` at `position` (an int, a list,
     or a slice; `slice(k, None)` also covers generated tokens)."""
+
     layer: int
     position: int | slice | Sequence[int]
     feature: int
@@ -164,8 +167,11 @@ def _positions(pos, offset: int, n: int) -> list[int]:
     """Local indices in [0, n) of the absolute positions `pos` among offset..offset+n-1."""
     if isinstance(pos, slice):
         start, stop, step = pos.start or 0, pos.stop, pos.step or 1
-        return [p - offset for p in range(max(start, offset), offset + n if stop is None else min(stop, offset + n))
-                if (p - start) % step == 0]
+        return [
+            p - offset
+            for p in range(max(start, offset), offset + n if stop is None else min(stop, offset + n))
+            if (p - start) % step == 0
+        ]
     plist = [pos] if isinstance(pos, int) else list(pos)
     return [p - offset for p in plist if offset <= p < offset + n]
 
@@ -174,7 +180,9 @@ def _edit(a: torch.Tensor, interventions: list[Intervention], offset: int) -> No
     """In place. a: [..., n, F] activations of one layer at positions offset..offset+n-1."""
     for it in interventions:
         if not 0 <= it.feature < a.shape[-1]:
-            raise AttributionError(f"intervention on feature {it.feature}: the CLT has {a.shape[-1]} features")
+            raise AttributionError(
+                f"intervention on feature {it.feature}: the CLT has {a.shape[-1]} features"
+            )
         idx = _positions(it.position, offset, a.shape[-2])
         if idx:
             cur = a[..., idx, it.feature]
@@ -198,16 +206,17 @@ def apply_interventions(a: torch.Tensor, interventions: list[Intervention], offs
 @dataclass
 class PromptContext:
     """Everything the clean run of one prompt leaves behind. Layouts follow the CLT's [T, L, ·]."""
-    ids: torch.Tensor        # [T] token ids (BOS first)
-    E: torch.Tensor          # [T, d] token embeddings
-    h: torch.Tensor          # [T, L, F] CLT pre-activations
-    a: torch.Tensor          # [T, L, F] CLT activations, position 0 zeroed
-    err: torch.Tensor        # [T, L, d] error nodes: MLP output − reconstruction, position 0 zeroed
-    bos_out: torch.Tensor    # [T, L, d] the rest of the clean MLP output at position 0 (a constant)
-    y: torch.Tensor          # [T, L, d] clean MLP outputs
-    logits: torch.Tensor     # [T, V] the subject model's logits (after any softcap)
+
+    ids: torch.Tensor  # [T] token ids (BOS first)
+    E: torch.Tensor  # [T, d] token embeddings
+    h: torch.Tensor  # [T, L, F] CLT pre-activations
+    a: torch.Tensor  # [T, L, F] CLT activations, position 0 zeroed
+    err: torch.Tensor  # [T, L, d] error nodes: MLP output − reconstruction, position 0 zeroed
+    bos_out: torch.Tensor  # [T, L, d] the rest of the clean MLP output at position 0 (a constant)
+    y: torch.Tensor  # [T, L, d] clean MLP outputs
+    logits: torch.Tensor  # [T, V] the subject model's logits (after any softcap)
     logits_pre: torch.Tensor  # [T, V] the same before the softcap (= logits without one)
-    freeze: Freeze           # recorded attention patterns and norm scales
+    freeze: Freeze  # recorded attention patterns and norm scales
 
 
 class ReplacementModel:
@@ -220,12 +229,16 @@ class ReplacementModel:
             raise AttributionError(
                 f"the CLT was trained for a model with {arch.n_layers} layers and d_model={arch.d_model} "
                 f"({arch.subject_model or 'unknown model'}), but {subject.name or 'the subject model'} has "
-                f"{subject.n_layers} layers and d_model={subject.d_model}: wrong checkpoint for this model?")
-        for side, mine, theirs in (("input", arch.input_hook, subject.input_hook),
-                                   ("output", arch.output_hook, subject.output_hook)):
+                f"{subject.n_layers} layers and d_model={subject.d_model}: wrong checkpoint for this model?"
+            )
+        for side, mine, theirs in (
+            ("input", arch.input_hook, subject.input_hook),
+            ("output", arch.output_hook, subject.output_hook),
+        ):
             if mine != theirs:
-                raise AttributionError(f"the CLT reads/writes {side} hook {mine!r}; the subject is set up "
-                                       f"with {theirs!r}")
+                raise AttributionError(
+                    f"the CLT reads/writes {side} hook {mine!r}; the subject is set up with {theirs!r}"
+                )
         self.subject, self.clt = subject, clt.eval()
         self.model = subject.model
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -269,8 +282,10 @@ class ReplacementModel:
         if len(ids) < 2:
             raise AttributionError("the prompt is empty (only a BOS token)")
         if self.n_ctx is not None and len(ids) > self.n_ctx:
-            raise AttributionError(f"the prompt has {len(ids)} tokens (BOS included) but the model's context "
-                                   f"is {self.n_ctx} tokens")
+            raise AttributionError(
+                f"the prompt has {len(ids)} tokens (BOS included) but the model's context "
+                f"is {self.n_ctx} tokens"
+            )
         return torch.tensor(ids, dtype=torch.long)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -345,12 +360,23 @@ class ReplacementModel:
         bos_out = torch.zeros_like(err)
         bos_out[0] = err[0]
         err[0] = 0
-        return PromptContext(ids=ids, E=E[0].float(), h=h, a=a, err=err, bos_out=bos_out, y=y,
-                             logits=self.softcapped(logits_pre), logits_pre=logits_pre, freeze=freeze)
+        return PromptContext(
+            ids=ids,
+            E=E[0].float(),
+            h=h,
+            a=a,
+            err=err,
+            bos_out=bos_out,
+            y=y,
+            logits=self.softcapped(logits_pre),
+            logits_pre=logits_pre,
+            freeze=freeze,
+        )
 
     # -- the frozen replacement model ------------------------------------------------------------
-    def mlp_outputs(self, ctx: PromptContext, a: torch.Tensor | None = None,
-                    err: torch.Tensor | None = None) -> torch.Tensor:
+    def mlp_outputs(
+        self, ctx: PromptContext, a: torch.Tensor | None = None, err: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """MLP outputs of the frozen model: decode(a) + err + the BOS constant. [..., T, L, d]."""
         a = ctx.a if a is None else a
         err = ctx.err if err is None else err
@@ -358,8 +384,9 @@ class ReplacementModel:
         dec = self.clt.decode(a.reshape(-1, *a.shape[-2:])).reshape(*lead, *a.shape[-3:-1], -1)
         return dec + err + ctx.bos_out
 
-    def frozen_run(self, ctx: PromptContext, E: torch.Tensor, mlp_out: torch.Tensor, on_output=None
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def frozen_run(
+        self, ctx: PromptContext, E: torch.Tensor, mlp_out: torch.Tensor, on_output=None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The frozen model. E: [B, T, d], mlp_out: [B or 1, T, L, d] ->
         (xs: L × [B, T, d] CLT inputs, hidden: [B, T, d] after the final norm).
         `on_output(layer, tensor)` may return a replacement for layer's MLP output (for gradients)."""
@@ -377,7 +404,10 @@ class ReplacementModel:
                 out = on_output(layer, out)
             return out
 
-        with self._freezing(ctx.freeze, stub_mlps=True), sub.hooks({sub.input_hook: read, sub.output_hook: write}):
+        with (
+            self._freezing(ctx.freeze, stub_mlps=True),
+            sub.hooks({sub.input_hook: read, sub.output_hook: write}),
+        ):
             hidden = self.base(inputs_embeds=E.to(dtype), use_cache=False).last_hidden_state
         return xs, hidden
 
@@ -387,8 +417,13 @@ class ReplacementModel:
         return self.clt.encode(x.reshape(-1, *x.shape[2:])).reshape(*x.shape[:3], -1)
 
     @torch.no_grad()
-    def frozen_forward(self, ctx: PromptContext, E: torch.Tensor | None = None, a: torch.Tensor | None = None,
-                       err: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def frozen_forward(
+        self,
+        ctx: PromptContext,
+        E: torch.Tensor | None = None,
+        a: torch.Tensor | None = None,
+        err: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen replacement model as a function of its sources (defaults: the clean ones).
         E: [T, d], a: [T, L, F], err: [T, L, d] -> (h: [T, L, F] pre-activations,
         logits: [T, V] before any softcap)."""
@@ -435,8 +470,14 @@ class ReplacementModel:
             yield
 
     @torch.no_grad()
-    def forward(self, prompt, interventions=(), errors: bool = True, freeze_attention: bool = False,
-                ctx: PromptContext | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        prompt,
+        interventions=(),
+        errors: bool = True,
+        freeze_attention: bool = False,
+        ctx: PromptContext | None = None,
+    ) -> torch.Tensor:
         """The live replacement model on a prompt -> logits [T, V] (after any softcap).
 
         errors=True (free-mode interventions): effects propagate through the real model; without
@@ -455,8 +496,14 @@ class ReplacementModel:
         return logits.float()
 
     @torch.no_grad()
-    def intervene(self, prompt, interventions, mode: str = "free", ctx: PromptContext | None = None,
-                  freeze_attention: bool = False) -> torch.Tensor:
+    def intervene(
+        self,
+        prompt,
+        interventions,
+        mode: str = "free",
+        ctx: PromptContext | None = None,
+        freeze_attention: bool = False,
+    ) -> torch.Tensor:
         """Logits [T, V] with feature activations set or scaled.
 
         mode="constrained": the frozen replacement model; only direct effects (other features keep
@@ -472,8 +519,9 @@ class ReplacementModel:
         return self.softcapped(logits)
 
     @torch.no_grad()
-    def generate(self, prompt, interventions=(), max_new_tokens: int = 20, temperature: float = 0.0,
-                 seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def generate(
+        self, prompt, interventions=(), max_new_tokens: int = 20, temperature: float = 0.0, seed: int = 0
+    ) -> tuple[str, torch.Tensor, torch.Tensor]:
         """Generate with the interventions held (free mode; `slice(k, None)` positions also apply
         to generated tokens). Greedy for temperature 0. -> (new text, all ids [T'], logits [n, V])."""
         ivs = _as_interventions(interventions)

@@ -26,8 +26,7 @@ class DataPosition:
     text: TextPosition | None = None  # text position at the start of the block
 
     def to_dict(self) -> dict:
-        return {"block": self.block, "batch": self.batch,
-                "text": (self.text or TextPosition()).to_dict()}
+        return {"block": self.block, "batch": self.batch, "text": (self.text or TextPosition()).to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataPosition:
@@ -35,8 +34,9 @@ class DataPosition:
 
 
 @torch.no_grad()
-def window_activations(subject: Subject, windows: torch.Tensor, dtype: torch.dtype | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def window_activations(
+    subject: Subject, windows: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """windows: [B, T] -> x, y: [B·(T−1), L, d] on the CPU (in `dtype`, default the subject's), with
     the BOS positions dropped."""
     x, y = subject.capture(windows)
@@ -46,8 +46,14 @@ def window_activations(subject: Subject, windows: torch.Tensor, dtype: torch.dty
 
 
 class ActivationSource:
-    def __init__(self, subject: Subject, cfg: DataConfig, batch_tokens: int, seed: int = 0,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        subject: Subject,
+        cfg: DataConfig,
+        batch_tokens: int,
+        seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.subject, self.cfg = subject, cfg
         self.batch_tokens, self.seed = batch_tokens, seed
         self.text = WindowStream(cfg, subject.tokenizer, shard)  # shard: (replica, replicas)
@@ -57,8 +63,9 @@ class ActivationSource:
         """windows: [B, T] -> x, y: [B·(T−1), L, d] with the BOS positions dropped."""
         return window_activations(self.subject, windows, self.dtype)
 
-    def _generate(self, windows: Iterator[tuple[torch.Tensor, TextPosition]], n_tokens: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, TextPosition]:
+    def _generate(
+        self, windows: Iterator[tuple[torch.Tensor, TextPosition]], n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, TextPosition]:
         """Generate at least n_tokens tokens of activations from the window iterator."""
         xs, ys, got, pos = [], [], 0, None
         per_window = self.cfg.context_size - 1
@@ -103,8 +110,11 @@ class ActivationSource:
             perm = torch.randperm(x.shape[0], generator=g)
             n_batches = x.shape[0] // self.batch_tokens
             for j in range(skip, n_batches):
-                idx = perm[j * self.batch_tokens:(j + 1) * self.batch_tokens]
-                after = (DataPosition(block + 1, 0, next_text) if j + 1 == n_batches
-                         else DataPosition(block, j + 1, text_pos))
+                idx = perm[j * self.batch_tokens : (j + 1) * self.batch_tokens]
+                after = (
+                    DataPosition(block + 1, 0, next_text)
+                    if j + 1 == n_batches
+                    else DataPosition(block, j + 1, text_pos)
+                )
                 yield x[idx], y[idx], after.to_dict()
             block, skip, text_pos = block + 1, 0, next_text

@@ -41,8 +41,17 @@ from .activations import window_activations
 from .text import TextPosition, WindowStream
 
 FORMAT = 1
-TEXT_KEYS = ("dataset", "name", "split", "text_column", "context_size", "eval_docs", "eval_windows",
-             "min_doc_chars", "batch_windows")
+TEXT_KEYS = (
+    "dataset",
+    "name",
+    "split",
+    "text_column",
+    "context_size",
+    "eval_docs",
+    "eval_windows",
+    "min_doc_chars",
+    "batch_windows",
+)
 
 
 class CacheError(CLTError, ValueError):
@@ -62,27 +71,40 @@ def sidecar_path(root: Path, s: int) -> Path:
 # The plan: what a cache is
 
 
-def make_plan(subject, model: ModelConfig, data: DataConfig, tokens: int, shard_tokens: int,
-              storage: str) -> dict:
+def make_plan(
+    subject, model: ModelConfig, data: DataConfig, tokens: int, shard_tokens: int, storage: str
+) -> dict:
     per = data.context_size - 1  # tokens per window (BOS dropped)
     shard_windows = -(-shard_tokens // per)
     n_windows = -(-tokens // per)
-    return {"format": FORMAT,
-            "subject": {"name_or_path": model.name_or_path, "revision": model.revision,
-                        "family": subject.family_name, "dtype": str(subject.dtype).removeprefix("torch."),
-                        "n_layers": subject.n_layers, "d_model": subject.d_model},
-            "hooks": {"input": model.input_hook, "output": model.output_hook},
-            "text": {k: getattr(data, k) for k in TEXT_KEYS},
-            "storage": storage, "window_tokens": per, "shard_windows": shard_windows,
-            "n_windows": n_windows, "n_shards": -(-n_windows // shard_windows)}
+    return {
+        "format": FORMAT,
+        "subject": {
+            "name_or_path": model.name_or_path,
+            "revision": model.revision,
+            "family": subject.family_name,
+            "dtype": str(subject.dtype).removeprefix("torch."),
+            "n_layers": subject.n_layers,
+            "d_model": subject.d_model,
+        },
+        "hooks": {"input": model.input_hook, "output": model.output_hook},
+        "text": {k: getattr(data, k) for k in TEXT_KEYS},
+        "storage": storage,
+        "window_tokens": per,
+        "shard_windows": shard_windows,
+        "n_windows": n_windows,
+        "n_shards": -(-n_windows // shard_windows),
+    }
 
 
 def _describe(plan: dict) -> str:
     s, h = plan["subject"], plan["hooks"]
-    return (f"{s['name_or_path']} ({s['n_layers']} layers × d={s['d_model']}, {s['dtype']}), "
-            f"{h['input']} → {h['output']}, text {plan['text']['dataset']!r} in windows of "
-            f"{plan['text']['context_size']}, {plan['storage']}, {plan['n_windows']} windows in shards of "
-            f"{plan['shard_windows']}")
+    return (
+        f"{s['name_or_path']} ({s['n_layers']} layers × d={s['d_model']}, {s['dtype']}), "
+        f"{h['input']} → {h['output']}, text {plan['text']['dataset']!r} in windows of "
+        f"{plan['text']['context_size']}, {plan['storage']}, {plan['n_windows']} windows in shards of "
+        f"{plan['shard_windows']}"
+    )
 
 
 def write_or_check_plan(root: Path, plan: dict) -> None:
@@ -91,9 +113,11 @@ def write_or_check_plan(root: Path, plan: dict) -> None:
         old = json.loads(path.read_text())
         diff = [f"{k}: cache has {_get(old, k)!r}, asked {_get(plan, k)!r}" for k in config_diff(old, plan)]
         if diff:
-            raise CacheError(f"cache.dir={str(root)!r} holds another cache ({_describe(old)}); this "
-                             f"generation differs in {'; '.join(diff)}. Use another cache.dir, or the "
-                             "cache's settings to resume it")
+            raise CacheError(
+                f"cache.dir={str(root)!r} holds another cache ({_describe(old)}); this "
+                f"generation differs in {'; '.join(diff)}. Use another cache.dir, or the "
+                "cache's settings to resume it"
+            )
         return
     (root / "shards").mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(plan, indent=1))
@@ -125,15 +149,28 @@ def shard_ok(root: Path, s: int, verify: bool) -> bool:
     return not verify or sha256(path) == meta["sha256"]
 
 
-def write_shard(root: Path, s: int, first_window: int, windows: torch.Tensor, docs: torch.Tensor,
-                x: torch.Tensor, y: torch.Tensor, storage: str) -> dict:
+def write_shard(
+    root: Path,
+    s: int,
+    first_window: int,
+    windows: torch.Tensor,
+    docs: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    storage: str,
+) -> dict:
     """windows, docs: [W, T]; x, y: [W·(T−1), L, d] -> the shard file, then its sidecar."""
     xf, yf = x.float(), y.float()
-    tensors = {"tokens": windows[:, 1:].reshape(-1).to(torch.int32).contiguous(),
-               "docs": docs[:, 1:].reshape(-1).contiguous(),
-               "y_sum": yf.sum(0).contiguous()}  # [L, d], for the manifest's mean of y
+    tensors = {
+        "tokens": windows[:, 1:].reshape(-1).to(torch.int32).contiguous(),
+        "docs": docs[:, 1:].reshape(-1).contiguous(),
+        "y_sum": yf.sum(0).contiguous(),
+    }  # [L, d], for the manifest's mean of y
     if storage == "int8":
-        (tensors["x_q"], tensors["x_scale"]), (tensors["y_q"], tensors["y_scale"]) = quantize(xf), quantize(yf)
+        (tensors["x_q"], tensors["x_scale"]), (tensors["y_q"], tensors["y_scale"]) = (
+            quantize(xf),
+            quantize(yf),
+        )
     else:
         tensors["x"], tensors["y"] = x.to(torch.bfloat16).contiguous(), y.to(torch.bfloat16).contiguous()
     path = shard_path(root, s)
@@ -143,20 +180,29 @@ def write_shard(root: Path, s: int, first_window: int, windows: torch.Tensor, do
             save_file(tensors, str(tmp), metadata={"format": "clt-activation-cache"})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        meta = {"index": s, "first_window": first_window, "windows": int(windows.shape[0]),
-                "tokens": int(x.shape[0]), "docs": [int(docs[:, 1:].min()), int(docs[:, 1:].max())],
-                "sha256": sha256(path), "bytes": path.stat().st_size,
-                "x_norm_sum": xf.norm(dim=-1).sum(0).tolist(), "y_norm_sum": yf.norm(dim=-1).sum(0).tolist(),
-                "y_sq_sum": yf.pow(2).sum((0, 2)).tolist()}
+        meta = {
+            "index": s,
+            "first_window": first_window,
+            "windows": int(windows.shape[0]),
+            "tokens": int(x.shape[0]),
+            "docs": [int(docs[:, 1:].min()), int(docs[:, 1:].max())],
+            "sha256": sha256(path),
+            "bytes": path.stat().st_size,
+            "x_norm_sum": xf.norm(dim=-1).sum(0).tolist(),
+            "y_norm_sum": yf.norm(dim=-1).sum(0).tolist(),
+            "y_sq_sum": yf.pow(2).sum((0, 2)).tolist(),
+        }
         write_atomic(sidecar_path(root, s), json.dumps(meta))
         return meta
     except OSError as e:
         path.unlink(missing_ok=True)  # a shard without its sidecar is not finished
         done = sum(1 for _ in (root / "shards").glob("shard-*.json"))
         what = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
-        raise CacheError(f"writing shard {s} of {root} failed: {what}. The {done} finished shards are "
-                         "intact; free space (or fix the error) and run the same command again to "
-                         "resume from the first missing shard") from e
+        raise CacheError(
+            f"writing shard {s} of {root} failed: {what}. The {done} finished shards are "
+            "intact; free space (or fix the error) and run the same command again to "
+            "resume from the first missing shard"
+        ) from e
 
 
 def array_task(cfg, what: str = "cache") -> tuple[int, int]:
@@ -166,7 +212,9 @@ def array_task(cfg, what: str = "cache") -> tuple[int, int]:
     if tasks == -1:
         tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
     if task == -1:
-        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) - int(
+            os.environ.get("SLURM_ARRAY_TASK_MIN", "0")
+        )
     if not 0 <= task < tasks:
         raise CacheError(f"{what}.task={task} does not exist among {what}.tasks={tasks}")
     return task, tasks
@@ -201,8 +249,13 @@ def generate(subject, job: CacheJobConfig, progress: bool = True) -> dict | None
             sidecar_path(root, s).unlink(missing_ok=True)
         todo.append(s)
     per = plan["window_tokens"]
-    bar = tqdm(total=sum(min(sw, n_windows - s * sw) for s in todo) * per, unit="tok", unit_scale=True,
-               desc=f"cache task {task}/{tasks}", disable=not progress)
+    bar = tqdm(
+        total=sum(min(sw, n_windows - s * sw) for s in todo) * per,
+        unit="tok",
+        unit_scale=True,
+        desc=f"cache task {task}/{tasks}",
+        disable=not progress,
+    )
     windows = stream.windows(TextPosition(), with_docs=True)
     w = 0  # index of the next window of the stream
     for s in todo:
@@ -221,7 +274,7 @@ def generate(subject, job: CacheJobConfig, progress: bool = True) -> dict | None
             wt, dt = torch.stack(wins), torch.stack(docs)  # [W, T]
             xs, ys = [], []
             for i in range(0, len(wt), data.batch_windows):  # the forward batches of online generation
-                x, y = window_activations(subject, wt[i:i + data.batch_windows])
+                x, y = window_activations(subject, wt[i : i + data.batch_windows])
                 xs.append(x)
                 ys.append(y)
                 bar.update(x.shape[0])
@@ -248,7 +301,9 @@ def finalize(root: str | os.PathLike, required: bool = True, verify: bool = Fals
     Missing shards: None, or with `required` an error naming them. `verify`: check every checksum."""
     root = Path(root)
     if not (root / "plan.json").exists():
-        raise CacheError(f"{root} is not an activation cache (no plan.json); write one with python -m clt.cache")
+        raise CacheError(
+            f"{root} is not an activation cache (no plan.json); write one with python -m clt.cache"
+        )
     plan = json.loads((root / "plan.json").read_text())
     sw, n_windows = plan["shard_windows"], plan["n_windows"]
     end = _end(root)
@@ -258,16 +313,20 @@ def finalize(root: str | os.PathLike, required: bool = True, verify: bool = Fals
     missing = [s for s in range(n_shards) if not sidecar_path(root, s).exists()]
     if missing:
         if required:
-            raise CacheError(f"{root}: {len(missing)} of {n_shards} shards are missing ({_ranges(missing)}); "
-                             "run the generation tasks that write them (python -m clt.cache with the same "
-                             "settings resumes)")
+            raise CacheError(
+                f"{root}: {len(missing)} of {n_shards} shards are missing ({_ranges(missing)}); "
+                "run the generation tasks that write them (python -m clt.cache with the same "
+                "settings resumes)"
+            )
         return None
     metas = [json.loads(sidecar_path(root, s).read_text()) for s in range(n_shards)]
     if verify:
         bad = [s for s in range(n_shards) if not shard_ok(root, s, verify=True)]
         if bad:
-            raise CacheError(f"{root}: shards {_ranges(bad)} are damaged (size or sha256 differs from their "
-                             "sidecar); run python -m clt.cache with the cache's settings to regenerate them")
+            raise CacheError(
+                f"{root}: shards {_ranges(bad)} are damaged (size or sha256 differs from their "
+                "sidecar); run python -m clt.cache with the cache's settings to regenerate them"
+            )
     tokens = sum(m["tokens"] for m in metas)
     L, d = plan["subject"]["n_layers"], plan["subject"]["d_model"]
     x_norm = [sum(m["x_norm_sum"][i] for m in metas) / tokens for i in range(L)]
@@ -276,14 +335,31 @@ def finalize(root: str | os.PathLike, required: bool = True, verify: bool = Fals
     y_var = [sum(m["y_sq_sum"][i] for m in metas) / tokens - y_mean[i].pow(2).sum().item() for i in range(L)]
     with atomic_file(root / "stats.safetensors") as tmp:
         save_file({"y_mean": y_mean.contiguous()}, str(tmp))
-    manifest = {**plan, "n_windows": n_windows, "n_shards": n_shards, "tokens": tokens,
-                "documents": metas[-1]["docs"][1] + 1,
-                "shards": [{"file": shard_path(root, m["index"]).name, "windows": m["windows"],
-                            "tokens": m["tokens"], "sha256": m["sha256"], "bytes": m["bytes"]} for m in metas],
-                "normalisation": {"x_norm_mean": x_norm, "y_norm_mean": y_norm,
-                                  "input_scale": [math.sqrt(d) / max(v, 1e-8) for v in x_norm],
-                                  "output_scale": [math.sqrt(d) / max(v, 1e-8) for v in y_norm],
-                                  "y_variance": y_var, "y_mean_file": "stats.safetensors"}}
+    manifest = {
+        **plan,
+        "n_windows": n_windows,
+        "n_shards": n_shards,
+        "tokens": tokens,
+        "documents": metas[-1]["docs"][1] + 1,
+        "shards": [
+            {
+                "file": shard_path(root, m["index"]).name,
+                "windows": m["windows"],
+                "tokens": m["tokens"],
+                "sha256": m["sha256"],
+                "bytes": m["bytes"],
+            }
+            for m in metas
+        ],
+        "normalisation": {
+            "x_norm_mean": x_norm,
+            "y_norm_mean": y_norm,
+            "input_scale": [math.sqrt(d) / max(v, 1e-8) for v in x_norm],
+            "output_scale": [math.sqrt(d) / max(v, 1e-8) for v in y_norm],
+            "y_variance": y_var,
+            "y_mean_file": "stats.safetensors",
+        },
+    }
     write_atomic(root / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
@@ -313,8 +389,10 @@ def read_manifest(root: str | os.PathLike) -> dict:
         if (root / "plan.json").exists():
             finalize(root, required=True)  # says which shards are missing, or completes the merge
             return json.loads(path.read_text())
-        raise CacheError(f"data.cache={str(root)!r} is not an activation cache (no manifest.json); write "
-                         "one with python -m clt.cache cache.dir=…")
+        raise CacheError(
+            f"data.cache={str(root)!r} is not an activation cache (no manifest.json); write "
+            "one with python -m clt.cache cache.dir=…"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: cache format {manifest.get('format')!r}, this version reads {FORMAT}")
@@ -326,14 +404,20 @@ def check_compatible(manifest: dict, model: ModelConfig, subject=None, root: str
     s, h = manifest["subject"], manifest["hooks"]
     where = f"data.cache={root!r} holds activations of {_describe(manifest)}"
     if s["name_or_path"] != model.name_or_path or s.get("revision") != model.revision:
-        raise CacheError(f"{where}; this run's subject model is {model.name_or_path!r} "
-                         f"(model.name_or_path, revision {model.revision!r}): use a cache of this model")
+        raise CacheError(
+            f"{where}; this run's subject model is {model.name_or_path!r} "
+            f"(model.name_or_path, revision {model.revision!r}): use a cache of this model"
+        )
     if h["input"] != model.input_hook or h["output"] != model.output_hook:
-        raise CacheError(f"{where}; this run reads {model.input_hook} → {model.output_hook} "
-                         "(model.input_hook / model.output_hook): use a cache made at these hooks")
+        raise CacheError(
+            f"{where}; this run reads {model.input_hook} → {model.output_hook} "
+            "(model.input_hook / model.output_hook): use a cache made at these hooks"
+        )
     if subject is not None and (s["n_layers"], s["d_model"]) != (subject.n_layers, subject.d_model):
-        raise CacheError(f"{where}; the subject model loaded has {subject.n_layers} layers × "
-                         f"d={subject.d_model}: the cache does not match it (mismatched L or d)")
+        raise CacheError(
+            f"{where}; the subject model loaded has {subject.n_layers} layers × "
+            f"d={subject.d_model}: the cache does not match it (mismatched L or d)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +431,9 @@ class CachedActivations:
     bounded memory). Data-parallel replicas read the same blocks and each takes its slice of every
     global batch, so a resume is exact whatever the number of replicas."""
 
-    def __init__(self, subject, cfg: DataConfig, batch_tokens: int, seed: int = 0, model: ModelConfig | None = None):
+    def __init__(
+        self, subject, cfg: DataConfig, batch_tokens: int, seed: int = 0, model: ModelConfig | None = None
+    ):
         self.root = Path(cfg.cache or "")
         self.manifest = m = read_manifest(self.root)
         if model is not None:
@@ -357,8 +443,10 @@ class CachedActivations:
         self.dtype = getattr(torch, cfg.buffer_dtype)
         self.per, self.sw, self.n_windows = m["window_tokens"], m["shard_windows"], m["n_windows"]
         if m["tokens"] < batch_tokens:
-            raise CacheError(f"data.cache={str(self.root)!r} holds {m['tokens']} tokens, fewer than one "
-                             f"batch (trainer.batch_tokens={batch_tokens})")
+            raise CacheError(
+                f"data.cache={str(self.root)!r} holds {m['tokens']} tokens, fewer than one "
+                f"batch (trainer.batch_tokens={batch_tokens})"
+            )
         self.verified: set[int] = set()
         self.loaded: dict[int, tuple[torch.Tensor, ...]] = {}  # the last shards read (at most 2 kept)
 
@@ -386,25 +474,34 @@ class CachedActivations:
         """Shard s as stored (x, y dequantised; tokens, docs), checked against the manifest (size
         always; sha256 the first time when data.cache_verify)."""
         entry, path = self.manifest["shards"][s], self.root / "shards" / self.manifest["shards"][s]["file"]
-        fix = (f"regenerate it: python -m clt.cache cache.dir={self.root} with the cache's settings "
-               "(only damaged shards are rewritten)")
+        fix = (
+            f"regenerate it: python -m clt.cache cache.dir={self.root} with the cache's settings "
+            "(only damaged shards are rewritten)"
+        )
         if not path.exists():
             raise CacheError(f"{path} is missing; {fix}")
         if path.stat().st_size != entry["bytes"]:
-            raise CacheError(f"{path} is truncated or damaged: {path.stat().st_size} bytes, the manifest "
-                             f"says {entry['bytes']}; {fix}")
+            raise CacheError(
+                f"{path} is truncated or damaged: {path.stat().st_size} bytes, the manifest "
+                f"says {entry['bytes']}; {fix}"
+            )
         if self.cfg.cache_verify and s not in self.verified:
             got = sha256(path)
             if got != entry["sha256"]:
-                raise CacheError(f"{path} is corrupted: sha256 {got[:12]}…, the manifest says "
-                                 f"{entry['sha256'][:12]}…; {fix}")
+                raise CacheError(
+                    f"{path} is corrupted: sha256 {got[:12]}…, the manifest says "
+                    f"{entry['sha256'][:12]}…; {fix}"
+                )
             self.verified.add(s)
         try:
             t = load_file(str(path))
         except Exception as e:
             raise CacheError(f"{path} is unreadable ({e}); {fix}") from e
         if "x_q" in t:
-            t["x"], t["y"] = dequantize(t.pop("x_q"), t.pop("x_scale")), dequantize(t.pop("y_q"), t.pop("y_scale"))
+            t["x"], t["y"] = (
+                dequantize(t.pop("x_q"), t.pop("x_scale")),
+                dequantize(t.pop("y_q"), t.pop("y_scale")),
+            )
         return t
 
     def window_rows(self, w0: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -449,9 +546,11 @@ class CachedActivations:
         n_shards = self.manifest["n_shards"]
         group = max(1, -(-self.cfg.buffer_tokens // (self.sw * self.per)))  # shards mixed at a time
         while True:
-            order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(self.seed * 7_919 + epoch))
+            order = torch.randperm(
+                n_shards, generator=torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+            )
             while block * group < n_shards:
-                parts = [self.load_shard(int(s)) for s in order[block * group:(block + 1) * group]]
+                parts = [self.load_shard(int(s)) for s in order[block * group : (block + 1) * group]]
                 x, y, tok = (torch.cat(p) for p in zip(*parts))
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 65_537 + block)
                 yield epoch, block, x, y, tok, torch.randperm(x.shape[0], generator=g)
@@ -467,8 +566,13 @@ class CachedActivations:
         for epoch, block, x, y, tok, perm in self.blocks(start):
             n_batches = x.shape[0] // B
             for j in range(skip, n_batches):
-                idx = perm[j * B:(j + 1) * B][lo:hi]
-                nxt = {"epoch": epoch, "block": block + 1, "batch": 0} if j + 1 == n_batches else \
-                    {"epoch": epoch, "block": block, "batch": j + 1}
-                yield (x[idx], y[idx], tok[idx], {"cache": nxt}) if tokens else (x[idx], y[idx], {"cache": nxt})
+                idx = perm[j * B : (j + 1) * B][lo:hi]
+                nxt = (
+                    {"epoch": epoch, "block": block + 1, "batch": 0}
+                    if j + 1 == n_batches
+                    else {"epoch": epoch, "block": block, "batch": j + 1}
+                )
+                yield (
+                    (x[idx], y[idx], tok[idx], {"cache": nxt}) if tokens else (x[idx], y[idx], {"cache": nxt})
+                )
             skip = 0

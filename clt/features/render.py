@@ -35,10 +35,12 @@ def _line(ex, vmax: float, width: int = CHARS) -> list[tuple[str, float, bool]]:
 
 def _short(token: str, n: int = 14) -> str:
     r = repr(token)
-    return r if len(r) <= n else r[:n - 2] + "…'"
+    return r if len(r) <= n else r[: n - 2] + "…'"
 
 
-def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 8, max_intervals: int = 3) -> Path:
+def render_card(
+    card: FeatureCard, path: str | os.PathLike, max_examples: int = 8, max_intervals: int = 3
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,17 +49,37 @@ def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 
     groups = [g for g in card.examples_quantiles if g.examples]
     top = groups[:1]
     intervals = [g for g in groups[1:]][:max_intervals]
-    shown = [(g, g.examples[:max_examples if g.quantile_name == "Top" else 3]) for g in top + intervals]
+    shown = [(g, g.examples[: max_examples if g.quantile_name == "Top" else 3]) for g in top + intervals]
     n_lines = sum(len(ex) + 1 for _, ex in shown)
     fig = plt.figure(figsize=(13, 3.4 + 0.24 * n_lines), dpi=110)
     head = 3.4 / (3.4 + 0.24 * n_lines)
-    gs = fig.add_gridspec(2, 3, height_ratios=[head, 1 - head], width_ratios=[1.25, 1, 0.8],
-                          hspace=0.25, wspace=0.35, left=0.05, right=0.98, top=0.9, bottom=0.02)
-    status = "DEAD (never fired)" if card.dead else (
-        f"fires on {100 * card.activation_frequency:.3g}% of {card.n_tokens:,} tokens · "
-        f"max {card.act_max:.3g} · mean {card.mean_activation:.3g}")
-    fig.suptitle(f"Layer {card.layer} · feature {card.feature}   —   {status}", x=0.05, ha="left",
-                 fontsize=13, fontweight="bold")
+    gs = fig.add_gridspec(
+        2,
+        3,
+        height_ratios=[head, 1 - head],
+        width_ratios=[1.25, 1, 0.8],
+        hspace=0.25,
+        wspace=0.35,
+        left=0.05,
+        right=0.98,
+        top=0.9,
+        bottom=0.02,
+    )
+    status = (
+        "DEAD (never fired)"
+        if card.dead
+        else (
+            f"fires on {100 * card.activation_frequency:.3g}% of {card.n_tokens:,} tokens · "
+            f"max {card.act_max:.3g} · mean {card.mean_activation:.3g}"
+        )
+    )
+    fig.suptitle(
+        f"Layer {card.layer} · feature {card.feature}   —   {status}",
+        x=0.05,
+        ha="left",
+        fontsize=13,
+        fontweight="bold",
+    )
 
     ax = fig.add_subplot(gs[0, 0])
     n = len(card.histogram)
@@ -79,14 +101,40 @@ def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 
     ax.set_title("logit effects (decoder over all target layers)", fontsize=9)
     k = min(8, len(card.top_logits))
     for i in range(k):
-        ax.text(0.0, 0.92 - i * 0.115, _short(card.top_logits[i]), color="#1a7f37", fontsize=9, family="monospace",
-                transform=ax.transAxes)
-        ax.text(0.38, 0.92 - i * 0.115, f"{card.top_logit_values[i]:+.3f}", color="#1a7f37", fontsize=8,
-                transform=ax.transAxes)
-        ax.text(0.55, 0.92 - i * 0.115, _short(card.bottom_logits[i]), color="#cf222e", fontsize=9,
-                family="monospace", transform=ax.transAxes)
-        ax.text(0.92, 0.92 - i * 0.115, f"{card.bottom_logit_values[i]:+.3f}", color="#cf222e", fontsize=8,
-                transform=ax.transAxes)
+        ax.text(
+            0.0,
+            0.92 - i * 0.115,
+            _short(card.top_logits[i]),
+            color="#1a7f37",
+            fontsize=9,
+            family="monospace",
+            transform=ax.transAxes,
+        )
+        ax.text(
+            0.38,
+            0.92 - i * 0.115,
+            f"{card.top_logit_values[i]:+.3f}",
+            color="#1a7f37",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
+        ax.text(
+            0.55,
+            0.92 - i * 0.115,
+            _short(card.bottom_logits[i]),
+            color="#cf222e",
+            fontsize=9,
+            family="monospace",
+            transform=ax.transAxes,
+        )
+        ax.text(
+            0.92,
+            0.92 - i * 0.115,
+            f"{card.bottom_logit_values[i]:+.3f}",
+            color="#cf222e",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
 
     ax = fig.add_subplot(gs[0, 2])
     layers = list(range(card.layer, card.layer + len(card.decoder_norms)))
@@ -111,9 +159,20 @@ def render_card(card: FeatureCard, path: str | os.PathLike, max_examples: int = 
         for ex in examples:
             x = 0.0
             for text, rel, peak in _line(ex, card.act_max):
-                ax.text(x, y, text, family="monospace", fontsize=8, va="center",
-                        bbox={"boxstyle": "square,pad=0.12", "fc": cmap(0.05 + 0.8 * max(0.0, min(rel, 1.0))),
-                              "ec": "#111" if peak else "none", "lw": 1.0 if peak else 0})
+                ax.text(
+                    x,
+                    y,
+                    text,
+                    family="monospace",
+                    fontsize=8,
+                    va="center",
+                    bbox={
+                        "boxstyle": "square,pad=0.12",
+                        "fc": cmap(0.05 + 0.8 * max(0.0, min(rel, 1.0))),
+                        "ec": "#111" if peak else "none",
+                        "lw": 1.0 if peak else 0,
+                    },
+                )
                 x += max(len(text), 1)
             y += 1
     if not shown:

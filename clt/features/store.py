@@ -46,22 +46,22 @@ def cantor(layer: int, feature: int) -> int:
 
 @dataclass
 class Example:
-    tokens: list[str]                 # the context, one string per token (newlines as ⏎)
-    tokens_acts_list: list[float]     # the feature's activation on each of them
-    train_token_ind: int              # the token the example is about (the peak or the sample)
+    tokens: list[str]  # the context, one string per token (newlines as ⏎)
+    tokens_acts_list: list[float]  # the feature's activation on each of them
+    train_token_ind: int  # the token the example is about (the peak or the sample)
     is_repeated_datapoint: bool = False
     token_ids: list[int] = field(default_factory=list)
-    token_index: int = -1             # global position of that token in the pass (window · P + offset)
-    document: int = -1                # its document in the text stream
+    token_index: int = -1  # global position of that token in the pass (window · P + offset)
+    document: int = -1  # its document in the text stream
 
 
 @dataclass
 class ExampleGroup:
-    quantile_name: str                # "Top" or "Interval lo–hi · p%"
+    quantile_name: str  # "Top" or "Interval lo–hi · p%"
     examples: list[Example]
-    lo: float = 0.0                   # activation range of the group
+    lo: float = 0.0  # activation range of the group
     hi: float = 0.0
-    share: float = 0.0                # fraction of the feature's non-zero activations in the range
+    share: float = 0.0  # fraction of the feature's non-zero activations in the range
 
 
 @dataclass
@@ -74,28 +74,28 @@ class Neighbour:
 @dataclass
 class FeatureCard:
     transcoder_id: str
-    index: int                        # cantor(layer, feature)
+    index: int  # cantor(layer, feature)
     layer: int
     feature: int
-    dead: bool                        # never fired in the tokens scanned
-    n_tokens: int                     # tokens scanned (counted)
-    count: int                        # tokens where it fired
-    activation_frequency: float       # count / n_tokens
-    act_min: float                    # colour domain of the examples: 0 … act_max
+    dead: bool  # never fired in the tokens scanned
+    n_tokens: int  # tokens scanned (counted)
+    count: int  # tokens where it fired
+    activation_frequency: float  # count / n_tokens
+    act_min: float  # colour domain of the examples: 0 … act_max
     act_max: float
-    mean_activation: float            # over the tokens where it fired
+    mean_activation: float  # over the tokens where it fired
     min_activation: float
-    histogram: list[int]              # equal-width bins over [0, act_max] of the non-zero activations
-    quantile_values: list[float]      # 100 quantiles of the non-zero activations
-    top_logits: list[str]             # strongest direct logit effects (decoder over all target layers)
+    histogram: list[int]  # equal-width bins over [0, act_max] of the non-zero activations
+    quantile_values: list[float]  # 100 quantiles of the non-zero activations
+    top_logits: list[str]  # strongest direct logit effects (decoder over all target layers)
     top_logit_values: list[float]
     top_logit_ids: list[int]
     bottom_logits: list[str]
     bottom_logit_values: list[float]
     bottom_logit_ids: list[int]
-    decoder_norms: list[float]        # ‖W_dec[layer→t][f]‖ for t = layer … L−1 (subject units)
-    downstream: list[Neighbour]       # strongest virtual weights to later features
-    upstream: list[Neighbour]         # … from earlier features
+    decoder_norms: list[float]  # ‖W_dec[layer→t][f]‖ for t = layer … L−1 (subject units)
+    downstream: list[Neighbour]  # strongest virtual weights to later features
+    upstream: list[Neighbour]  # … from earlier features
     examples_quantiles: list[ExampleGroup]
     log_histogram: list[int] = field(default_factory=list)  # the raw bins: < 1e-3, 32 per decade, ≥ 1e3
 
@@ -110,8 +110,10 @@ class FeatureCard:
             raise FeatureError(f"feature record {d.get('index')!r} lacks {missing}: not a clt feature card")
         kw["downstream"] = [Neighbour(**n) for n in d["downstream"]]
         kw["upstream"] = [Neighbour(**n) for n in d["upstream"]]
-        kw["examples_quantiles"] = [ExampleGroup(**(g | {"examples": [Example(**e) for e in g["examples"]]}))
-                                    for g in d["examples_quantiles"]]
+        kw["examples_quantiles"] = [
+            ExampleGroup(**(g | {"examples": [Example(**e) for e in g["examples"]]}))
+            for g in d["examples_quantiles"]
+        ]
         return cls(**kw)
 
 
@@ -145,7 +147,7 @@ def decode_record(blob: bytes) -> dict:
     (n,) = struct.unpack("<I", blob[:4])
     if n != len(blob) - 4:
         raise FeatureError(f"feature record of {len(blob)} bytes says its payload has {n}")
-    return json.loads(gzip.decompress(blob[4:4 + n]))
+    return json.loads(gzip.decompress(blob[4 : 4 + n]))
 
 
 def write_store(out: str | os.PathLike, n_layers: int, d_sae: int, records, manifest: dict) -> Path:
@@ -173,11 +175,15 @@ def write_store(out: str | os.PathLike, n_layers: int, d_sae: int, records, mani
             (tmp / "index.json.gz").write_bytes(gzip.compress(json.dumps(index).encode(), mtime=0))
             for p in sorted(tmp.iterdir()):
                 files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
-            (tmp / "manifest.json").write_text(json.dumps(manifest | {"format": FORMAT, "files": files}, indent=1))
+            (tmp / "manifest.json").write_text(
+                json.dumps(manifest | {"format": FORMAT, "files": files}, indent=1)
+            )
     except OSError as e:
-        raise FeatureError(f"writing the feature store {out} failed: {e.strerror or e}"
-                           f"{' (the disk is full)' if getattr(e, 'errno', None) == 28 else ''}; nothing was "
-                           "written (any earlier store there is unchanged)") from e
+        raise FeatureError(
+            f"writing the feature store {out} failed: {e.strerror or e}"
+            f"{' (the disk is full)' if getattr(e, 'errno', None) == 28 else ''}; nothing was "
+            "written (any earlier store there is unchanged)"
+        ) from e
     return out
 
 
@@ -188,12 +194,15 @@ class FeatureStore:
         self.dir = Path(directory)
         path = self.dir / "manifest.json"
         if not path.exists():
-            raise FeatureError(f"{self.dir} is not a feature store (no manifest.json); compute one with "
-                               "python -m clt.features CHECKPOINT")
+            raise FeatureError(
+                f"{self.dir} is not a feature store (no manifest.json); compute one with "
+                "python -m clt.features CHECKPOINT"
+            )
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise FeatureError(f"{path}: feature store format {self.manifest.get('format')!r}, this version "
-                               f"reads {FORMAT}")
+            raise FeatureError(
+                f"{path}: feature store format {self.manifest.get('format')!r}, this version reads {FORMAT}"
+            )
         self.index = json.loads(gzip.decompress((self.dir / "index.json.gz").read_bytes()))
 
     @classmethod
@@ -205,8 +214,10 @@ class FeatureStore:
 
         d = find_store(str(checkpoint), **hub)
         if d is None:
-            raise FeatureError(f"{checkpoint} has no feature cards (no features/manifest.json next to it or in its "
-                               "Hub repo); compute them with python -m clt.features CHECKPOINT")
+            raise FeatureError(
+                f"{checkpoint} has no feature cards (no features/manifest.json next to it or in its "
+                "Hub repo); compute them with python -m clt.features CHECKPOINT"
+            )
         return cls(d)
 
     @property
@@ -217,10 +228,12 @@ class FeatureStore:
         """Raise unless this store was built for `clt` (same folded weights; or pass its `checksum`)."""
         got = checksum or clt_checksum(clt)
         if got != self.checksum:
-            raise FeatureError(f"the feature store {self.dir} was built for another CLT "
-                               f"({self.manifest['clt'].get('source', '?')}, weights sha256 {self.checksum[:12]}…; "
-                               f"this CLT's is {got[:12]}…): recompute it (python -m clt.features) or point "
-                               "features.out elsewhere")
+            raise FeatureError(
+                f"the feature store {self.dir} was built for another CLT "
+                f"({self.manifest['clt'].get('source', '?')}, weights sha256 {self.checksum[:12]}…; "
+                f"this CLT's is {got[:12]}…): recompute it (python -m clt.features) or point "
+                "features.out elsewhere"
+            )
 
     def verify(self) -> None:
         """Check every file's size and sha256 against the manifest."""
@@ -232,8 +245,10 @@ class FeatureStore:
     def _range(self, layer: int, feature: int) -> tuple[str, int, int]:
         entry = self.index.get(str(layer))
         if entry is None or not 0 <= feature < len(entry["offsets"]) - 1:
-            raise FeatureError(f"no feature {layer}/{feature} in {self.dir} "
-                               f"({len(self.index)} layers × {len(entry['offsets']) - 1 if entry else 0} features)")
+            raise FeatureError(
+                f"no feature {layer}/{feature} in {self.dir} "
+                f"({len(self.index)} layers × {len(entry['offsets']) - 1 if entry else 0} features)"
+            )
         return entry["filename"], entry["offsets"][feature], entry["offsets"][feature + 1]
 
     def has(self, layer: int, feature: int) -> bool:
@@ -257,8 +272,10 @@ class FeatureStore:
     def card(self, layer: int, feature: int) -> FeatureCard:
         rec = self.record(layer, feature)
         if rec is None:
-            raise FeatureError(f"the store {self.dir} has no card for feature {layer}/{feature} (cards were "
-                               "computed for some features only: clt attribute --cards, or python -m clt.features)")
+            raise FeatureError(
+                f"the store {self.dir} has no card for feature {layer}/{feature} (cards were "
+                "computed for some features only: clt attribute --cards, or python -m clt.features)"
+            )
         return FeatureCard.from_json(rec)
 
     def present(self) -> list[torch.Tensor]:

@@ -34,16 +34,25 @@ def final_norm(model: nn.Module) -> tuple[torch.Tensor, bool]:
     return gamma, isinstance(m, nn.LayerNorm)
 
 
-def residual_writes(clt: CrossLayerTranscoder, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
+def residual_writes(
+    clt: CrossLayerTranscoder, layer: int, features: torch.Tensor | None = None
+) -> torch.Tensor:
     """v_f = Σ_t W_dec[layer→t][f] for the features of `layer` (default all): [n, d]. `clt` folded."""
     w = clt.W_dec[layer] if features is None else clt.W_dec[layer][features]
     return w.float().sum(1)
 
 
 @torch.no_grad()
-def logit_effects(clt: CrossLayerTranscoder, W_U: torch.Tensor, gamma: torch.Tensor, centre: bool, layer: int,
-                  features: torch.Tensor | None = None, n: int = 10, chunk: int = 1024
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def logit_effects(
+    clt: CrossLayerTranscoder,
+    W_U: torch.Tensor,
+    gamma: torch.Tensor,
+    centre: bool,
+    layer: int,
+    features: torch.Tensor | None = None,
+    n: int = 10,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top and bottom `n` logit effects of the features of `layer`: (top values, top ids, bottom
     values, bottom ids), each [n_features, n]. `clt` folded; W_U: [V, d]."""
     W_U, gamma = W_U.float(), gamma.float().to(W_U.device)
@@ -52,25 +61,31 @@ def logit_effects(clt: CrossLayerTranscoder, W_U: torch.Tensor, gamma: torch.Ten
     if len(ids) == 0:
         return (torch.zeros(0, n), torch.zeros(0, n, dtype=torch.long)) * 2
     for s in range(0, len(ids), chunk):
-        v = residual_writes(clt, layer, ids[s:s + chunk]).to(W_U.device)
+        v = residual_writes(clt, layer, ids[s : s + chunk]).to(W_U.device)
         if centre:
             v = v - v.mean(-1, keepdim=True)
-        logits = (v * gamma) @ W_U.T                                   # [c, V]
+        logits = (v * gamma) @ W_U.T  # [c, V]
         top, bot = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         out.append((top.values, top.indices, bot.values, bot.indices))
     return tuple(torch.cat([o[i] for o in out]).cpu() for i in range(4))  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def decoder_norms(clt: CrossLayerTranscoder, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
+def decoder_norms(
+    clt: CrossLayerTranscoder, layer: int, features: torch.Tensor | None = None
+) -> torch.Tensor:
     """‖W_dec[layer→t][f]‖ for every target layer t ≥ layer: [n_features, L − layer]. `clt` folded."""
     w = clt.W_dec[layer] if features is None else clt.W_dec[layer][features]
     return w.float().norm(dim=-1)
 
 
 @torch.no_grad()
-def virtual_weight_neighbours(clt: CrossLayerTranscoder, n: int = 10, features: list[torch.Tensor | None] | None = None,
-                              chunk: int = 4096) -> tuple[list, list]:
+def virtual_weight_neighbours(
+    clt: CrossLayerTranscoder,
+    n: int = 10,
+    features: list[torch.Tensor | None] | None = None,
+    chunk: int = 4096,
+) -> tuple[list, list]:
     """The `n` strongest (by |weight|) downstream and upstream neighbours of the selected features,
     by virtual weight, among all features. `features[l]`: indices of layer l (None = all). Returns
     (down, up), each a list over layers of (weights, layers, indices), each [n_l, n] (layer −1:
@@ -86,24 +101,27 @@ def virtual_weight_neighbours(clt: CrossLayerTranscoder, n: int = 10, features: 
     for s in range(L - 1):
         cum = torch.zeros(F, clt.arch.d_model, device=dev)
         for t in range(s + 1, L):
-            cum += clt.W_dec[s][:, t - 1 - s].float()                  # Σ_{s ≤ l < t} W_dec[s→l][f]
+            cum += clt.W_dec[s][:, t - 1 - s].float()  # Σ_{s ≤ l < t} W_dec[s→l][f]
             enc = clt.W_enc[t].float()
             for c in range(0, len(ids[s]), chunk):
                 rows = slice(c, c + chunk)
-                V = cum[ids[s][rows]] @ enc.T                          # [c, F]: (s, f) → (t, g)
+                V = cum[ids[s][rows]] @ enc.T  # [c, F]: (s, f) → (t, g)
                 for b, m in zip(down[s], _keep([b[rows] for b in down[s]], V, t, everyone, n)):
                     b[rows] = m
-                if full[s] and full[t]:                                # upstream from the same product
+                if full[s] and full[t]:  # upstream from the same product
                     up[t] = _keep(up[t], V.T, s, ids[s][rows], n)
             if not (full[s] and full[t]) and len(ids[t]):
-                up[t] = _keep(up[t], enc[ids[t]] @ cum.T, s, everyone, n)   # [n_t, F]: (s, f) → (t, g)
+                up[t] = _keep(up[t], enc[ids[t]] @ cum.T, s, everyone, n)  # [n_t, F]: (s, f) → (t, g)
     return down, up
 
 
 def _no_neighbours(m: int, n: int, dev) -> list[torch.Tensor]:
     """n empty neighbour slots per row: weight 0, layer −1 (dropped when read)."""
-    return [torch.zeros(m, n, device=dev), torch.full((m, n), -1, dtype=torch.long, device=dev),
-            torch.full((m, n), -1, dtype=torch.long, device=dev)]
+    return [
+        torch.zeros(m, n, device=dev),
+        torch.full((m, n), -1, dtype=torch.long, device=dev),
+        torch.full((m, n), -1, dtype=torch.long, device=dev),
+    ]
 
 
 def _keep(best: list, w: torch.Tensor, layer: int, idx: torch.Tensor, n: int) -> list:

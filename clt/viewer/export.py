@@ -13,16 +13,23 @@ from .graphs import GraphFolder, ViewerError
 from .server import STATIC
 from .state import empty_state
 
-EXPORT_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
-              "connect-src 'none'; base-uri 'none'; form-action 'none'")
+EXPORT_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+    "connect-src 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 def _script_safe(text: str) -> str:
     return text.replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def export_html(graph_path: str | Path, out: str | Path, node_threshold: float | None = None,
-                edge_threshold: float | None = None, features: str | None = None) -> Path:
+def export_html(
+    graph_path: str | Path,
+    out: str | Path,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
+    features: str | None = None,
+) -> Path:
     """graph_path: a `{slug}.pt` (or its `{slug}.json`, or a folder with one graph) -> out."""
     from .server import ViewerServer  # the card lookup (store of the graph's scan)
 
@@ -35,7 +42,9 @@ def export_html(graph_path: str | Path, out: str | Path, node_threshold: float |
     if p.suffix == ".json":
         p = p.with_suffix(".pt")
     if p.suffix != ".pt" or not p.exists():
-        raise ViewerError(f"{graph_path}: no full graph ({p.name} is missing); clt attribute writes {{slug}}.pt")
+        raise ViewerError(
+            f"{graph_path}: no full graph ({p.name} is missing); clt attribute writes {{slug}}.pt"
+        )
     folder = GraphFolder(p.parent)
     g = folder.get(p.stem)
     state_path = folder.path(p.stem, ".state.json")
@@ -52,8 +61,12 @@ def export_html(graph_path: str | Path, out: str | Path, node_threshold: float |
         if n["kind"] != "feature":
             continue
         rec = srv.card(store, n["layer"], n["feature"]) if store else None
-        cards[n["id"]] = {"node": n["id"], "card": rec, "prompt_acts": g.feature_activations(n["layer"], n["feature"]),
-                          "reason": "" if rec else "no card for this feature in the export"}
+        cards[n["id"]] = {
+            "node": n["id"],
+            "card": rec,
+            "prompt_acts": g.feature_activations(n["layer"], n["feature"]),
+            "reason": "" if rec else "no card for this feature in the export",
+        }
     state = state | {"node_threshold": nt, "edge_threshold": et}
     data = {"view": view, "edges": base64.b64encode(v.edges_blob()).decode(), "cards": cards, "state": state}
     html = (STATIC / "index.html").read_text()
@@ -62,9 +75,12 @@ def export_html(graph_path: str | Path, out: str | Path, node_threshold: float |
     head = f'<meta http-equiv="Content-Security-Policy" content="{EXPORT_CSP}">'
     html = html.replace('<meta charset="utf-8">', '<meta charset="utf-8">\n' + head, 1)
     html = html.replace('<link rel="stylesheet" href="/static/viewer.css">', f"<style>\n{css}</style>", 1)
-    html = html.replace('<script type="module" src="/static/viewer.js"></script>',
-                        f'<script id="clt-data" type="application/json">{_script_safe(json.dumps(data))}</script>\n'
-                        f'<script type="module">\n{_script_safe(js)}</script>', 1)
+    html = html.replace(
+        '<script type="module" src="/static/viewer.js"></script>',
+        f'<script id="clt-data" type="application/json">{_script_safe(json.dumps(data))}</script>\n'
+        f'<script type="module">\n{_script_safe(js)}</script>',
+        1,
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, html)

@@ -74,8 +74,12 @@ def thresholds(query: dict, default_node: float = 0.8, default_edge: float = 0.9
 
 
 def _kind(feature_type: str) -> str:
-    return {"cross layer transcoder": "feature", "mlp reconstruction error": "error", "embedding": "embedding",
-            "logit": "logit"}[feature_type]
+    return {
+        "cross layer transcoder": "feature",
+        "mlp reconstruction error": "error",
+        "embedding": "embedding",
+        "logit": "logit",
+    }[feature_type]
 
 
 @dataclass
@@ -83,16 +87,23 @@ class View:
     node_threshold: float
     edge_threshold: float
     pruned: Pruned
-    index: torch.Tensor   # [n] graph node index of each view node (ascending)
-    src: np.ndarray       # [E] int32 view indices
-    dst: np.ndarray       # [E] int32
-    weight: np.ndarray    # [E] float32 A[dst, src]
+    index: torch.Tensor  # [n] graph node index of each view node (ascending)
+    src: np.ndarray  # [E] int32 view indices
+    dst: np.ndarray  # [E] int32
+    weight: np.ndarray  # [E] float32 A[dst, src]
     scores: dict
 
     def edges_blob(self) -> bytes:
         n = len(self.src)
-        return b"".join([EDGE_MAGIC, np.uint32(n).astype("<u4").tobytes(), self.src.astype("<i4").tobytes(),
-                         self.dst.astype("<i4").tobytes(), self.weight.astype("<f4").tobytes()])
+        return b"".join(
+            [
+                EDGE_MAGIC,
+                np.uint32(n).astype("<u4").tobytes(),
+                self.src.astype("<i4").tobytes(),
+                self.dst.astype("<i4").tobytes(),
+                self.weight.astype("<f4").tobytes(),
+            ]
+        )
 
 
 class LoadedGraph:
@@ -110,13 +121,26 @@ class LoadedGraph:
             kind = _kind(n["feature_type"])
             layer = -1 if kind == "embedding" else (L if kind == "logit" else int(n["layer"]))
             feat = graph.feature_of(i)[2] if kind == "feature" else (-1 if kind == "error" else n["feature"])
-            token = graph.logit_token_strings[i - graph.logit_slice.start] if kind == "logit" \
+            token = (
+                graph.logit_token_strings[i - graph.logit_slice.start]
+                if kind == "logit"
                 else graph.token_strings[n["ctx_idx"]]
-            self.nodes.append({"id": n["node_id"], "kind": kind, "layer": layer, "pos": n["ctx_idx"], "feature": feat,
-                               "cantor": n["feature"] if kind == "feature" else None,
-                               "activation": n["activation"], "influence": n["influence"],
-                               "prob": n["token_prob"] if kind == "logit" else None, "token": token,
-                               "label": n["clerp"]})
+            )
+            self.nodes.append(
+                {
+                    "id": n["node_id"],
+                    "kind": kind,
+                    "layer": layer,
+                    "pos": n["ctx_idx"],
+                    "feature": feat,
+                    "cantor": n["feature"] if kind == "feature" else None,
+                    "activation": n["activation"],
+                    "influence": n["influence"],
+                    "prob": n["token_prob"] if kind == "logit" else None,
+                    "token": token,
+                    "label": n["clerp"],
+                }
+            )
         self.id_to_index = {n["id"]: i for i, n in enumerate(self.nodes)}
         self.A_hat = None  # row-normalised |A|, for path strengths (computed on first use)
 
@@ -135,8 +159,16 @@ class LoadedGraph:
         dst, src = p.edge_mask.nonzero(as_tuple=True)
         weight = g.adjacency_matrix[dst, src].float()
         s = scores(g, p)
-        v = View(node_threshold, edge_threshold, p, index, at[src].int().numpy(), at[dst].int().numpy(),
-                 weight.numpy(), s)
+        v = View(
+            node_threshold,
+            edge_threshold,
+            p,
+            index,
+            at[src].int().numpy(),
+            at[dst].int().numpy(),
+            weight.numpy(),
+            s,
+        )
         with self._lock:
             self._views[key] = v
             while len(self._views) > 8:
@@ -145,11 +177,21 @@ class LoadedGraph:
 
     def view_json(self, v: View) -> dict:
         g = self.graph
-        return {"slug": self.slug, "prompt": g.prompt, "tokens": list(g.token_strings), "n_layers": g.n_layers,
-                "scan": g.scan, "model": g.model_name, "clt": g.info.get("clt", ""),
-                "node_threshold": v.node_threshold, "edge_threshold": v.edge_threshold,
-                "nodes": [self.nodes[i] for i in v.index.tolist()], "n_edges": len(v.src),
-                "n_nodes_full": g.n_nodes, "scores": v.scores}
+        return {
+            "slug": self.slug,
+            "prompt": g.prompt,
+            "tokens": list(g.token_strings),
+            "n_layers": g.n_layers,
+            "scan": g.scan,
+            "model": g.model_name,
+            "clt": g.info.get("clt", ""),
+            "node_threshold": v.node_threshold,
+            "edge_threshold": v.edge_threshold,
+            "nodes": [self.nodes[i] for i in v.index.tolist()],
+            "n_edges": len(v.src),
+            "n_nodes_full": g.n_nodes,
+            "scores": v.scores,
+        }
 
     # -- node lookups ----------------------------------------------------------------------------
     def node_index(self, node_id: str) -> int:
@@ -169,8 +211,10 @@ class LoadedGraph:
                 return []
             order = vec[nz].abs().argsort(descending=True)[:k]
             total = float(vec.abs().sum())
-            return [{"id": self.nodes[j]["id"], "weight": float(vec[j]), "share": float(vec[j].abs()) / total}
-                    for j in nz[order].tolist()]
+            return [
+                {"id": self.nodes[j]["id"], "weight": float(vec[j]), "share": float(vec[j].abs()) / total}
+                for j in nz[order].tolist()
+            ]
 
         return {"id": node_id, "inputs": top(A[i]), "outputs": top(A[:, i])}
 
@@ -231,8 +275,11 @@ class LoadedGraph:
         for node in sorted(np.nonzero(on)[0].tolist(), key=lambda j: layer[j]):
             if node == s:
                 continue
-            cands = [(sc + float(ew[e]), int(es[e]), r) for e in incoming.get(node, [])
-                     for r, (sc, _, _) in enumerate(best.get(int(es[e]), []))]
+            cands = [
+                (sc + float(ew[e]), int(es[e]), r)
+                for e in incoming.get(node, [])
+                for r, (sc, _, _) in enumerate(best.get(int(es[e]), []))
+            ]
             best[node] = heapq.nlargest(k, cands)
         out = []
         for sc, prev, r in best.get(t, []) if t != s else []:
@@ -270,7 +317,13 @@ class GraphFolder:
         out = []
         for p in sorted(self.root.glob("*.pt"), key=lambda p: p.stat().st_mtime):
             m = meta.get(p.stem, {})
-            out.append({"slug": p.stem, "prompt": m.get("prompt", ""), "has_json": (self.root / f"{p.stem}.json").exists()})
+            out.append(
+                {
+                    "slug": p.stem,
+                    "prompt": m.get("prompt", ""),
+                    "has_json": (self.root / f"{p.stem}.json").exists(),
+                }
+            )
         return out
 
     def path(self, slug: str, suffix: str) -> Path:

@@ -48,8 +48,10 @@ from .state import empty_state, from_qparams, validate_state, write_state
 
 STATIC = Path(str(resources.files("clt.viewer") / "static"))
 TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 MAX_BODY = 32 << 20
 
 
@@ -89,8 +91,15 @@ class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, folder: GraphFolder, session, features: str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, quiet: bool = False):
+    def __init__(
+        self,
+        folder: GraphFolder,
+        session,
+        features: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        quiet: bool = False,
+    ):
         self.folder, self.session, self.features_override, self.quiet = folder, session, features, quiet
         self._gz: dict[tuple[str, str], bytes] = {}
         self._gz_lock = threading.Lock()
@@ -155,8 +164,14 @@ class Handler(BaseHTTPRequestHandler):
         self.server.log(f"{self.address_string()} {fmt % args}")
 
     # -- responses -------------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None, head: bool = False) -> None:
-        gz = "gzip" in self.headers.get("Accept-Encoding", "") and ctype.startswith(TEXT_TYPES) and len(body) > 1024
+    def _send(
+        self, status: int, body: bytes, ctype: str, headers: dict | None = None, head: bool = False
+    ) -> None:
+        gz = (
+            "gzip" in self.headers.get("Accept-Encoding", "")
+            and ctype.startswith(TEXT_TYPES)
+            and len(body) > 1024
+        )
         if gz and status == 200:
             body = gzip.compress(body, 5)
         self.send_response(status)
@@ -188,9 +203,13 @@ class Handler(BaseHTTPRequestHandler):
             ctype = "application/gzip"
         if ctype.startswith("text/") or ctype == "application/javascript":
             ctype += "; charset=utf-8"
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "no-cache",
-                   "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
-                   "Access-Control-Allow-Origin": "*"} | (extra or {})
+        headers = {
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "no-cache",
+            "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+            "Access-Control-Allow-Origin": "*",
+        } | (extra or {})
         if etag in [t.strip() for t in self.headers.get("If-None-Match", "").split(",")]:
             self.send_response(304)
             for k in ("ETag", "Cache-Control"):
@@ -203,7 +222,9 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 r = parse_range(rng, st.st_size)
             except ValueError:
-                self._send(416, b"", "application/octet-stream", headers | {"Content-Range": f"bytes */{st.st_size}"})
+                self._send(
+                    416, b"", "application/octet-stream", headers | {"Content-Range": f"bytes */{st.st_size}"}
+                )
                 return
             if r is not None:
                 a, b = r
@@ -258,7 +279,7 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def _rel(self, raw: str, prefix: str) -> str:
-        return unquote(raw[len(prefix):])
+        return unquote(raw[len(prefix) :])
 
     def _get(self, raw: str, q: dict, head: bool) -> None:
         srv, folder = self.server, self.server.folder
@@ -272,12 +293,14 @@ class Handler(BaseHTTPRequestHandler):
         elif raw.startswith("/features/"):
             store = srv.store_dir()
             if store is None:
-                raise NotFound("no feature store: the graphs' scan names none here (clt serve --features DIR)")
+                raise NotFound(
+                    "no feature store: the graphs' scan names none here (clt serve --features DIR)"
+                )
             self.send_file(contained(store, self._rel(raw, "/features/")), head)
         elif raw == "/api/graphs":
             self.send_json({"graphs": folder.listing(), "clt": srv.session.checkpoint or ""}, head=head)
         elif raw.startswith("/api/"):
-            parts = raw[len("/api/"):].split("/")
+            parts = raw[len("/api/") :].split("/")
             if len(parts) != 2:
                 raise NotFound(f"no API route {raw}")
             what, arg = parts[0], unquote(parts[1])
@@ -298,8 +321,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(self._search(g, q), head=head)
             elif what == "paths":
                 v = g.view(*thresholds(q))
-                self.send_json({"paths": g.paths(v, q.get("from", ""), q.get("to", ""), int(q.get("k", 5)))},
-                               head=head)
+                self.send_json(
+                    {"paths": g.paths(v, q.get("from", ""), q.get("to", ""), int(q.get("k", 5)))}, head=head
+                )
             elif what == "state":
                 path = folder.path(arg, ".state.json")
                 if path.exists():
@@ -329,6 +353,7 @@ class Handler(BaseHTTPRequestHandler):
             g = folder.get(slug)
             ids = g.id_to_index.keys()
             if raw.startswith("/save_graph/"):  # circuit-tracer's Save button: its qParams, into our sidecar
+
                 def cantor_to_feature(c: int) -> str:
                     n = next((n for n in g.nodes if n["cantor"] == c), None)
                     if n is None:
@@ -360,12 +385,18 @@ class Handler(BaseHTTPRequestHandler):
         n = g.nodes[g.node_index(node_id)]
         if n["kind"] != "feature":
             raise ViewerError(f"{node_id} is a {n['kind']} node: only features have cards")
-        out = {"node": node_id, "prompt_acts": g.feature_activations(n["layer"], n["feature"]), "card": None,
-               "reason": ""}
+        out = {
+            "node": node_id,
+            "prompt_acts": g.feature_activations(n["layer"], n["feature"]),
+            "card": None,
+            "reason": "",
+        }
         store = self.server.store_dir(g.graph.scan)
         if store is None:
-            out["reason"] = (f"no feature cards found for this CLT (scan {g.graph.scan!r}): compute them with "
-                             "python -m clt.features CHECKPOINT, or clt serve --features DIR")
+            out["reason"] = (
+                f"no feature cards found for this CLT (scan {g.graph.scan!r}): compute them with "
+                "python -m clt.features CHECKPOINT, or clt serve --features DIR"
+            )
         else:
             out["card"] = self.server.card(store, n["layer"], n["feature"])
             if out["card"] is None:
@@ -391,7 +422,9 @@ class Handler(BaseHTTPRequestHandler):
                     rec = self.server.card(store, *key)
                     why = None
                     if rec is not None:
-                        if any(text == t.strip().lower() or text in t.lower() for t in rec.get("top_logits", [])):
+                        if any(
+                            text == t.strip().lower() or text in t.lower() for t in rec.get("top_logits", [])
+                        ):
                             why = "top logit"
                         else:
                             for grp in rec.get("examples_quantiles", []):
@@ -404,9 +437,16 @@ class Handler(BaseHTTPRequestHandler):
         return {"matches": matches[:200]}
 
 
-def serve(directory: str, port: int = 0, host: str = "127.0.0.1", clt: str | None = None,
-          features: str | None = None, device: str = "auto", dtype: str = "float32", quiet: bool = False
-          ) -> ViewerServer:
+def serve(
+    directory: str,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    clt: str | None = None,
+    features: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    quiet: bool = False,
+) -> ViewerServer:
     """A started server (in a daemon thread); `.url` is its address, `.shutdown()` stops it."""
     from .session import ModelSession
 

@@ -17,8 +17,14 @@ from .graphs import Conflict, GraphFolder, LoadedGraph, ViewerError
 
 
 class ModelSession:
-    def __init__(self, folder: GraphFolder, checkpoint: str | None = None, device: str = "auto",
-                 dtype: str = "float32", log=print):
+    def __init__(
+        self,
+        folder: GraphFolder,
+        checkpoint: str | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+        log=print,
+    ):
         self.folder, self.checkpoint, self.dtype, self.log = folder, checkpoint, dtype, log
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.rm = None
@@ -41,8 +47,10 @@ class ModelSession:
                 continue
             if clt and Path(clt).exists():
                 return clt
-        raise ViewerError("no CLT to run: start the server with --clt CHECKPOINT (the folder's graphs do not name "
-                          "a local one)")
+        raise ViewerError(
+            "no CLT to run: start the server with --clt CHECKPOINT (the folder's graphs do not name "
+            "a local one)"
+        )
 
     def model(self):
         with self._load_lock:
@@ -58,14 +66,22 @@ class ModelSession:
                 arch = clt.arch
                 if not arch.subject_model:
                     raise ViewerError(f"{ckpt} does not name its subject model")
-                subject = load_subject(ModelConfig(name_or_path=arch.subject_model, dtype=self.dtype,
-                                                   input_hook=arch.input_hook, output_hook=arch.output_hook),
-                                       self.device)
+                subject = load_subject(
+                    ModelConfig(
+                        name_or_path=arch.subject_model,
+                        dtype=self.dtype,
+                        input_hook=arch.input_hook,
+                        output_hook=arch.output_hook,
+                    ),
+                    self.device,
+                )
                 self.rm = ReplacementModel(subject, clt)
                 self.checksum = clt_checksum(clt)
                 self.checkpoint = ckpt
-                self.log(f"loaded the CLT {ckpt} and the subject {arch.subject_model} "
-                         f"({time.perf_counter() - t0:.1f} s)")
+                self.log(
+                    f"loaded the CLT {ckpt} and the subject {arch.subject_model} "
+                    f"({time.perf_counter() - t0:.1f} s)"
+                )
             return self.rm
 
     def check_graph(self, g: LoadedGraph) -> None:
@@ -73,8 +89,10 @@ class ModelSession:
         self.model()
         theirs = g.graph.info.get("clt_checksum")
         if theirs and theirs != self.checksum:
-            raise Conflict(f"graph {g.slug!r} was made with another CLT ({g.graph.info.get('clt', '?')}, weights "
-                           f"sha256 {theirs[:12]}…) than the one loaded ({self.checkpoint}, {self.checksum[:12]}…)")
+            raise Conflict(
+                f"graph {g.slug!r} was made with another CLT ({g.graph.info.get('clt', '?')}, weights "
+                f"sha256 {theirs[:12]}…) than the one loaded ({self.checkpoint}, {self.checksum[:12]}…)"
+            )
 
     # -- attribution jobs ------------------------------------------------------------------------
     def new_slug(self, prompt: str) -> str:
@@ -92,7 +110,12 @@ class ModelSession:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ViewerError("the prompt is empty")
-        settings = {"max_n_logits": 10, "desired_logit_prob": 0.95, "max_feature_nodes": None, "batch_size": 64}
+        settings = {
+            "max_n_logits": 10,
+            "desired_logit_prob": 0.95,
+            "max_feature_nodes": None,
+            "batch_size": 64,
+        }
         for key in settings:
             if body.get(key) is not None:
                 settings[key] = body[key]
@@ -102,8 +125,16 @@ class ModelSession:
             slug = check_slug(body["slug"]) if body.get("slug") else self.new_slug(prompt)
         except CLTError as e:
             raise ViewerError(str(e)) from None
-        job = {"id": str(next(self._ids)), "slug": slug, "prompt": prompt, "state": "queued", "done": 0, "total": 0,
-               "error": "", "seconds": 0.0}
+        job = {
+            "id": str(next(self._ids)),
+            "slug": slug,
+            "prompt": prompt,
+            "state": "queued",
+            "done": 0,
+            "total": 0,
+            "error": "",
+            "seconds": 0.0,
+        }
         self.jobs[job["id"]] = job
         threading.Thread(target=self._attribute, args=(job, settings), daemon=True).start()
         return job
@@ -122,7 +153,9 @@ class ModelSession:
                 job["state"] = "running"
                 rm = self.model()
                 scan, _ = store_location(self.checkpoint, None)
-                graph = attribute(job["prompt"], rm.clt, rm, scan=scan, verbose=False, progress=progress, **settings)
+                graph = attribute(
+                    job["prompt"], rm.clt, rm, scan=scan, verbose=False, progress=progress, **settings
+                )
                 graph.info["clt"] = self.checkpoint
                 graph.info["clt_checksum"] = self.checksum
                 pruned = prune(graph, 0.8, 0.98)
@@ -168,16 +201,21 @@ class ModelSession:
             if "node" in it:
                 n = g.nodes[g.node_index(str(it["node"]))]
                 if n["kind"] != "feature":
-                    raise ViewerError(f"interventions[{i}]: {it['node']} is a {n['kind']} node, not a feature")
+                    raise ViewerError(
+                        f"interventions[{i}]: {it['node']} is a {n['kind']} node, not a feature"
+                    )
                 layer, pos, feat = n["layer"], n["pos"], n["feature"]
             else:
                 try:
                     layer, pos, feat = int(it["layer"]), int(it["position"]), int(it["feature"])
                 except (KeyError, TypeError, ValueError):
-                    raise ViewerError(f"interventions[{i}] needs a node id or integer layer, position and "
-                                      "feature") from None
+                    raise ViewerError(
+                        f"interventions[{i}] needs a node id or integer layer, position and feature"
+                    ) from None
             if not 0 <= pos < g.graph.n_pos:
-                raise ViewerError(f"interventions[{i}]: position {pos} is outside the prompt (0…{g.graph.n_pos - 1})")
+                raise ViewerError(
+                    f"interventions[{i}]: position {pos} is outside the prompt (0…{g.graph.n_pos - 1})"
+                )
             out.append(Intervention(layer, pos, feat, value, op))
         return out
 
@@ -204,15 +242,38 @@ class ModelSession:
         def top(logits: torch.Tensor, k: int = 10) -> list[dict]:
             p = logits.softmax(-1)
             v, i = p.topk(k)
-            return [{"token": tok.decode([j]), "id": j, "prob": float(pv), "logit": float(logits[j])}
-                    for pv, j in zip(v.tolist(), i.tolist())]
+            return [
+                {"token": tok.decode([j]), "id": j, "prob": float(pv), "logit": float(logits[j])}
+                for pv, j in zip(v.tolist(), i.tolist())
+            ]
 
         lp_b, lp_a = before.log_softmax(-1), after.log_softmax(-1)
         delta = lp_a - lp_b
         changed = delta.abs().topk(10).indices.tolist()
-        return {"mode": mode, "before": top(before), "after": top(after),
-                "changed": [{"token": tok.decode([j]), "id": j, "before": float(lp_b[j].exp()),
-                             "after": float(lp_a[j].exp()), "delta_logprob": float(delta[j])} for j in changed],
-                "continuation": text, "baseline_continuation": base_text,
-                "interventions": [{"layer": iv.layer, "position": iv.position, "feature": iv.feature,
-                                   "value": iv.value, "op": iv.mode} for iv in ivs]}
+        return {
+            "mode": mode,
+            "before": top(before),
+            "after": top(after),
+            "changed": [
+                {
+                    "token": tok.decode([j]),
+                    "id": j,
+                    "before": float(lp_b[j].exp()),
+                    "after": float(lp_a[j].exp()),
+                    "delta_logprob": float(delta[j]),
+                }
+                for j in changed
+            ],
+            "continuation": text,
+            "baseline_continuation": base_text,
+            "interventions": [
+                {
+                    "layer": iv.layer,
+                    "position": iv.position,
+                    "feature": iv.feature,
+                    "value": iv.value,
+                    "op": iv.mode,
+                }
+                for iv in ivs
+            ],
+        }

@@ -35,9 +35,18 @@ MAX_PINNED = 2000
 
 
 def empty_state(slug: str) -> dict:
-    return {"format": FORMAT, "version": VERSION, "slug": slug, "pinned": [], "supernodes": [],
-            "labels": {"features": {}, "nodes": {}}, "clicked": "", "node_threshold": None, "edge_threshold": None,
-            "positions": {}}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "slug": slug,
+        "pinned": [],
+        "supernodes": [],
+        "labels": {"features": {}, "nodes": {}},
+        "clicked": "",
+        "node_threshold": None,
+        "edge_threshold": None,
+        "positions": {},
+    }
 
 
 def _fail(msg: str):
@@ -110,8 +119,11 @@ def validate_state(d, slug: str, node_ids) -> dict:
     if not isinstance(positions, dict):
         _fail("positions must be an object")
     for key, xy in positions.items():
-        ok = isinstance(xy, list) and len(xy) == 2 and all(
-            isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in xy)
+        ok = (
+            isinstance(xy, list)
+            and len(xy) == 2
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in xy)
+        )
         if not ok:
             _fail(f"positions[{key!r}] must be [x, y]")
         out["positions"][node(key, "positions")] = [float(xy[0]), float(xy[1])]
@@ -132,8 +144,13 @@ def from_qparams(q, slug: str, node_ids, cantor_to_feature=None) -> dict:
             sns = json.loads(sns) if sns else []
         except json.JSONDecodeError:
             _fail("qParams.supernodes is not JSON")
-    state = {"pinned": pinned, "clicked": q.get("clickedId") or "",
-             "supernodes": [{"label": str(s[0]), "members": list(s[1:])} for s in sns if isinstance(s, list) and s]}
+    state = {
+        "pinned": pinned,
+        "clicked": q.get("clickedId") or "",
+        "supernodes": [
+            {"label": str(s[0]), "members": list(s[1:])} for s in sns if isinstance(s, list) and s
+        ],
+    }
     clerps = q.get("clerps") or []
     if isinstance(clerps, str):
         try:
@@ -141,9 +158,14 @@ def from_qparams(q, slug: str, node_ids, cantor_to_feature=None) -> dict:
         except json.JSONDecodeError:
             _fail("qParams.clerps is not JSON")
     if clerps and cantor_to_feature is not None:
-        state["labels"] = {"features": {cantor_to_feature(int(c)): str(lab) for c, lab in clerps}, "nodes": {}}
+        state["labels"] = {
+            "features": {cantor_to_feature(int(c)): str(lab) for c, lab in clerps},
+            "nodes": {},
+        }
     # supernode members must be pinned in our schema; circuit-tracer pins them implicitly
-    state["pinned"] = list(dict.fromkeys([*state["pinned"], *(m for s in state["supernodes"] for m in s["members"])]))
+    state["pinned"] = list(
+        dict.fromkeys([*state["pinned"], *(m for s in state["supernodes"] for m in s["members"])])
+    )
     return validate_state(state, slug, node_ids)
 
 
