@@ -9,6 +9,8 @@ coefficients do not depend on the batch size.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -56,3 +58,51 @@ def ramp(step: int, total_steps: int, warmup_frac: float) -> float:
     if warmup_frac <= 0:
         return 1.0
     return min(1.0, step / max(1.0, warmup_frac * total_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole loss of one batch
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor  # what is back-propagated
+    mse: torch.Tensor  # Σ_l SSE_l / Σ_l SST_l
+    sparsity: torch.Tensor | None  # jumprelu, relu
+    preact: torch.Tensor | None  # jumprelu, relu
+    auxk: torch.Tensor | None  # topk, batchtopk (zero while no feature is dead)
+    h: torch.Tensor  # [N, L, F] pre-activations
+    a: torch.Tensor  # [N, L, F] activations
+    sse: torch.Tensor  # [L] this process's batch
+    sst: torch.Tensor  # [L] the global batch's
+
+
+def clt_loss(
+    clt, x: torch.Tensor, y: torch.Tensor, c, lambda_s: float, dead: torch.Tensor, mesh=None
+) -> LossTerms:
+    """The loss of the module docstring on one batch. x, y: [N, L, d] raw activations (CLT inputs,
+    MLP outputs); c: the CLT config's coefficients (`CLTConfig`); lambda_s: λ_S at this step;
+    dead: [L, F] bool, the features AuxK may use. `mesh`: the collectives of a data × feature
+    sharded run (`clt.parallel.Parallel`: sums over feature shards, the global batch's SST, AuxK's
+    selection across shards); None for one process. Pure: no counter or threshold is updated."""
+    if mesh is None:
+        from .parallel import Parallel
+
+        mesh = Parallel()
+    h, a = clt.encode_activate(x)  # [N, L, F] each
+    y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
+    y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
+    mse, sse, sst = reconstruction(y_hat, y_n, sst=mesh.batch_sst(y_n.detach()))
+    total, sparsity, preact, aux = mse, None, None, None
+    if c.activation in ("jumprelu", "relu"):
+        norms = clt.decoder_norms()
+        sparsity = mesh.sum(tanh_sparsity(a, norms, c.sparsity_c))
+        theta = clt.threshold if c.activation == "jumprelu" else 0.0
+        preact = mesh.sum(preactivation(h, theta, norms))
+        total = total + lambda_s * sparsity + c.preact_coeff * preact
+    if c.activation in ("topk", "batchtopk"):
+        aux = torch.zeros((), device=x.device)
+        if mesh.any(dead):
+            e_hat = clt.decode_normalized(mesh.auxk_activations(h, dead, c.auxk_k), bias=False)
+            aux = auxk(e_hat, (y_n - y_hat).detach(), sst)
+            total = total + c.auxk_coeff * aux
+    return LossTerms(total, mse, sparsity, preact, aux, h, a, sse, sst)

@@ -88,3 +88,36 @@ def test_sparse_decode_gives_the_dense_gradients_of_every_parameter():
             torch.testing.assert_close(
                 grads["sparse"][k], grads["dense"][k], rtol=1e-5, atol=1e-6, msg=f"{activation}: {k}"
             )
+
+
+def test_the_pure_loss_equals_its_formula_without_lightning():
+    """clt.loss.clt_loss on a bare CLT (no module, no trainer) against the formula written out."""
+    from clt.loss import clt_loss
+    from clt.model import CrossLayerTranscoder
+
+    cfg = TrainConfig()
+    c = cfg.clt
+    c.activation, c.d_sae = "jumprelu", 16
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTArchitecture(n_layers=3, d_model=8, d_sae=16, activation="jumprelu"), 0.05)
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.5)
+    x, y = data()
+    dead = torch.zeros(3, 16, dtype=torch.bool)
+    t = clt_loss(clt, x, y, c, 0.3, dead)
+    h = torch.einsum("nld,lfd->nlf", x * clt.input_scale[:, None], clt.W_enc) + clt.b_enc
+    a = h * (h > clt.threshold)
+    y_hat = clt.b_dec.expand(len(x), 3, 8).clone()
+    for s in range(3):
+        for j, tgt in enumerate(range(s, 3)):
+            y_hat[:, tgt] += a[:, s] @ clt.W_dec[s][:, j]
+    y_n = y * clt.output_scale[:, None]
+    sse = (y_hat - y_n).pow(2).sum(-1).mean(0)
+    sst = (y_n - y_n.mean(0)).pow(2).sum(-1).mean(0)
+    norms = torch.stack([clt.W_dec[s].pow(2).sum((1, 2)).sqrt() for s in range(3)])  # [L, F], all targets
+    sparsity = torch.tanh(c.sparsity_c * a * norms).sum((1, 2)).mean()
+    preact = ((clt.threshold - h).relu() * norms).sum((1, 2)).mean()
+    want = sse.sum() / sst.sum() + 0.3 * sparsity + c.preact_coeff * preact
+    torch.testing.assert_close(t.total, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.a, a)
+    assert t.auxk is None and t.sparsity is not None

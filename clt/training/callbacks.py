@@ -1,0 +1,190 @@
+"""Callbacks: the step progress bar, throughput, periodic evaluation, native checkpoints and
+requeue on a preemption signal."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from ..metrics import spliced_eval
+from ..parallel import (
+    remove_other_shardings,
+    save_sharded,
+)
+from .module import CLTModule
+
+
+class StepProgressBar(TQDMProgressBar):
+    """tqdm bar over optimisation steps (the activation stream has no length), starting at the
+    resumed step; shows tokens/s, FVU and L0."""
+
+    def on_train_start(self, trainer, *args):
+        super().on_train_start(trainer, *args)
+        self._steps(trainer)
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self._steps(trainer)
+
+    def _steps(self, trainer):
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {k.split("/")[-1]: v for k, v in metrics.items()}
+
+
+class Throughput(L.Callback):
+    """Logs `perf/tokens_per_s` (whole step, activation generation included) on the progress bar:
+    batch tokens over a moving average of the step time (averaging times, not rates, so the steps
+    that regenerate the buffer count in full)."""
+
+    def __init__(self, batch_tokens: int, decay: float = 0.95):
+        self.batch_tokens, self.decay, self.t0, self.dt = batch_tokens, decay, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self.t0 is not None:
+            dt = now - self.t0
+            self.dt = dt if self.dt is None else self.decay * self.dt + (1 - self.decay) * dt
+            pl_module.log(
+                "perf/tokens_per_s", self.batch_tokens / max(self.dt, 1e-9), prog_bar=True, on_step=True
+            )
+        self.t0 = now
+
+
+class Evaluate(L.Callback):
+    """Every `every` steps and at the end: eval/* on the held-out windows."""
+
+    def __init__(self, subject, windows: torch.Tensor, every: int):
+        self.subject, self.windows, self.every = subject, windows, every
+        self.last: dict[str, float] = {}
+
+    def _run(self, trainer, module: CLTModule):
+        if self.windows.numel() == 0:
+            return
+        self.last = spliced_eval(self.subject, module.clt, self.windows)
+        for logger in trainer.loggers:
+            logger.log_metrics(self.last, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.every and trainer.global_step == 0:  # the starting point
+            self._run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0:
+            self._run(trainer, pl_module)
+
+
+class Checkpoints(L.Callback):
+    """Every `every` steps and at the end of training: Lightning's training state (weights,
+    optimizer, schedule, step, data position, RNG; written atomically) to
+    `<run_dir>/checkpoints/last.ckpt` for exact resume, and the CLT in the native format
+    (config.json + model.safetensors, atomically) to `<run_dir>/clt`. Feature-sharded: one of each
+    per shard (`last.shard-SSS-of-WWW.ckpt`, `clt/shard-SSS-of-WWW/`), written by the first replica."""
+
+    def __init__(self, run_dir: Path, every: int):
+        self.ckpt, self.native, self.every = run_dir / "checkpoints" / "last.ckpt", run_dir / "clt", every
+        self.saved_step = -1
+
+    def save(self, trainer, module: CLTModule):
+        if trainer.is_global_zero:
+            self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("clt_ckpt_dir")
+        trainer.save_checkpoint(self.ckpt, weights_only=False)
+        summary = {
+            "step": trainer.global_step,
+            "tokens": trainer.global_step * module.cfg.trainer.batch_tokens,
+        }
+        if module.fp.shards:
+            if module.replica == 0:
+                save_sharded(module.clt, self.native, summary=summary)
+            trainer.strategy.barrier("clt_native_shards")
+        elif trainer.is_global_zero:
+            module.clt.save_pretrained(self.native, summary=summary)
+        if trainer.is_global_zero:  # what an earlier mesh (or an unsharded run) wrote is superseded
+            world = module.fp.world
+            remove_other_shardings(
+                self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), world
+            )
+            remove_other_shardings(self.native.glob("shard-*-of-*"), world)
+            if module.fp.shards:
+                for name in ("config.json", "model.safetensors"):
+                    (self.native / name).unlink(missing_ok=True)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+
+
+def slurm_job_id() -> str | None:
+    """This Slurm job's id for scontrol (`<array job>_<task>` for an array task), None outside Slurm."""
+    import os
+
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class Requeue(L.Callback):
+    """Slurm preemption: on SIGUSR1 or SIGUSR2 (`sbatch --signal=USR1@90`, submitit's USR2) the
+    handler only raises a flag; at the end of the current step the ranks agree, save the checkpoint,
+    rank 0 runs `scontrol requeue <job>` and training stops. The requeued job finds the checkpoint in
+    run_dir and resumes from it, exactly (same step, data position, RNG)."""
+
+    SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints, self.flag, self.requeued, self.previous = checkpoints, False, False, {}
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def install(self) -> None:
+        """Catch the signals from now on (before the subject loads: a signal during set-up is acted
+        on at the end of the first step)."""
+        import signal
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (an embedding application): no preemption handling
+                return
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(self.flag, all=False):
+            return
+        import subprocess
+
+        self.checkpoints.save(trainer, pl_module)
+        job = slurm_job_id()
+        if trainer.is_global_zero:
+            print(
+                f"preemption signal: checkpoint at step {trainer.global_step}; requeueing Slurm job {job}",
+                flush=True,
+            )
+            if job:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"scontrol requeue {job} failed: {done.stderr.strip()}", flush=True)
+        self.requeued, trainer.should_stop = True, True
+
+    def on_train_end(self, trainer, pl_module):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

@@ -1,0 +1,187 @@
+"""CLTModule: one optimisation step of the CLT (the loss of clt/loss.py plus its bookkeeping:
+dead-feature counters, the BatchTopK threshold, logged metrics), its optimizer and schedule, and
+exact resume (data position and RNG in the checkpoint)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from .. import loss as losses
+from ..config import TrainConfig
+from ..data import DataPosition, TextPosition
+from ..metrics import fvu_per_layer, l0_per_layer
+from ..model import CLTArchitecture, CrossLayerTranscoder
+from ..parallel import (
+    Parallel,
+    shard_clt,
+    shard_range,
+)
+
+
+class CLTModule(L.LightningModule):
+    """One optimisation step of the CLT on a batch of activations (x, y): [N, L, d]."""
+
+    def __init__(self, cfg: TrainConfig, arch: CLTArchitecture):
+        super().__init__()
+        self.cfg = cfg
+        self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init)
+        # tokens since each feature last fired (dead-feature tracking), part of the training state
+        self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
+        self.fp = Parallel()  # collectives of the (data × feature-shard) mesh; none by default
+        self.replica = 0  # this process's data-parallel replica
+        self.data_position: dict | None = None  # position after the last batch trained on
+        self.restored_position: dict | None = None  # position read from a checkpoint
+        self.silent_fraction: float | None = None  # features that never fired (set at the end of fit)
+
+    def setup(self, stage: str) -> None:
+        """Take this process's place on the mesh (CLTStrategy): keep its feature shard of the full
+        CLT (initialised identically on every rank) and route selection and decode through the
+        mesh's collectives. Runs before the optimizer is built and before a checkpoint is restored."""
+        strategy = self.trainer.strategy
+        fp = getattr(strategy, "parallel", None)
+        if fp is None:
+            return
+        self.fp, self.replica = fp, strategy.replica
+        if fp.shards:
+            lo, hi = shard_range(self.clt.d_sae, strategy.shard, fp.world)
+            self.clt = shard_clt(self.clt, strategy.shard, fp.world)
+            self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
+        fp.apply(self.clt)
+
+    # -- initialisation from data (docs/DESIGN.md §1) -------------------------------------------------
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x, y: [N, L, d] first activations -> normalisation scalars (E‖x̃‖ = √d), b_dec = E ỹ, and
+        for JumpReLU an encoder bias making each feature fire on `init_firing_rate` of tokens."""
+        clt, d = self.clt, x.shape[-1]
+        x, y = x.float(), y.float()
+        clt.input_scale.copy_(math.sqrt(d) / x.norm(dim=-1).mean(0).clamp_min(1e-8))
+        clt.output_scale.copy_(math.sqrt(d) / y.norm(dim=-1).mean(0).clamp_min(1e-8))
+        clt.b_dec.copy_((y * clt.output_scale[:, None]).mean(0))
+        if clt.arch.activation == "jumprelu":
+            rate = self.cfg.clt.init_firing_rate or min(10_000 / clt.d_sae, 0.1)
+            pre = clt.encode(x) - clt.b_enc  # [N, L, F] without bias
+            kth = max(1, min(pre.shape[0], round((1 - rate) * pre.shape[0])))
+            q = pre.kthvalue(kth, dim=0).values  # [L, F]
+            clt.b_enc.copy_(clt.threshold - q)
+
+    # -- the step --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y, position = batch  # x, y: [N, L, d]
+        total, logs = self.loss(x, y)
+        logs["details/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        bar = ("metrics/fvu", "metrics/l0")
+        for k, v in logs.items():
+            self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False)
+        self.data_position = position
+        return total
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x, y: [N, L, d] -> (total loss, metrics). Also advances the dead-feature counters and
+        the BatchTopK inference threshold."""
+        c, clt, fp = self.cfg.clt, self.clt, self.fp
+        lam = c.sparsity_coeff * losses.ramp(
+            self.global_step, self.cfg.trainer.max_steps, c.sparsity_warmup_frac
+        )
+        dead = self.tokens_since_fired >= c.dead_after_tokens  # [L, F]
+        t = losses.clt_loss(clt, x, y, c, lam, dead, fp)
+        a, sse, sst = t.a, t.sse, t.sst
+        logs = {"losses/mse": t.mse}
+        if t.sparsity is not None:
+            logs |= {"losses/sparsity": t.sparsity, "losses/preact": t.preact, "details/lambda_s": lam}
+        if t.auxk is not None:
+            logs["losses/auxk"] = t.auxk
+        logs["losses/total"] = t.total
+        if fp.data:  # logged losses: means over the global batch (the returned total stays local)
+            logs = {k: fp.data_mean(v) if k.startswith("losses/") else v for k, v in logs.items()}
+
+        with torch.no_grad():
+            fired = self.fp.data_sum((a != 0).any(0).to(torch.int32)) > 0  # anywhere in the global batch
+            self.tokens_since_fired.add_(x.shape[0] * self.fp.replicas).masked_fill_(fired, 0)
+            if c.activation == "batchtopk":
+                clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
+            sse = self.fp.data_mean(sse)
+            fvu, l0 = fvu_per_layer(sse, sst), self.fp.data_mean(self.fp.sum(l0_per_layer(a)))
+            logs |= {
+                "metrics/fvu": sse.sum() / sst.sum().clamp_min(1e-12),
+                "metrics/l0": l0.mean(),
+                "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world,
+            }
+            logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
+            logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
+        return t.total, logs
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.fp.shards and gradient_clip_val:  # the norm of the whole CLT, over the shards
+            self.fp.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_end(self) -> None:
+        with torch.no_grad():
+            steps_tokens = self.trainer.global_step * self.cfg.trainer.batch_tokens
+            silent = self.tokens_since_fired >= min(self.cfg.clt.dead_after_tokens, steps_tokens)
+            self.silent_fraction = (self.fp.sum(silent.float().mean()) / self.fp.world).item()
+
+    def configure_optimizers(self):
+        o, steps = self.cfg.optim, self.cfg.trainer.max_steps
+        opt = torch.optim.Adam(
+            self.clt.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        decay_start = int(steps * (1 - o.decay_frac))
+
+        def schedule(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if step >= decay_start and o.decay_frac > 0:
+                return max(0.0, (steps - step) / max(1, steps - decay_start))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- exact resume: data position and RNG travel with Lightning's checkpoint --------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        positions = [self.data_position]
+        if self.fp.data:  # every replica's position: each streams its own share of the text
+            positions = [None] * self.fp.replicas
+            torch.distributed.all_gather_object(positions, self.data_position, group=self.fp.data_group)
+        checkpoint["clt_data_positions"] = positions
+        checkpoint["clt_rng"] = torch.get_rng_state()
+        checkpoint["clt_config"] = self.cfg.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        positions = checkpoint.get("clt_data_positions", [checkpoint.get("clt_data_position")])
+        self.restored_position = resume_position(positions, self.fp.replicas, self.replica)
+        if "clt_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["clt_rng"])
+
+
+def resume_position(positions: list[dict | None], replicas: int, replica: int) -> dict | None:
+    """Where replica `replica` of `replicas` resumes, from the positions of the saved run's replicas.
+    Same number of replicas: exactly where it stopped. Another number: the text shards change, so
+    every new replica starts a fresh share of the documents after the last one any saved replica
+    had reached (no document is trained on twice; at most one buffer per replica is skipped)."""
+    if len(positions) == replicas:
+        return positions[replica]
+    if any(p is None for p in positions):
+        return None
+    if all("cache" in p for p in positions):  # cached data: every replica reads the same blocks
+        return positions[0]
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    saved = [DataPosition.from_dict(p) for p in positions]
+    text = [p.text or TextPosition() for p in saved]
+    epoch = max(t.epoch for t in text)
+    current = [t for t in text if t.epoch == epoch]
+    offset = max(t.offset + len(positions) * t.docs for t in current)
+    block = max(p.block for p in saved) + 1
+    rank_zero_warn(
+        f"resuming {len(positions)} data-parallel replicas as {replicas}: the text is re-split "
+        f"after training document {offset} of pass {epoch} (exact resume needs the same "
+        "number of replicas)"
+    )
+    return DataPosition(block, 0, TextPosition(0, [], epoch, offset)).to_dict()
