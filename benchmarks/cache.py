@@ -131,7 +131,6 @@ def main() -> None:
             d_sae=c.d_sae,
             activation=c.activation,
             k=c.k,
-            decode=c.decode,
         )
         for dt, src in srcs.items():
             torch.manual_seed(cfg.seed)

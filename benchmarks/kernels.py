@@ -87,8 +87,8 @@ def bench_step(L, d, F, k, n, impl, device, reps):
     from clt.training import CLTModule
 
     cfg = TrainConfig()
-    cfg.clt.d_sae, cfg.clt.k = F, k
-    m = CLTModule(cfg, CLTArchitecture(n_layers=L, d_model=d, d_sae=F, k=k, decode=impl)).to(device)
+    cfg.clt.d_sae, cfg.clt.k, cfg.clt.decode = F, k, impl
+    m = CLTModule(cfg, CLTArchitecture(n_layers=L, d_model=d, d_sae=F, k=k)).to(device)
     x, y = torch.randn(n, L, d, device=device), torch.randn(n, L, d, device=device)
     m.initialize_from_data(x, y)
     opt = torch.optim.Adam(m.clt.parameters(), lr=1e-4)

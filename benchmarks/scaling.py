@@ -3,7 +3,7 @@
     python benchmarks/scaling.py                          # CPU, gloo, 1 thread per process
     python benchmarks/scaling.py --layers 12 --d-model 768 --d-sae 8192 --batch 4096   # GPU sizes
 
-The CLT step of training (clt/training.py CLTModule.loss: encode, global TopK, decode, losses,
+The CLT step of training (clt/training/module.py CLTModule.loss: encode, global TopK, decode, losses,
 backward, Adam) on synthetic activations of a fixed global batch, for
   1 process                     the reference, measured in the same run
   N processes, data parallel    each a 1/N slice of the batch; gradients averaged (all-reduce)
@@ -49,7 +49,7 @@ def make_module(a, device):
     cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = a.activation, a.d_sae, a.k
     torch.manual_seed(0)
     arch = CLTArchitecture(
-        n_layers=a.layers, d_model=a.d_model, d_sae=a.d_sae, activation=a.activation, k=a.k, decode="auto"
+        n_layers=a.layers, d_model=a.d_model, d_sae=a.d_sae, activation=a.activation, k=a.k
     )
     return CLTModule(cfg, arch).to(device)
 

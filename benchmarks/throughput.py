@@ -96,14 +96,10 @@ def main() -> None:
     for decode in ("dense", "sparse"):
         c = cfg.clt
         arch = CLTArchitecture(
-            n_layers=subject.n_layers,
-            d_model=subject.d_model,
-            d_sae=c.d_sae,
-            activation=c.activation,
-            k=c.k,
-            decode=decode,
+            n_layers=subject.n_layers, d_model=subject.d_model, d_sae=c.d_sae, activation=c.activation, k=c.k
         )
         module = CLTModule(cfg, arch).to(device)
+        module.clt.decode_path = decode
         module.initialize_from_data(x, y)
         opt = torch.optim.Adam(module.clt.parameters(), lr=1e-4)
 

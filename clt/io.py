@@ -107,7 +107,7 @@ def import_circuit_tracer(
     F, dm = enc[0]["W_enc_0"].shape
     ours = (cfg.get("clt") or {}).get("architecture")
     if ours:
-        arch = CLTArchitecture(**ours)
+        arch = CLTArchitecture.from_saved(ours)
     else:
         has_theta = "threshold_0" in enc[0]
         act = cfg.get("activation") or ("jumprelu" if has_theta else "relu")

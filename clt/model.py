@@ -47,18 +47,29 @@ class CLTArchitecture:
     bandwidth: float = 1.0
     log_threshold: bool = False
     ste_to_input: bool = False
-    decode: str = "auto"
     # provenance (not used by the math)
     subject_model: str = ""
     input_hook: str = "resid_mid"
     output_hook: str = "mlp_out"
     extra: dict = field(default_factory=dict)
 
+    # keys that older checkpoints saved in the architecture and that are no longer part of it
+    # ("decode" is a speed switch of the run, `CrossLayerTranscoder.decode_path`)
+    RETIRED = ("decode",)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> CLTArchitecture:
+        """The architecture from a saved config (native config.json or our circuit-tracer export)."""
+        return cls(**{k: v for k, v in d.items() if k not in cls.RETIRED})
+
 
 class CrossLayerTranscoder(nn.Module):
-    def __init__(self, arch: CLTArchitecture, threshold_init: float = 0.1):
+    def __init__(self, arch: CLTArchitecture, threshold_init: float = 0.1, decode: str = "auto"):
         super().__init__()
         self.arch = arch
+        # how to decode (and, for JumpReLU / ReLU, encode): "auto" (Triton on CUDA, else the torch
+        # sparse or dense path), "triton", "sparse" or "dense": a speed switch, not saved
+        self.decode_path = decode
         L, d, F = arch.n_layers, arch.d_model, arch.d_sae
         self.W_enc = nn.Parameter(torch.empty(L, F, d).uniform_(-1 / math.sqrt(F), 1 / math.sqrt(F)))
         self.b_enc = nn.Parameter(torch.zeros(L, F))
@@ -119,7 +130,7 @@ class CrossLayerTranscoder(nn.Module):
     ) -> torch.Tensor:
         """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
         `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
-        y = kernels.decode(a, list(self.W_dec), support, self.arch.decode)
+        y = kernels.decode(a, list(self.W_dec), support, self.decode_path)
         return y + self.b_dec if bias else y
 
     def gradient_support(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -138,7 +149,7 @@ class CrossLayerTranscoder(nn.Module):
         """x: [N, L, d] -> (h, a): [N, L, F]. On the Triton path the bias and the JumpReLU / ReLU
         epilogue are fused into the encoder GEMM (same outputs and gradients)."""
         kind = self.arch.activation
-        if kind in ("jumprelu", "relu") and kernels.use_triton(x, self.arch.decode):
+        if kind in ("jumprelu", "relu") and kernels.use_triton(x, self.decode_path):
             x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
             theta = self.threshold if kind == "jumprelu" else None
             return kernels.encode_fused(
@@ -184,7 +195,7 @@ class CrossLayerTranscoder(nn.Module):
     def folded(self) -> CrossLayerTranscoder:
         """An equivalent CLT with input/output scales 1: s_in folded into W_enc, 1/s_out into W_dec
         and b_dec (thresholds act on h, which does not change)."""
-        new = CrossLayerTranscoder(self.arch)
+        new = CrossLayerTranscoder(self.arch, decode=self.decode_path)
         new.load_state_dict(self.state_dict())
         new.W_enc.mul_(self.input_scale[:, None, None])
         for s, w in enumerate(new.W_dec):
@@ -251,7 +262,7 @@ class CrossLayerTranscoder(nn.Module):
             )
         try:
             config = json.loads(cfg_path.read_text())
-            arch = CLTArchitecture(**config["architecture"])
+            arch = CLTArchitecture.from_saved(config["architecture"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"unreadable CLT config {cfg_path}: {e}") from e
         try:

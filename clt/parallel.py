@@ -68,7 +68,7 @@ def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTra
             "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}},
         }
     )
-    local = CrossLayerTranscoder(arch).to(clt.W_enc.device)
+    local = CrossLayerTranscoder(arch, decode=clt.decode_path).to(clt.W_enc.device)
     state = {}
     for k, v in clt.state_dict().items():
         dim = shard_dim(k)

@@ -273,3 +273,20 @@ def test_attribute_cards_for_the_graph_features_only(tiny_checkpoint, tmp_path, 
     assert (store / "manifest.json").stat().st_mtime_ns == before  # nothing left to compute
     # a CLT from the Hub has no local store: --cards says what to pass
     assert attribute_main(["alice/none", "hello", "--out", str(tmp_path / "h"), "--cards"]) == 2
+
+
+def test_checkpoints_written_before_decode_left_the_architecture_still_load(tmp_path):
+    """tests/assets/clt-format1*: written by the code of 2026-12-02 whose architecture still saved
+    the `decode` speed switch; they load (native and circuit-tracer export), give the outputs
+    recorded then, and a re-save no longer stores the switch."""
+    assets = REPO / "tests" / "assets"
+    io = torch.load(assets / "clt-format1-io.pt", weights_only=True)
+    assert json.loads((assets / "clt-format1" / "config.json").read_text())["architecture"]["decode"] == "dense"
+    for path in ("clt-format1", "clt-format1-circuit-tracer"):
+        clt = load_clt(assets / path)
+        assert not hasattr(clt.arch, "decode") and clt.decode_path == "auto"
+        a, y = clt(io["x"])
+        torch.testing.assert_close(a, io["a"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, io["y"], rtol=1e-5, atol=1e-6)
+    clt.save_pretrained(tmp_path / "new")
+    assert "decode" not in json.loads((tmp_path / "new" / "config.json").read_text())["architecture"]

@@ -140,11 +140,11 @@ def test_training_curve_matches_reference(activation, steps, batch):
     for impl in ("sparse", "triton"):
         cfg = TrainConfig()
         cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, 24, 3
-        cfg.clt.sparsity_coeff, cfg.trainer.max_steps = 1e-3, steps
+        cfg.clt.sparsity_coeff, cfg.trainer.max_steps, cfg.clt.decode = 1e-3, steps, impl
         torch.manual_seed(0)
-        m = CLTModule(
-            cfg, CLTArchitecture(n_layers=2, d_model=16, d_sae=24, activation=activation, k=3, decode=impl)
-        ).to(DEVICE)
+        m = CLTModule(cfg, CLTArchitecture(n_layers=2, d_model=16, d_sae=24, activation=activation, k=3)).to(
+            DEVICE
+        )
         m.initialize_from_data(x[:256].to(DEVICE), y[:256].to(DEVICE))
         opt = torch.optim.Adam(m.clt.parameters(), lr=3e-3)
         losses = []
@@ -213,12 +213,10 @@ def test_module_loss_gradients_triton_vs_dense(activation):
         cfg = TrainConfig()
         cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, 33, 4
         cfg.clt.sparsity_coeff, cfg.clt.sparsity_warmup_frac, cfg.clt.dead_after_tokens = 0.1, 0.0, 40
+        cfg.clt.decode = impl
         torch.manual_seed(0)
         m = CLTModule(
-            cfg,
-            CLTArchitecture(
-                n_layers=3, d_model=24, d_sae=33, activation=activation, k=4, bandwidth=2.0, decode=impl
-            ),
+            cfg, CLTArchitecture(n_layers=3, d_model=24, d_sae=33, activation=activation, k=4, bandwidth=2.0)
         ).to(DEVICE)
         m.initialize_from_data(x.to(DEVICE), y.to(DEVICE))
         with torch.no_grad():

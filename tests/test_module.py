@@ -77,7 +77,7 @@ def test_sparse_decode_gives_the_dense_gradients_of_every_parameter():
         grads = {}
         for decode in ("dense", "sparse"):
             m = module(activation, F=32, k=3, sparsity_coeff=0.1, sparsity_warmup_frac=0.0)
-            m.clt.arch.decode = decode
+            m.clt.decode_path = decode
             m.clt.arch.bandwidth = 2.0  # a wide band: many inactive features inside it
             x, y = data()
             m.initialize_from_data(x, y)

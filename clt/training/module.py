@@ -27,7 +27,7 @@ class CLTModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig, arch: CLTArchitecture):
         super().__init__()
         self.cfg = cfg
-        self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init)
+        self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init, decode=cfg.clt.decode)
         # tokens since each feature last fired (dead-feature tracking), part of the training state
         self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
         self.fp = Parallel()  # collectives of the (data × feature-shard) mesh; none by default

@@ -120,7 +120,6 @@ def run(cfg: TrainConfig) -> dict:
         bandwidth=c.bandwidth,
         log_threshold=c.log_threshold,
         ste_to_input=c.ste_to_input,
-        decode=c.decode,
         subject_model=cfg.model.name_or_path,
         input_hook=cfg.model.input_hook,
         output_hook=cfg.model.output_hook,
