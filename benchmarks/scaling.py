@@ -74,7 +74,7 @@ def worker(rank: int, world: int, port: int, mode: str, a, out) -> None:
         m.fp = Parallel(shards=True)
     elif mode == "data":
         m.fp = Parallel(data=True)
-    m.fp.apply(m.clt)
+    m.clt.mesh = m.fp
     opt = torch.optim.Adam(m.clt.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(rank if mode == "data" else 0)
     x = torch.randn(n, a.layers, a.d_model, generator=g, device=device)

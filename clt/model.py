@@ -70,6 +70,10 @@ class CrossLayerTranscoder(nn.Module):
         # how to decode (and, for JumpReLU / ReLU, encode): "auto" (Triton on CUDA, else the torch
         # sparse or dense path), "triton", "sparse" or "dense": a speed switch, not saved
         self.decode_path = decode
+        # the collectives of a feature-sharded / data-parallel mesh (clt.parallel.Parallel), set by
+        # the training strategy; None: one process, the CLT alone
+        self.mesh = None
+        self.batchtopk_min_kept: torch.Tensor | None = None  # [L], last training selection
         L, d, F = arch.n_layers, arch.d_model, arch.d_sae
         self.W_enc = nn.Parameter(torch.empty(L, F, d).uniform_(-1 / math.sqrt(F), 1 / math.sqrt(F)))
         self.b_enc = nn.Parameter(torch.zeros(L, F))
@@ -109,15 +113,19 @@ class CrossLayerTranscoder(nn.Module):
 
     def activate(self, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
         """h: [N, L', F] for the layers `layers` (default all) -> a: [N, L', F].
-        In training mode BatchTopK records the smallest kept value for its inference threshold."""
-        kind = self.arch.activation
+        TopK and BatchTopK select over the whole CLT: on a feature-sharded mesh (`self.mesh`) the
+        selection is global (its collectives); alone it is local. In training mode BatchTopK keeps
+        the smallest value it kept (`batchtopk_min_kept`, [L]) for its inference threshold."""
+        kind, mesh = self.arch.activation, self.mesh
         if kind == "topk":
-            return act.topk(h, self.arch.k)
+            return mesh.topk(h, self.arch.k) if mesh is not None and mesh.shards else act.topk(h, self.arch.k)
         if kind == "batchtopk":
             if not self.training:
                 return act.threshold_relu(h, self.batchtopk_threshold[layers])
-            a, min_kept = act.batchtopk(h, self.arch.k)
-            self._last_min_kept = min_kept
+            if mesh is not None and (mesh.shards or mesh.data):
+                a, self.batchtopk_min_kept = mesh.batchtopk(h, self.arch.k)
+            else:
+                a, self.batchtopk_min_kept = act.batchtopk(h, self.arch.k)
             return a
         if kind == "jumprelu":
             return act.jumprelu(h, self.threshold[layers], self.arch.bandwidth, self.arch.ste_to_input)
@@ -131,6 +139,8 @@ class CrossLayerTranscoder(nn.Module):
         """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
         `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
         y = kernels.decode(a, list(self.W_dec), support, self.decode_path)
+        if self.mesh is not None:  # this shard's features' part: the sum over the shards is the output
+            y = self.mesh.sum(y)
         return y + self.b_dec if bias else y
 
     def gradient_support(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -166,6 +176,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_layer(self, acts: list[torch.Tensor], layer: int) -> torch.Tensor:
         """acts[s]: [N, F] for s ≤ layer -> ŷ_layer: [N, d] in subject units."""
+        if self.mesh is not None:  # this shard's features' part, summed over the shards
+            part = sum(sparse_matmul(acts[s], self.W_dec[s][:, layer - s]) for s in range(layer + 1))
+            return (self.mesh.sum(part) + self.b_dec[layer]) / self.output_scale[layer]
         y = self.b_dec[layer]
         for s in range(layer + 1):
             y = y + sparse_matmul(acts[s], self.W_dec[s][:, layer - s])
@@ -178,13 +191,13 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def update_batchtopk_threshold(self, decay: float) -> None:
-        min_kept = getattr(self, "_last_min_kept", None)
+        min_kept = self.batchtopk_min_kept
         if min_kept is None:
             return
         fresh = self.batchtopk_threshold == 0
         ema = decay * self.batchtopk_threshold + (1 - decay) * min_kept
         self.batchtopk_threshold.copy_(torch.where(fresh, min_kept, ema))
-        self._last_min_kept = None
+        self.batchtopk_min_kept = None
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec,i^s‖ over all target layers, in normalised units: [L, F]."""

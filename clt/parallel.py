@@ -2,13 +2,14 @@
 
 Each rank of a shard group holds a contiguous slice of every layer's features: encoder rows,
 encoder biases, decoder rows and thresholds (`shard_clt`); the decoder bias and the normalisation
-scalars are replicated. `Parallel.apply(clt)` then swaps three of the CLT's methods for
-sharded ones, so `CrossLayerTranscoder`'s code stays as it is:
+scalars are replicated. The CLT receives the mesh's collectives (`clt.mesh = Parallel(…)`, None
+by default) and calls them where the math needs the whole CLT:
 
-    activate   TopK / BatchTopK select globally: local candidates, all-gather, global threshold;
-               JumpReLU / ReLU are local
+    activate   TopK / BatchTopK select globally (`Parallel.topk`, `Parallel.batchtopk`): local
+               candidates, all-gather, global threshold; JumpReLU / ReLU are local
     decode     each rank decodes its own features; the partial outputs are summed over the group
-               (backward: identity, since every rank computes the same loss from the full output)
+               (`Parallel.sum`; backward: identity, since every rank computes the same loss from the
+               full output)
 
 Loss terms that sum over features (sparsity, pre-activation loss, L0) go through `Parallel.sum`,
 AuxK's selection through `Parallel.auxk_activations`. Data parallelism: gradients are averaged
@@ -169,34 +170,25 @@ class Parallel:
         """The mean over replicas of a per-replica mean (equal local batches)."""
         return self.data_sum(t.detach()) / self.replicas if self.data else t
 
-    # -- sharded CLT operations ------------------------------------------------------------------
-    def activate(
-        self, clt: CrossLayerTranscoder, h: torch.Tensor, layers: slice = slice(None)
-    ) -> torch.Tensor:
-        kind = clt.arch.activation
-        if kind == "topk" and self.shards:
-            t = self.kth_largest(h.detach(), clt.arch.k)  # [N, L]
-            return (h * (h >= t[..., None]).to(h.dtype)).relu()
-        if kind == "batchtopk" and clt.training:
-            n, n_layers, f = h.shape
-            flat = h.detach().transpose(0, 1).reshape(n_layers, n * f)
-            k = clt.arch.k * n * self.replicas  # k per token of the global batch
-            top = flat.topk(min(k, flat.shape[-1]), dim=-1).values
-            with torch.no_grad():
-                kept = self._gather_cat(top, self.select_group).topk(k, dim=-1).values  # global k·N largest
-            t = kept[:, -1]
-            pos = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min(-1).values
-            clt._last_min_kept = torch.where(torch.isinf(pos), torch.zeros_like(pos), pos)
-            return (h * (h >= t[None, :, None]).to(h.dtype)).relu()
-        return type(clt).activate(clt, h, layers)
+    # -- global selection over the shards (and, for BatchTopK, the data replicas) ----------------
+    def topk(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """TopK over the features of all shards: h: [N, L, F_local] -> a (ReLU'd)."""
+        t = self.kth_largest(h.detach(), k)  # [N, L]
+        return (h * (h >= t[..., None]).to(h.dtype)).relu()
 
-    def decode_normalized(self, clt: CrossLayerTranscoder, a, bias: bool = True, support=None):
-        y = self.sum(type(clt).decode_normalized(clt, a, bias=False, support=support))
-        return y + clt.b_dec if bias else y
-
-    def decode_layer(self, clt: CrossLayerTranscoder, acts, layer: int):
-        y = type(clt).decode_layer(clt, acts, layer) * clt.output_scale[layer] - clt.b_dec[layer]
-        return (self.sum(y) + clt.b_dec[layer]) / clt.output_scale[layer]
+    def batchtopk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK over the global batch and all shards: h: [N, L, F_local] -> (a, the smallest
+        positive value kept per layer: [L])."""
+        n, n_layers, f = h.shape
+        flat = h.detach().transpose(0, 1).reshape(n_layers, n * f)
+        k = k * n * self.replicas  # k per token of the global batch
+        top = flat.topk(min(k, flat.shape[-1]), dim=-1).values
+        with torch.no_grad():
+            kept = self._gather_cat(top, self.select_group).topk(k, dim=-1).values  # global k·N largest
+        t = kept[:, -1]
+        pos = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min(-1).values
+        min_kept = torch.where(torch.isinf(pos), torch.zeros_like(pos), pos)
+        return (h * (h >= t[None, :, None]).to(h.dtype)).relu(), min_kept
 
     def auxk_activations(self, h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
         if not self.shards:
@@ -227,17 +219,6 @@ class Parallel:
         for _, p in params:
             p.grad.mul_(coef.to(p.grad.dtype))
         return total
-
-    def apply(self, clt: CrossLayerTranscoder) -> CrossLayerTranscoder:
-        """Route the CLT's selection and decode through the mesh (in place)."""
-        if self.shards or (self.data and clt.arch.activation == "batchtopk"):
-            clt.activate = lambda h, layers=slice(None): self.activate(clt, h, layers)
-        if self.shards:
-            clt.decode_normalized = lambda a, bias=True, support=None: self.decode_normalized(
-                clt, a, bias, support
-            )
-            clt.decode_layer = lambda acts, layer: self.decode_layer(clt, acts, layer)
-        return clt
 
 
 __all__ = ["Parallel", "ShardingError", "load_sharded", "save_sharded", "shard_clt", "unshard_clt"]

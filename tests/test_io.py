@@ -281,7 +281,9 @@ def test_checkpoints_written_before_decode_left_the_architecture_still_load(tmp_
     recorded then, and a re-save no longer stores the switch."""
     assets = REPO / "tests" / "assets"
     io = torch.load(assets / "clt-format1-io.pt", weights_only=True)
-    assert json.loads((assets / "clt-format1" / "config.json").read_text())["architecture"]["decode"] == "dense"
+    assert (
+        json.loads((assets / "clt-format1" / "config.json").read_text())["architecture"]["decode"] == "dense"
+    )
     for path in ("clt-format1", "clt-format1-circuit-tracer"):
         clt = load_clt(assets / path)
         assert not hasattr(clt.arch, "decode") and clt.decode_path == "auto"

@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
         sharded.clt = shard_clt(sharded.clt, rank, world)
         sharded.tokens_since_fired = sharded.tokens_since_fired[:, lo:hi].clone()
         sharded.fp = Parallel(shards=True, select_group=None)
-        sharded.fp.apply(sharded.clt)
+        sharded.clt.mesh = sharded.fp
         sharded.train()
         loss, logs = sharded.loss(x, y)
         loss.backward()
@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
                 p.threshold_param.grad, r.threshold_param.grad[:, lo:hi], rtol=1e-4, atol=1e-7
             )
         if activation == "batchtopk":
-            torch.testing.assert_close(p._last_min_kept, r._last_min_kept)
+            torch.testing.assert_close(p.batchtopk_min_kept, r.batchtopk_min_kept)
     finally:
         dist.destroy_process_group()
 
@@ -145,7 +145,7 @@ def _dp_worker(rank: int, world: int, init: str, activation: str, steps: int) ->
         torch.set_num_threads(1)
         ref, dp = module(activation), module(activation)
         dp.fp = Parallel(data=True)
-        dp.fp.apply(dp.clt)
+        dp.clt.mesh = dp.fp
         for m in (ref, dp):
             m.cfg.clt.dead_after_tokens = 200  # some features die and revive during the run
             m.train()

@@ -49,7 +49,7 @@ class CLTModule(L.LightningModule):
             lo, hi = shard_range(self.clt.d_sae, strategy.shard, fp.world)
             self.clt = shard_clt(self.clt, strategy.shard, fp.world)
             self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
-        fp.apply(self.clt)
+        self.clt.mesh = fp  # the CLT calls the mesh's collectives for selection and decode
 
     # -- initialisation from data (docs/DESIGN.md §1) -------------------------------------------------
     @torch.no_grad()
