@@ -10,18 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import CLTError, ConfigError  # noqa: F401 (re-exported)
+
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
-
-
-class CLTError(Exception):
-    """A user-facing error: bad config, data, subject model or checkpoint. `train.py` prints its
-    message (no traceback) and exits with status 2."""
-
-
-class ConfigError(CLTError, ValueError):
-    """A configuration value that cannot work; the message names the field and what is allowed."""
 
 
 @dataclass

@@ -27,14 +27,10 @@ import kernels
 from kernels.reference import sparse_matmul
 
 from . import activations as act
-from .config import CLTError
+from .errors import CheckpointError  # noqa: F401 (re-exported)
 from .files import atomic_directory
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(CLTError, RuntimeError):
-    pass
 
 
 @dataclass

@@ -28,12 +28,8 @@ import torch
 import torch.distributed as dist
 
 from . import loss as losses
-from .config import CLTError
+from .errors import ShardingError  # noqa: F401 (re-exported)
 from .model import CrossLayerTranscoder
-
-
-class ShardingError(CLTError, ValueError):
-    pass
 
 
 class _SumShards(torch.autograd.Function):

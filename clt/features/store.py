@@ -25,14 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import CLTError
+from ..errors import FeatureError  # noqa: F401 (re-exported)
 from ..files import atomic_directory, sha256
 
 FORMAT = 1
-
-
-class FeatureError(CLTError, ValueError):
-    """Feature cards that cannot be computed, read or written: the message says what and why."""
 
 
 def cantor(layer: int, feature: int) -> int:

@@ -35,27 +35,9 @@ from ..attribution.graph import (
     scores,
 )
 from ..config import CLTError
+from ..errors import BadGraph, Conflict, NotFound, ViewerError  # noqa: F401 (re-exported)
 
 EDGE_MAGIC = b"CLTE"
-
-
-class ViewerError(CLTError, ValueError):
-    """A request the viewer cannot serve; `status` is the HTTP status, the message is shown in the
-    page and in the log."""
-
-    status = 400
-
-
-class NotFound(ViewerError):
-    status = 404
-
-
-class Conflict(ViewerError):
-    status = 409
-
-
-class BadGraph(ViewerError):
-    status = 422
 
 
 def thresholds(query: dict, default_node: float = 0.8, default_edge: float = 0.98) -> tuple[float, float]:

@@ -1,0 +1,62 @@
+"""Every user-facing error of clt, in one place. A `CLTError` is printed as one line,
+`error: <message>`, with exit status 2 (by the `clt` command, `train.py` and the `python -m`
+forms), never as a traceback; the message names what is wrong and what is allowed. Each module
+re-exports the errors it raises under their old import paths (`clt.config.ConfigError`, …)."""
+
+from __future__ import annotations
+
+
+class CLTError(Exception):
+    """A user-facing error: bad config, data, subject model, checkpoint or request."""
+
+
+class ConfigError(CLTError, ValueError):
+    """A configuration value that cannot work; the message names the field and what is allowed."""
+
+
+class DataError(CLTError, ValueError):
+    """Text that cannot be read: an empty dataset, a missing text column."""
+
+
+class CacheError(CLTError, ValueError):
+    """A cache that cannot be used or written: another model or hook, missing or damaged shards,
+    a full disk. The message says what and how to fix it."""
+
+
+class SubjectModelError(CLTError, ValueError):
+    """A subject model that cannot be loaded or hooked (unknown family, missing hook point)."""
+
+
+class CheckpointError(CLTError, RuntimeError):
+    """A checkpoint that cannot be read or does not match (format, shapes, the wrong CLT)."""
+
+
+class ShardingError(CLTError, ValueError):
+    """A feature-sharded layout that does not fit (F not divisible by the shards, missing shards)."""
+
+
+class AttributionError(CLTError, ValueError):
+    """Bad input to attribution: prompt, thresholds, or a CLT that does not fit the model."""
+
+
+class FeatureError(CLTError, ValueError):
+    """Feature cards that cannot be computed, read or written: the message says what and why."""
+
+
+class ViewerError(CLTError, ValueError):
+    """A request the viewer cannot serve; `status` is the HTTP status, the message is shown in the
+    page and in the log."""
+
+    status = 400
+
+
+class NotFound(ViewerError):
+    status = 404
+
+
+class Conflict(ViewerError):
+    status = 409
+
+
+class BadGraph(ViewerError):
+    status = 422
