@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# the repo first (benchmarks/kernels.py must not shadow the kernels package), then benchmarks/ for throughput
+# the repo first, then benchmarks/ (for throughput.py)
 sys.path = (
     [str(REPO)]
     + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]

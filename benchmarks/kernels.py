@@ -60,7 +60,7 @@ def timed(fn, device, reps):
 
 
 def bench_decode(L, d, F, k, n, impl, device, reps):
-    import kernels
+    from clt import kernels
 
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(n, L, F, device=device, generator=g)
@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernels.jsonl"))
     args = ap.parse_args()
 
-    import kernels
+    from clt import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:

@@ -23,12 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import kernels
-from kernels.reference import sparse_matmul
-
 from . import activations as act
+from . import kernels
 from .errors import CheckpointError  # noqa: F401 (re-exported)
 from .files import atomic_directory
+from .kernels.reference import sparse_matmul
 
 FORMAT_VERSION = 1
 

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels.reference import decode_dense, to_padded  # noqa: E402
-from kernels.triton_decode import decode_triton  # noqa: E402
+from clt import kernels  # noqa: E402
+from clt.kernels.reference import decode_dense, to_padded  # noqa: E402
+from clt.kernels.triton_decode import decode_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -171,7 +171,7 @@ def test_training_curve_matches_reference(activation, steps, batch):
 )
 def test_fused_encode_matches_reference(activation, ste):
     from clt.activations import jumprelu
-    from kernels.triton_encode import encode_triton
+    from clt.kernels.triton_encode import encode_triton
 
     g = torch.Generator().manual_seed(0)
     n, L, d, F = 37, 3, 40, 45  # non-powers of two, more than one block each way

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
+from clt.kernels.reference import decode_dense, decode_padded, decode_sparse, to_padded
 from clt.model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
-from kernels.reference import decode_dense, decode_padded, decode_sparse, to_padded
 
 
 def make_clt(activation="topk", L=4, d=6, F=10, k=3, seed=0, **kw):
