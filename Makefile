@@ -39,7 +39,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
-LINTED := clt tests benchmarks train.py
+LINTED := clt tests benchmarks slurm train.py
 
 lint: $(STAMP)   # the gate CI runs: ruff's rules and its formatter
 	$(VENV)/bin/ruff check $(LINTED)

@@ -64,7 +64,9 @@ def sbatch_command(args, template: Path, extra: list[str], export: dict[str, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other arguments: train.py overrides.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="Other arguments: train.py overrides.", allow_abbrev=False
+    )  # no abbreviations: `--sweep …` must not silently become --sweep-dir
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--tasks-per-node", type=int, default=8, help="processes (GPUs) per node")
     p.add_argument("--cpus-per-task", type=int, default=None)
@@ -75,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-dir", default=None, help="where a sweep's runs go (default runs/sweep-<time>)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of running it")
     args, overrides = p.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:  # an override never starts with a dash: a mistyped option must not be dropped or passed on
+        print(f"error: unknown option {unknown[0]} (train.py overrides look like key=value)", file=sys.stderr)
+        return 2
     if shutil.which("sbatch") is None and not args.dry_run:
-        print("error: sbatch not found: Slurm is not installed here (slurm/local-cluster.sh starts a "
-              "one-node cluster for trying this)", file=sys.stderr)
+        print(
+            "error: sbatch not found: Slurm is not installed here (slurm/local-cluster.sh starts a "
+            "one-node cluster for trying this)",
+            file=sys.stderr,
+        )
         return 2
     (REPO / "runs").mkdir(exist_ok=True)  # the templates log to runs/slurm-<job>.out
     configs = expand(overrides)
@@ -89,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_file = sweep_dir / "sweep.txt"
         sweep_file.write_text("".join(shlex.join(c) + "\n" for c in configs))
-        cmd = sbatch_command(args, HERE / "sweep.sbatch", [f"--array=0-{len(configs) - 1}"],
-                             {"CLT_SWEEP_FILE": str(sweep_file), "CLT_SWEEP_DIR": str(sweep_dir)})
+        cmd = sbatch_command(
+            args,
+            HERE / "sweep.sbatch",
+            [f"--array=0-{len(configs) - 1}"],
+            {"CLT_SWEEP_FILE": str(sweep_file), "CLT_SWEEP_DIR": str(sweep_dir)},
+        )
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

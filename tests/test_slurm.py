@@ -208,6 +208,20 @@ def test_missing_slurm_is_a_clear_error(tmp_path):
     assert done.stderr.startswith("error: sbatch not found: Slurm is not installed here")
 
 
+def test_a_mistyped_option_is_refused_not_dropped(tmp_path):
+    """`--sweep clt.k=16,32` once abbreviated to --sweep-dir and silently dropped the k sweep."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "slurm" / "submit.py"), "--sweep", "clt.k=16,32", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: unknown option --sweep (train.py overrides look like key=value)"
+    )
+
+
 def two_task_array(slurm, tmp_path, name: str, args: list[str]) -> None:
     """`sbatch --array=0-1 slurm/<name>.sbatch ARGS`: both tasks complete and say which they are."""
     done = subprocess.run(
