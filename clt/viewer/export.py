@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..files import write_atomic
+from .cards import Cards
 from .graphs import GraphFolder, ViewerError
 from .server import STATIC
 from .state import empty_state
@@ -31,8 +32,6 @@ def export_html(
     features: str | None = None,
 ) -> Path:
     """graph_path: a `{slug}.pt` (or its `{slug}.json`, or a folder with one graph) -> out."""
-    from .server import ViewerServer  # the card lookup (store of the graph's scan)
-
     p = Path(graph_path)
     if p.is_dir():
         pts = sorted(p.glob("*.pt"))
@@ -53,22 +52,15 @@ def export_html(
     et = edge_threshold or state.get("edge_threshold") or 0.98
     v = g.view(nt, et)
     view = g.view_json(v)
-    srv = ViewerServer.__new__(ViewerServer)  # only its store lookup, no socket
-    srv.folder, srv.features_override, srv._card_cache, srv._hub_stores = folder, features, {}, {}
-    store = srv.store_dir(g.graph.scan)
-    cards = {}
-    for n in view["nodes"]:
-        if n["kind"] != "feature":
-            continue
-        rec = srv.card(store, n["layer"], n["feature"]) if store else None
-        cards[n["id"]] = {
-            "node": n["id"],
-            "card": rec,
-            "prompt_acts": g.feature_activations(n["layer"], n["feature"]),
-            "reason": "" if rec else "no card for this feature in the export",
-        }
+    cards = Cards(folder, features)
+    cards_of_nodes = {n["id"]: cards.node_card(g, n) for n in view["nodes"] if n["kind"] == "feature"}
     state = state | {"node_threshold": nt, "edge_threshold": et}
-    data = {"view": view, "edges": base64.b64encode(v.edges_blob()).decode(), "cards": cards, "state": state}
+    data = {
+        "view": view,
+        "edges": base64.b64encode(v.edges_blob()).decode(),
+        "cards": cards_of_nodes,
+        "state": state,
+    }
     html = (STATIC / "index.html").read_text()
     css = (STATIC / "viewer.css").read_text()
     js = (STATIC / "viewer.js").read_text()

@@ -32,7 +32,6 @@ import email.utils
 import gzip
 import json
 import mimetypes
-import os
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..config import CLTError
+from .cards import Cards
 from .graphs import GraphFolder, NotFound, ViewerError, thresholds
 from .state import empty_state, from_qparams, validate_state, write_state
 
@@ -100,11 +100,8 @@ class ViewerServer(ThreadingHTTPServer):
         port: int = 0,
         quiet: bool = False,
     ):
-        self.folder, self.session, self.features_override, self.quiet = folder, session, features, quiet
-        self._gz: dict[tuple[str, str], bytes] = {}
-        self._gz_lock = threading.Lock()
-        self._card_cache: dict[tuple[str, int, int], dict | None] = {}
-        self._hub_stores: dict[str, Path | None] = {}
+        self.folder, self.session, self.quiet = folder, session, quiet
+        self.cards = Cards(folder, features)
         super().__init__((host, port), Handler)
 
     @property
@@ -115,44 +112,6 @@ class ViewerServer(ThreadingHTTPServer):
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    # -- the feature store of a graph ------------------------------------------------------------
-    def store_dir(self, scan: str = "") -> Path | None:
-        """--features, else the graph's scan when it is a local store, else the store of the first
-        graph whose scan is one."""
-        cands = [self.features_override] if self.features_override else []
-        cands.append(scan)
-        if not self.features_override and not scan:
-            for g in self.folder.listing():
-                try:
-                    cands.append(self.folder.get(g["slug"]).graph.scan)
-                except ViewerError:
-                    continue
-        for c in cands:
-            if c and os.path.isabs(c) and (Path(c) / "manifest.json").is_file():
-                return Path(c)
-        for c in cands:  # a Hub CLT's scan is its repo id: its cards, if they are in the local Hub cache
-            if c and not os.path.isabs(c):
-                if c not in self._hub_stores:
-                    from ..features.pipeline import find_store
-
-                    try:
-                        self._hub_stores[c] = find_store(c, local_files_only=True)
-                    except Exception:  # noqa: BLE001 (not a repo id, not cached: no cards)
-                        self._hub_stores[c] = None
-                if self._hub_stores[c] is not None:
-                    return self._hub_stores[c]
-        return None
-
-    def card(self, store: Path, layer: int, feature: int) -> dict | None:
-        from ..features.store import FeatureStore
-
-        key = (str(store), layer, feature)
-        if key not in self._card_cache:
-            if len(self._card_cache) > 50_000:
-                self._card_cache.clear()
-            self._card_cache[key] = FeatureStore(store).record(layer, feature)
-        return self._card_cache[key]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -291,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
             prefix = "/data/" if raw.startswith("/data/") else "/graph_data/"
             self.send_file(contained(folder.root, self._rel(raw, prefix)), head)
         elif raw.startswith("/features/"):
-            store = srv.store_dir()
+            store = srv.cards.store_dir()
             if store is None:
                 raise NotFound(
                     "no feature store: the graphs' scan names none here (clt serve --features DIR)"
@@ -385,23 +344,7 @@ class Handler(BaseHTTPRequestHandler):
         n = g.nodes[g.node_index(node_id)]
         if n["kind"] != "feature":
             raise ViewerError(f"{node_id} is a {n['kind']} node: only features have cards")
-        out = {
-            "node": node_id,
-            "prompt_acts": g.feature_activations(n["layer"], n["feature"]),
-            "card": None,
-            "reason": "",
-        }
-        store = self.server.store_dir(g.graph.scan)
-        if store is None:
-            out["reason"] = (
-                f"no feature cards found for this CLT (scan {g.graph.scan!r}): compute them with "
-                "python -m clt.features CHECKPOINT, or clt serve --features DIR"
-            )
-        else:
-            out["card"] = self.server.card(store, n["layer"], n["feature"])
-            if out["card"] is None:
-                out["reason"] = "the store has no card for this feature (clt attribute --cards computes them)"
-        return out
+        return self.server.cards.node_card(g, n)
 
     def _search(self, g, q: dict) -> dict:
         """Features of the view whose card's top logits or example text contain q (case-insensitive)."""
@@ -409,7 +352,7 @@ class Handler(BaseHTTPRequestHandler):
         if not text:
             return {"matches": []}
         v = g.view(*thresholds(q))
-        store = self.server.store_dir(g.graph.scan)
+        store = self.server.cards.store_dir(g.graph.scan)
         matches = []
         if store is not None:
             seen: dict[tuple[int, int], str | None] = {}
@@ -419,7 +362,7 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 key = (n["layer"], n["feature"])
                 if key not in seen:
-                    rec = self.server.card(store, *key)
+                    rec = self.server.cards.record(store, *key)
                     why = None
                     if rec is not None:
                         if any(
