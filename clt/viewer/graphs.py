@@ -95,7 +95,8 @@ class LoadedGraph:
         self.slug, self.graph, self.mtime = slug, graph, mtime
         self._views: OrderedDict[tuple[float, float], View] = OrderedDict()
         self._lock = threading.Lock()
-        base = prune(graph, 1.0, 1.0)  # influence does not depend on the thresholds
+        # influence does not depend on the thresholds; this pruning is also the view at (1, 1)
+        self._full = base = prune(graph, 1.0, 1.0)
         every = replace(base, node_mask=torch.ones_like(base.node_mask))
         L = graph.n_layers
         self.nodes: list[dict] = []
@@ -134,7 +135,7 @@ class LoadedGraph:
                 self._views.move_to_end(key)
                 return self._views[key]
         g = self.graph
-        p = prune(g, node_threshold, edge_threshold)
+        p = self._full if key == (1.0, 1.0) else prune(g, node_threshold, edge_threshold)
         index = p.node_mask.nonzero().flatten()
         at = torch.full((g.n_nodes,), -1, dtype=torch.long)
         at[index] = torch.arange(len(index))
