@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from clt.viewer import serve
+    from clt.viewer import CHROMIUM_FLAGS, serve
 
     tmp = Path(tempfile.mkdtemp(prefix="clt-viewer-bench-"))
     t0 = time.perf_counter()
@@ -119,18 +119,7 @@ def main() -> None:
             received[what] = len(r.read())  # uncompressed (the browser may get the JSON gzipped)
     server_cold = time.perf_counter() - t0
     view_url = f"{srv.url}?slug=big&nt=1&et=1"
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--enable-precise-memory-info",
-        "--js-flags=--expose-gc",
-    ]
+    flags = [*CHROMIUM_FLAGS, "--enable-precise-memory-info", "--js-flags=--expose-gc"]
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
         page = b.new_page(viewport={"width": 1400, "height": 900})

@@ -179,3 +179,47 @@ def viewer_folder(tiny_model_dir, tmp_path_factory):
     return SimpleNamespace(
         root=root, clt=root / "clt", folder=folder, slug="capitals", store=root / "clt" / "features"
     )
+
+
+# Viewer tests (test_viewer.py, test_viewer_browser.py): each module serves its own copy of the
+# folder (tests write sidecars into it) with the CLT loaded for attribution and interventions.
+
+
+@pytest.fixture(scope="module")
+def folder(viewer_folder, tmp_path_factory):
+    """A private copy of the viewer's graph folder."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("served") / "graphs"
+    shutil.copytree(viewer_folder.folder, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def srv(folder, viewer_folder):
+    from clt.viewer import serve
+
+    s = serve(str(folder), quiet=True, clt=str(viewer_folder.clt))
+    yield s
+    s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def graph(folder):
+    from clt.attribution import Graph
+
+    return Graph.from_pt(folder / "capitals.pt")
+
+
+@pytest.fixture(scope="module")
+def rm(viewer_folder):
+    """The replacement model of the viewer folder's CLT, for reference computations."""
+    from clt.attribution import ReplacementModel
+    from clt.config import ModelConfig
+    from clt.io import load_clt
+    from clt.subject import load_subject
+
+    clt = load_clt(viewer_folder.clt)
+    return ReplacementModel(
+        load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt
+    )

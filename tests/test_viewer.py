@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt.attribution import Graph, Intervention, ReplacementModel, attribute, prune, scores
+from clt.attribution import Graph, Intervention, attribute, prune, scores
 from clt.attribution.graph import graph_scores, json_nodes
-from clt.viewer import serve
 from clt.viewer.state import validate_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,26 +46,6 @@ def get_json(srv, path: str):
     status, _, body = request(srv, "GET", path)
     assert status == 200, body[:500]
     return json.loads(body)
-
-
-@pytest.fixture(scope="module")
-def folder(viewer_folder, tmp_path_factory):
-    """A private copy of the graph folder (tests write sidecars into it)."""
-    d = tmp_path_factory.mktemp("served") / "graphs"
-    shutil.copytree(viewer_folder.folder, d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def srv(folder, viewer_folder):
-    s = serve(str(folder), quiet=True, clt=str(viewer_folder.clt))
-    yield s
-    s.shutdown()
-
-
-@pytest.fixture(scope="module")
-def graph(folder):
-    return Graph.from_pt(folder / "capitals.pt")
 
 
 def decode_edges(blob: bytes):
@@ -453,18 +432,6 @@ def test_the_folder_loads_in_circuit_tracers_server(folder, viewer_folder):
 
 # ---------------------------------------------------------------------------------------------
 # Attribution and interventions through the API; bad input
-
-
-@pytest.fixture(scope="module")
-def rm(viewer_folder):
-    from clt.config import ModelConfig
-    from clt.io import load_clt
-    from clt.subject import load_subject
-
-    clt = load_clt(viewer_folder.clt)
-    return ReplacementModel(
-        load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt
-    )
 
 
 def wait_job(srv, job: dict, timeout: float = 300) -> dict:

@@ -18,23 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt.attribution import Graph, Intervention, ReplacementModel, attribute, prune
+from clt.attribution import Graph, Intervention, attribute, prune
 from clt.attribution.graph import json_nodes
-from clt.viewer import serve
+from clt.viewer import CHROMIUM_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "viewer"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 try:
     import playwright.sync_api as pw
@@ -52,7 +42,7 @@ pytestmark = pytest.mark.skipif(pw is None or CHROMIUM is None, reason="needs Ch
 def browser():
     """Playwright's launch() starts Chromium on a fresh temporary profile (its own user-data dir)."""
     with pw.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield b
         b.close()
 
@@ -100,42 +90,11 @@ def page(browser):
     p.close()
 
 
-@pytest.fixture(scope="module")
-def folder(viewer_folder, tmp_path_factory):
-    d = tmp_path_factory.mktemp("browser") / "graphs"
-    shutil.copytree(viewer_folder.folder, d)
-    return d
-
-
 @pytest.fixture(autouse=True)
 def fresh_state(folder):
     """Every test starts from a graph with no saved view state."""
     for p in folder.glob("*.state.json"):
         p.unlink()
-
-
-@pytest.fixture(scope="module")
-def srv(folder, viewer_folder):
-    s = serve(str(folder), quiet=True, clt=str(viewer_folder.clt))
-    yield s
-    s.shutdown()
-
-
-@pytest.fixture(scope="module")
-def graph(folder):
-    return Graph.from_pt(folder / "capitals.pt")
-
-
-@pytest.fixture(scope="module")
-def rm(viewer_folder):
-    from clt.config import ModelConfig
-    from clt.io import load_clt
-    from clt.subject import load_subject
-
-    clt = load_clt(viewer_folder.clt)
-    return ReplacementModel(
-        load_subject(ModelConfig(name_or_path=clt.arch.subject_model, dtype="float32")), clt
-    )
 
 
 def open_graph(p: Page, url: str):

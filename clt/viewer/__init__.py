@@ -5,4 +5,17 @@ from .graphs import GraphFolder, ViewerError
 from .server import serve
 from .state import load_state, validate_state
 
-__all__ = ["GraphFolder", "ViewerError", "load_state", "serve", "validate_state"]
+# Debian's Chromium, headless and offline, as the tests and benchmarks/viewer.py drive it (without the
+# background-networking flags Chromium keeps trying connections that an offline machine refuses)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+__all__ = ["CHROMIUM_FLAGS", "GraphFolder", "ViewerError", "load_state", "serve", "validate_state"]
