@@ -6,8 +6,6 @@ import argparse
 import sys
 import time
 
-from ..config import CLTError
-
 
 def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
@@ -78,16 +76,14 @@ def view_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m clt.viewer serve|view …`: the same as `clt serve|view …` (its error handling)."""
+    from ..cli import main as clt_main
+
     argv = sys.argv[1:] if argv is None else argv
-    cmds = {"serve": serve_main, "view": view_main}
-    if not argv or argv[0] not in cmds:
+    if not argv or argv[0] not in ("serve", "view"):
         print("usage: python -m clt.viewer {serve,view} …", file=sys.stderr)
         return 2
-    try:
-        return cmds[argv[0]](argv[1:])
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return clt_main(argv)
 
 
 if __name__ == "__main__":
