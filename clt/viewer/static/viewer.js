@@ -169,20 +169,26 @@ function stateObject() {
            labels: S.labels, clicked: S.clicked, node_threshold: S.nt, edge_threshold: S.et, positions: {} };
 }
 
-let saveTimer = null;
+// Saves go one at a time (a later state never lands before an earlier one), and only the latest
+// change may report "saved ✓" (an earlier save finishing late must not claim the newer state).
+let saveTimer = null, saveChain = Promise.resolve(), saveSeq = 0;
 function changed() {
   writeUrl();
+  const seq = ++saveSeq;
   clearTimeout(saveTimer);
   $("save-status").textContent = "saving…";
-  saveTimer = setTimeout(async () => {
-    try {
-      const r = await api.saveState(S.slug, stateObject());
-      $("save-status").textContent = r && r.readOnly ? "read-only export" : "saved ✓";
-    } catch (e) {
-      $("save-status").textContent = "not saved";
-      message(`could not save the view state: ${e.message}`);
-    }
-  }, 250);
+  saveTimer = setTimeout(() => { saveChain = saveChain.then(() => save(seq)); }, 250);
+}
+
+async function save(seq) {
+  if (seq !== saveSeq) return;  // a newer change is queued and saves the newer state
+  try {
+    const r = await api.saveState(S.slug, stateObject());
+    if (seq === saveSeq) $("save-status").textContent = r && r.readOnly ? "read-only export" : "saved ✓";
+  } catch (e) {
+    $("save-status").textContent = "not saved";
+    message(`could not save the view state: ${e.message}`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
