@@ -18,7 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from clt.config import CLTError, TrainConfig, load_config, resume_config
+from clt.config import TrainConfig, load_config, resume_config
+from clt.errors import command
 
 
 def resolve(cfg: DictConfig) -> TrainConfig:
@@ -70,14 +71,16 @@ def pin_run_dir(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    if code := train(cfg):  # (a multirun's jobs share this process: exit on an error only)
+        sys.exit(code)
+
+
+@command
+def train(cfg: DictConfig) -> None:
     from clt.training import run
 
-    try:
-        pin_run_dir(cfg)
-        run(resolve(cfg))
-    except CLTError as e:  # bad config, data, subject model or checkpoint: the message says what
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    pin_run_dir(cfg)
+    run(resolve(cfg))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CLTError, ModelConfig
+from .config import ModelConfig
+from .errors import CLTError, command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,13 +206,9 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(build_parser().parse_args(argv))
     return 0
 
 

@@ -17,13 +17,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from clt.config import CacheJobConfig, CLTError, load_config
+from clt.config import CacheJobConfig, load_config
+from clt.errors import command
 
 
+@command
 def _tool(argv: list[str]) -> int:
     import argparse
 
-    from clt.data.cache import finalize
+    from clt.data.shards import finalize
 
     p = argparse.ArgumentParser(
         prog="python -m clt.cache",
@@ -33,11 +35,7 @@ def _tool(argv: list[str]) -> int:
     p.add_argument("action", choices=["verify", "merge"])
     p.add_argument("dir")
     args = p.parse_args(argv)
-    try:
-        m = finalize(args.dir, required=True, verify=True)
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    m = finalize(args.dir, required=True, verify=True)
     assert m is not None
     print(
         f"{args.dir}: {m['n_shards']} shards, {m['tokens']} tokens, {m['documents']} documents, "
@@ -48,23 +46,24 @@ def _tool(argv: list[str]) -> int:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="cache")
 def main(cfg: DictConfig) -> None:
-    from clt.data.cache import generate
+    if code := cache(cfg):
+        sys.exit(code)
+
+
+@command
+def cache(cfg: DictConfig) -> None:
+    import torch
+
+    from clt.data.shards import generate
     from clt.subject import load_subject
 
-    try:
-        job = load_config(cfg, CacheJobConfig)
-        import torch
-
-        device = (
-            "cuda"
-            if job.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if job.device == "auto" else job.device)
-        )
-        subject = load_subject(job.model, device)
-        manifest = generate(subject, job, progress=True)
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    job = load_config(cfg, CacheJobConfig)
+    device = (
+        "cuda"
+        if job.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if job.device == "auto" else job.device)
+    )
+    manifest = generate(load_subject(job.model, device), job, progress=True)
     if manifest is None:
         print(f"{job.cache.dir}: this task's shards are written; the manifest follows when every task's are")
     else:

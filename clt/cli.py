@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import CLTError
+from .errors import CLTError, command
 
 
 def _hydra_app(script: list[str], argv: list[str]) -> int:
@@ -106,6 +106,7 @@ COMMANDS = {
 }
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
@@ -128,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         from .attribute import main as attribute_main
 
         return attribute_main(argv[1:])
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Every user-facing error of clt, in one place. A `CLTError` is printed as one line,
-`error: <message>`, with exit status 2 (by the `clt` command, `train.py` and the `python -m`
-forms), never as a traceback; the message names what is wrong and what is allowed. Each module
-re-exports the errors it raises under their old import paths (`clt.config.ConfigError`, …)."""
+"""Every user-facing error of clt, in one place, and the one wrapper that reports them. A
+`CLTError` is printed as one line, `error: <message>`, with exit status 2 (by `command`, around
+every entry point: the `clt` command, `train.py` and the `python -m` forms), never as a traceback;
+the message names what is wrong and what is allowed. Each module re-exports the errors it raises
+under their old import paths (`clt.config.ConfigError`, …)."""
 
 from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
 
 
 class CLTError(Exception):
@@ -60,3 +65,19 @@ class Conflict(ViewerError):
 
 class BadGraph(ViewerError):
     status = 422
+
+
+def command(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap an entry point: its result as an exit status (None = 0), and a `CLTError` as the one
+    line `error: <message>` on stderr and status 2. Any other exception is a bug and keeps its
+    traceback."""
+
+    @functools.wraps(main)
+    def entry(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except CLTError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return entry

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import activations as act
 from . import kernels
+from . import sparsity as act
 from .errors import CheckpointError  # noqa: F401 (re-exported)
 from .files import atomic_directory
 from .kernels.reference import sparse_matmul

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import CLTError
+from .errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clt.push", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run dir or native CLT checkpoint dir")
@@ -32,19 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from .io import push_to_hub
 
-    try:
-        url = push_to_hub(
-            args.checkpoint,
-            args.repo_id,
-            revision=args.revision,
-            private=args.private,
-            commit_message=args.message,
-            export=not args.no_export,
-            dtype=args.dtype,
-        )
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    url = push_to_hub(
+        args.checkpoint,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        commit_message=args.message,
+        export=not args.no_export,
+        dtype=args.dtype,
+    )
     print(f"pushed {args.checkpoint} to {args.repo_id}: {url}")
     return 0
 

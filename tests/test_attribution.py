@@ -585,3 +585,22 @@ def test_attribution_on_gpu_matches_cpu_and_bf16_rows_add_up():
     total = bf.adjacency_matrix[rows].sum(1) + bf.node_bias[rows]
     scale = bf.node_values[rows].abs().max()
     assert (total - bf.node_values[rows]).abs().max() <= 3e-2 * scale
+
+
+def test_a_graph_written_by_earlier_code_still_loads():
+    """tests/assets/graph-format1.pt: the graph of "The capital of France is" through a random TopK
+    CLT on a tiny random Llama, written by the code of 2026-12-02 (commit 82d77a6), with what its
+    pruning at (0.8, 0.98) and scores gave then. Today's loader reads it and prunes and scores it
+    the same way."""
+    import json
+    from pathlib import Path
+
+    assets = Path(__file__).parent / "assets"
+    expected = json.loads((assets / "graph-format1-expected.json").read_text())
+    g = Graph.from_pt(assets / "graph-format1.pt")
+    p = prune(g, 0.8, 0.98)
+    assert g.n_nodes == expected["n_nodes"]
+    assert p.node_mask.nonzero().flatten().tolist() == expected["node_mask"]
+    assert int(p.edge_mask.sum()) == expected["n_edges"]
+    for k, v in scores(g, p).items():
+        assert abs(float(v) - expected["scores"][k]) < 1e-6, k

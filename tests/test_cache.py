@@ -1,4 +1,4 @@
-"""Activation cache (clt/data/cache.py, python -m clt.cache): same batches as online generation,
+"""Activation cache (clt/data/shards.py, python -m clt.cache): same batches as online generation,
 resumable and splittable generation, global shuffle, checksums, bad input."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from conftest import REPO, tiny_overrides, train_cli
 
 from clt.config import CacheConfig, CacheJobConfig, DataConfig, ModelConfig
 from clt.data import ActivationSource, TextPosition, WindowStream
-from clt.data import cache as cache_mod
-from clt.data.cache import CachedActivations, CacheError, finalize, generate, shard_ok, shard_path
+from clt.data import shards as cache_mod
+from clt.data.shards import CachedActivations, CacheError, finalize, generate, shard_ok, shard_path
 
 DATA = DataConfig(context_size=32, batch_windows=8, buffer_tokens=1024, eval_docs=2, eval_windows=4)
 TOKENS, SHARD = 6000, 1000  # 31 tokens per window: 194 windows in 6 shards of 33 windows
@@ -347,3 +347,27 @@ def test_cache_cli_generates_a_cache(tmp_path, tiny_model_dir):
         text=True,
     )
     assert bad.returncode == 2 and "cache.dtype='fp8' is invalid" in bad.stderr
+
+
+def test_a_cache_written_by_earlier_code_still_reads(tmp_path):
+    """tests/assets/cache-format1: a 240-token cache of a tiny random Llama (recorded as
+    "tiny-llama") written by the code of 2026-12-02 (commit 82d77a6), with the first batch its
+    reader gave in stream and global order. Today's reader verifies every checksum and gives the
+    same batches."""
+    root = tmp_path / "cache"
+    shutil.copytree(REPO / "tests" / "assets" / "cache-format1", root)
+    recorded = torch.load(REPO / "tests" / "assets" / "cache-format1-batches.pt", weights_only=True)
+    finalize(root, required=True, verify=True)
+    model = ModelConfig(name_or_path="tiny-llama", dtype="float32")
+    data = DataConfig(context_size=16, batch_windows=4, buffer_tokens=256, eval_docs=1, eval_windows=2)
+    for order in ("stream", "global"):
+        src = CachedActivations(
+            None, replace(data, cache=str(root), cache_order=order), 64, seed=0, model=model
+        )
+        x, y, pos = next(src.batches())
+        assert torch.equal(x, recorded[order]["x"].float()) and torch.equal(y, recorded[order]["y"].float())
+        assert json.dumps(pos) == recorded[order]["position"]
+    with pytest.raises(CacheError, match="subject model"):
+        CachedActivations(
+            None, replace(data, cache=str(root)), 64, model=replace(model, name_or_path="other")
+        )

@@ -170,8 +170,8 @@ def test_training_curve_matches_reference(activation, steps, batch):
     "activation,ste", [("jumprelu", False), ("jumprelu", True), ("relu", False), ("none", False)]
 )
 def test_fused_encode_matches_reference(activation, ste):
-    from clt.activations import jumprelu
     from clt.kernels.triton_encode import encode_triton
+    from clt.sparsity import jumprelu
 
     g = torch.Generator().manual_seed(0)
     n, L, d, F = 37, 3, 40, 45  # non-powers of two, more than one block each way

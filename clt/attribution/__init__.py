@@ -1,6 +1,6 @@
 """Attribution graphs, pruning, scores and interventions with trained CLTs (docs/DESIGN.md §6)."""
 
-from .attribute import attribute, dense_rows, feature_vectors, logit_targets, node_bias
+from .adjacency import attribute, dense_rows, feature_vectors, logit_targets, node_bias
 from .graph import Graph, Pruned, compute_influence, graph_scores, normalize_matrix, prune, scores, to_json
 from .replacement import AttributionError, Intervention, PromptContext, ReplacementModel
 

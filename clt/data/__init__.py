@@ -1,6 +1,6 @@
 """Data: text streams, activation generation, shuffle buffer."""
 
-from .activations import ActivationSource, DataPosition
+from .stream import ActivationSource, DataPosition
 from .text import PRESETS, DataError, TextPosition, WindowStream, load_text_dataset
 
 __all__ = [

@@ -17,7 +17,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from clt.config import CLTError, FeaturesJobConfig, load_config
+from clt.config import FeaturesJobConfig, load_config
+from clt.errors import command
 from clt.features.store import FeatureError
 
 
@@ -57,6 +58,7 @@ def pick_feature(store, layer: int, max_frequency: float = 0.02) -> int:
     return best
 
 
+@command
 def _tool(argv: list[str]) -> int:
     import argparse
 
@@ -79,34 +81,28 @@ def _tool(argv: list[str]) -> int:
     )
     r.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
-    try:
-        if args.action == "render":
-            from .render import render_card
-            from .store import FeatureStore
+    if args.action == "render":
+        from .render import render_card
+        from .store import FeatureStore
 
-            store = FeatureStore(args.store)
-            layer = store.manifest["clt"]["n_layers"] // 2 if args.layer is None else args.layer
-            feature = pick_feature(store, layer) if args.feature is None else args.feature
-            print(
-                f"wrote {render_card(store.card(layer, feature), args.out)} (layer {layer}, feature {feature})"
-            )
-            return 0
-        from .pipeline import job_of_work
+        store = FeatureStore(args.store)
+        layer = store.manifest["clt"]["n_layers"] // 2 if args.layer is None else args.layer
+        feature = pick_feature(store, layer) if args.feature is None else args.feature
+        print(f"wrote {render_card(store.card(layer, feature), args.out)} (layer {layer}, feature {feature})")
+        return 0
+    from .pipeline import job_of_work
 
-        return run(job_of_work(args.work))
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(job_of_work(args.work))
 
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="features")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run(load_config(cfg, FeaturesJobConfig))
-    except CLTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code)
+    sys.exit(features(cfg))
+
+
+@command
+def features(cfg: DictConfig) -> int:
+    return run(load_config(cfg, FeaturesJobConfig))
 
 
 def entry(argv: list[str]) -> int:

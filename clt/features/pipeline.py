@@ -86,7 +86,7 @@ class CacheSource:
     """Windows of an activation cache (python -m clt.cache): no subject forward pass."""
 
     def __init__(self, data: DataConfig, model: ModelConfig, clt: CrossLayerTranscoder):
-        from ..data.cache import CachedActivations, CacheError, check_compatible
+        from ..data.shards import CachedActivations, CacheError, check_compatible
 
         self.reader = CachedActivations(None, data, 1)
         m = self.reader.manifest
@@ -150,7 +150,7 @@ class OnlineSource:
         }
 
     def batches(self, lo: int, hi: int, bw: int, resume: dict | None):
-        from ..data.activations import window_activations
+        from ..data.stream import window_activations
         from ..data.text import TextPosition
 
         w = resume["window"] if resume else 0
@@ -626,7 +626,7 @@ def compute_store(
     """Run this task's pass and, once every task's is done, write the store. `features`: cards
     for these features only (merged into an existing store). Returns the store, or None while
     other tasks are still running."""
-    from ..data.cache import array_task
+    from ..data.shards import array_task
     from ..subject import load_subject
 
     f = job.features

@@ -164,7 +164,7 @@ def make_source(cfg: TrainConfig, subject):
     text settings then replace the run's (so config.json records what was trained on)."""
     if not cfg.data.cache:
         return ActivationSource(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed)
-    from ..data.cache import CachedActivations
+    from ..data.shards import CachedActivations
 
     source = CachedActivations(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed, cfg.model)
     for k, v in source.text_config().items():

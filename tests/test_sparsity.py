@@ -4,7 +4,7 @@ formulas of docs/DESIGN.md §1; gradcheck in fp64 where the function is smooth."
 import pytest
 import torch
 
-from clt import activations as act
+from clt import sparsity as act
 
 
 def test_topk_hand_example():

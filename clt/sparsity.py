@@ -1,5 +1,5 @@
-"""Activation functions of the CLT. Each maps pre-activations h: [N, L, F] to activations a of the
-same shape (zeros where inactive).
+"""The CLT's sparse activation functions. Each maps pre-activations h: [N, L, F] to activations a
+of the same shape (zeros where inactive).
 
 - topk:      keep the k largest h per token and layer (ReLU'd).
 - batchtopk: keep the k·N largest h per layer over the batch; at inference a JumpReLU with one

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from ..config import CacheJobConfig, DataConfig, ModelConfig, _get, config_diff
 from ..errors import CacheError  # noqa: F401 (re-exported)
 from ..files import atomic_file, sha256, write_atomic
-from .activations import window_activations
+from .stream import window_activations
 from .text import TextPosition, WindowStream
 
 FORMAT = 1
