@@ -47,7 +47,7 @@ def main() -> None:
 
     from clt.config import CacheConfig, CacheJobConfig
     from clt.data import ActivationSource
-    from clt.data.shards import CachedActivations, generate
+    from clt.data.activation_cache import CachedActivations, generate
     from clt.metrics import reconstruction_stats
     from clt.model import CLTArchitecture
     from clt.subject import load_subject

@@ -69,7 +69,7 @@ def card_pass(clt, source, f, dev, work: Path) -> tuple[float, int]:
 def synthetic_cache(root: Path, L: int, d: int, tokens: int, per: int = 127, seed: int = 0) -> Path:
     """A cache of random activations (no subject model): the memory and F measurements."""
     from clt.config import DataConfig, ModelConfig
-    from clt.data.shards import finalize, make_plan, write_or_check_plan, write_shard
+    from clt.data.activation_cache import finalize, make_plan, write_or_check_plan, write_shard
 
     sub = SimpleNamespace(family_name="llama", dtype=torch.bfloat16, n_layers=L, d_model=d)
     plan = make_plan(
@@ -163,7 +163,7 @@ def main() -> None:
     from throughput import compose
 
     from clt.config import CacheConfig, CacheJobConfig, FeaturesConfig
-    from clt.data.shards import generate
+    from clt.data.activation_cache import generate
     from clt.features.pipeline import CacheSource, OnlineSource
     from clt.model import CLTArchitecture, CrossLayerTranscoder
     from clt.subject import load_subject

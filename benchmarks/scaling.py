@@ -71,10 +71,10 @@ def worker(rank: int, world: int, port: int, mode: str, a, out) -> None:
         lo, hi = shard_range(a.d_sae, rank, world)
         m.clt = shard_clt(m.clt, rank, world)
         m.tokens_since_fired = m.tokens_since_fired[:, lo:hi].clone()
-        m.fp = Parallel(shards=True)
+        m.mesh = Parallel(sharded=True)
     elif mode == "data":
-        m.fp = Parallel(data=True)
-    m.clt.mesh = m.fp
+        m.mesh = Parallel(data_parallel=True)
+    m.clt.mesh = m.mesh
     opt = torch.optim.Adam(m.clt.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(rank if mode == "data" else 0)
     x = torch.randn(n, a.layers, a.d_model, generator=g, device=device)

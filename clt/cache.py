@@ -25,7 +25,7 @@ from clt.errors import command
 def _tool(argv: list[str]) -> int:
     import argparse
 
-    from clt.data.shards import finalize
+    from clt.data.activation_cache import finalize
 
     p = argparse.ArgumentParser(
         prog="python -m clt.cache",
@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> None:
 def cache(cfg: DictConfig) -> None:
     import torch
 
-    from clt.data.shards import generate
+    from clt.data.activation_cache import generate
     from clt.subject import load_subject
 
     job = load_config(cfg, CacheJobConfig)

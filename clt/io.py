@@ -1,6 +1,14 @@
-"""Checkpoint formats beyond the native one (`CrossLayerTranscoder.save_pretrained`):
-circuit-tracer's cross-layer-transcoder layout, export and import, and a loader that accepts any
-of them (docs/DESIGN.md §5).
+"""Checkpoint formats, and the one loader that tells them apart (docs/DESIGN.md §5).
+
+native (`save_native`, what training writes; `CrossLayerTranscoder.save_pretrained`):
+
+    config.json            format_version, architecture (CLTArchitecture), normalisation
+                           (input_scale, output_scale: [L]), summary (the run's metrics)
+    model.safetensors      the state dict: W_enc [L, F, d], b_enc [L, F], W_dec.{s} [F, L − s, d],
+                           b_dec [L, d], threshold_param [L, F] (JumpReLU), the scale buffers
+
+sharded native (feature-sharded training): `shard-{r:03d}-of-{n:03d}/`, one native checkpoint per
+shard of the features, reassembled on load (or re-split into any number of shards dividing F).
 
 circuit-tracer layout (one pair of files per source layer l, normalisation folded in):
 
@@ -13,6 +21,9 @@ circuit-tracer layout (one pair of files per source layer l, normalisation folde
 BatchTopK exports as JumpReLU with its per-layer inference threshold on every feature (the same
 function). circuit-tracer has no TopK CLT: a TopK export carries `activation: topk` and `k`, which
 our import honours; circuit-tracer's own loader would read it as ReLU.
+
+`load_clt(path)` reads any of them, from a run dir (its `clt/`), a checkpoint dir or a Hub repo id
+(downloaded by clt/hub.py); `checkpoint_format(dir)` is the one place that decides which it is.
 """
 
 from __future__ import annotations
@@ -26,9 +37,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError, ShardingError
 from .files import atomic_directory
-from .model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
+from .hub import hub_download, looks_like_repo_id
+from .model import CLTArchitecture, CrossLayerTranscoder
+from .parallel import shard_clt, unshard_clt
 
+FORMAT_VERSION = 1
 HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 HOOKS_BACK = {v: k for k, v in HOOK_NAMES.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,6 +157,114 @@ def import_circuit_tracer(
     return clt.to(device)
 
 
+# ---------------------------------------------------------------------------------------------
+# Native checkpoints, sharded or not
+
+
+def save_native(clt: CrossLayerTranscoder, directory: str | os.PathLike, summary: dict | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` atomically (temp dir, then rename)."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in clt.state_dict().items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "clt"})
+        config = {
+            "format_version": FORMAT_VERSION,
+            "architecture": asdict(clt.arch),
+            "normalisation": {
+                "input_scale": clt.input_scale.tolist(),
+                "output_scale": clt.output_scale.tolist(),
+            },
+            "summary": summary or {},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_native(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    """Read a native checkpoint directory (config.json + model.safetensors)."""
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    if not cfg_path.exists() or not weights.exists():
+        raise CheckpointError(
+            f"{directory} is not a CLT checkpoint: expected config.json and model.safetensors"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+        arch = CLTArchitecture.from_saved(config["architecture"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"unreadable CLT config {cfg_path}: {e}") from e
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:
+        raise CheckpointError(f"unreadable CLT weights {weights}: {e}") from e
+    model = CrossLayerTranscoder(arch).to(device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {weights} do not match config.json: {e}") from e
+    return model
+
+
+def shard_dir(directory: str | os.PathLike, shard: int, n_shards: int) -> Path:
+    return Path(directory) / f"shard-{shard:03d}-of-{n_shards:03d}"
+
+
+def save_sharded(
+    local: CrossLayerTranscoder, directory: str | os.PathLike, summary: dict | None = None
+) -> Path:
+    """Each feature shard's process writes its own shard (atomically) under `directory`."""
+    info = local.arch.extra.get("shard")
+    if info is None:
+        raise ShardingError("save_sharded needs a shard made by shard_clt")
+    return save_native(local, shard_dir(directory, info["rank"], info["world"]), summary=summary)
+
+
+def load_sharded(
+    directory: str | os.PathLike,
+    shard: int | None = None,
+    n_shards: int | None = None,
+    device: str | torch.device = "cpu",
+) -> CrossLayerTranscoder:
+    """The full CLT from a sharded checkpoint (shard=None), or its shard `shard` of `n_shards` for
+    any number of shards dividing the feature count."""
+    found = sorted(Path(directory).glob("shard-*-of-*"))
+    counts = {int(p.name.split("-of-")[1]) for p in found}
+    if len(counts) != 1:
+        raise ShardingError(
+            f"{directory}: expected the shards of one sharding, found {[p.name for p in found]}"
+        )
+    saved = counts.pop()
+    missing = [r for r in range(saved) if not shard_dir(directory, r, saved).exists()]
+    if missing:
+        raise ShardingError(f"{directory}: shards {missing} of {saved} are missing")
+    full = unshard_clt([load_native(shard_dir(directory, r, saved), device) for r in range(saved)])
+    if shard is None:
+        return full
+    return shard_clt(full, shard, n_shards or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one loader
+
+
+def checkpoint_format(directory: Path) -> tuple[str, Path]:
+    """("native" | "sharded" | "circuit-tracer", the checkpoint's own directory) of a checkpoint
+    dir or a run dir (whose checkpoint is `clt/`)."""
+    for d in (directory, directory / "clt"):
+        if (d / "model.safetensors").exists():
+            return "native", d
+        if (d / "config.yaml").exists() and not (d / "config.json").exists():
+            return "circuit-tracer", d
+        if d.is_dir() and any(d.glob("shard-*-of-*")):
+            return "sharded", d
+    if (directory / "config.json").exists() and not (directory / "clt").is_dir():
+        return "native", directory  # its weights are missing: load_native says so
+    raise CheckpointError(
+        f"{directory} is not a CLT checkpoint: expected config.json + model.safetensors (native), "
+        "shard-*-of-*/ (sharded), config.yaml + W_enc_*/W_dec_* (circuit-tracer), or a run dir with clt/"
+    )
+
+
 def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu", **hub) -> CrossLayerTranscoder:
     """A CLT from a native checkpoint dir (sharded or not), a training run dir (its `clt/`), a
     circuit-tracer export, or a Hub repo id ("user/name"; `hub`: revision, subfolder, cache_dir,
@@ -153,208 +276,9 @@ def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu", **hub)
         p = p / hub["subfolder"]
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}")
-    if (p / "config.yaml").exists() and not (p / "config.json").exists():
-        return import_circuit_tracer(p, device)
-    from .parallel import is_sharded, load_sharded
-
-    for cand in (p, p / "clt"):
-        if cand.is_dir() and is_sharded(cand):  # a feature-sharded checkpoint: reassembled
-            return load_sharded(cand, device=device)
-    if not (p / "model.safetensors").exists() and (p / "clt" / "model.safetensors").exists():
-        p = p / "clt"
-    return CrossLayerTranscoder.from_pretrained(p, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face Hub: push a trained CLT (native + circuit-tracer export + model card), load one back
-
-
-def _checkpoint_parts(path: Path) -> tuple[Path, Path | None]:
-    """(native checkpoint dir, run dir or None) of a run dir or a native checkpoint dir."""
-    if (path / "clt").is_dir():
-        return path / "clt", path
-    run = path.parent if (path.parent / "config.json").exists() and path.name == "clt" else None
-    return path, run
-
-
-def push_to_hub(
-    checkpoint: str | os.PathLike,
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str | None = None,
-    export: bool = True,
-    dtype: str = "float32",
-) -> str:
-    """Upload a trained CLT to the Hub repo `repo_id` (created if needed; `revision`: a branch,
-    created from main if needed): the native checkpoint at the repo root (`config.json`,
-    `model.safetensors`, as written by training), circuit-tracer's layout under `circuit_tracer/`,
-    the feature cards under `features/` (when `clt features` wrote a store for this CLT), a model card (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score,
-    how to load), and from a run dir its `report.json`, `loss_curve.png` and training config.
-    `checkpoint`: a run dir or a native checkpoint dir (sharded ones are reassembled). Returns the
-    commit URL. Uses huggingface_hub (token from `huggingface-cli login` / HF_TOKEN, Hub from
-    HF_ENDPOINT)."""
-    import shutil
-    import tempfile
-
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from .card import model_card
-
-    native, run = _checkpoint_parts(Path(checkpoint))
-    clt = load_clt(native)
-    with tempfile.TemporaryDirectory(prefix="clt-push-") as tmp:
-        stage = Path(tmp) / "repo"
-        if (native / "model.safetensors").exists():  # the files training wrote, as they are
-            stage.mkdir()
-            for name in ("config.json", "model.safetensors"):
-                shutil.copy2(native / name, stage / name)
-        else:  # feature-sharded: one whole checkpoint
-            clt.save_pretrained(stage)
-        if export:
-            export_circuit_tracer(clt, stage / "circuit_tracer", dtype=dtype)
-        report, train_cfg = None, None
-        if run is not None:
-            if (run / "report.json").exists():
-                report = json.loads((run / "report.json").read_text())
-            train_cfg = json.loads((run / "config.json").read_text())
-            for src, dst in (
-                ("report.json", "report.json"),
-                ("loss_curve.png", "loss_curve.png"),
-                ("config.json", "training_config.json"),
-            ):
-                if (run / src).exists():
-                    shutil.copy2(run / src, stage / dst)
-        features = _feature_store(run or native, clt)
-        if features is not None:  # the feature cards, as `clt features` wrote them
-            shutil.copytree(features.dir, stage / "features")
-        summary = json.loads((stage / "config.json").read_text()).get("summary", {})
-        (stage / "README.md").write_text(
-            model_card(
-                clt.arch,
-                repo_id,
-                report or summary,
-                train_cfg,
-                circuit_tracer=export,
-                features=features.manifest if features else None,
-            )
-        )
-        api = HfApi(token=token)
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.upload_folder(
-                folder_path=stage,
-                repo_id=repo_id,
-                revision=revision,
-                commit_message=commit_message
-                or f"Upload CLT ({clt.arch.n_layers} layers × {clt.arch.d_sae} features)",
-            )
-        except HfHubHTTPError as e:
-            raise CheckpointError(f"pushing {checkpoint} to {repo_id} failed: {e}") from e
-    return str(getattr(info, "commit_url", info))
-
-
-def _feature_store(checkpoint: Path, clt: CrossLayerTranscoder):
-    """The feature store next to a checkpoint if it was built for this CLT (else None, with a
-    warning when it is another CLT's)."""
-    import sys
-
-    from .features.pipeline import default_store_dir
-    from .features.store import FeatureError, FeatureStore
-
-    d = default_store_dir(checkpoint)
-    if not (d / "manifest.json").exists():
-        return None
-    store = FeatureStore(d)
-    try:
-        store.check(clt)
-    except FeatureError as e:
-        print(f"warning: not pushing the feature cards: {e}", file=sys.stderr)
-        return None
-    return store
-
-
-def hub_download(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | None = None,
-) -> Path:
-    """Download a CLT from the Hub into the local cache (huggingface_hub's; offline mode and
-    `local_files_only` read only from it) and return its directory: native (`config.json` +
-    `model.safetensors`) or circuit-tracer (`config.yaml` + `W_enc_*`/`W_dec_*`)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    def get(name: str) -> Path:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                name,
-                subfolder=subfolder or None,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
-        )
-
-    where = f"{repo_id}" + (f"@{revision}" if revision else "") + (f"/{subfolder}" if subfolder else "")
-    try:
-        try:
-            get("model.safetensors")
-            return get("config.json").parent
-        except RemoteEntryNotFoundError:  # not native: circuit-tracer's layout
-            cfg = get("config.yaml")
-        n_layers = (yaml.safe_load(cfg.read_text()).get("clt") or {}).get("architecture", {}).get("n_layers")
-        layer = 0
-        while n_layers is None or layer < n_layers:
-            try:
-                get(f"W_enc_{layer}.safetensors")
-            except RemoteEntryNotFoundError:
-                if n_layers is None and layer > 0:
-                    break
-                raise
-            get(f"W_dec_{layer}.safetensors")
-            layer += 1
-        return cfg.parent
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(
-            f"no CLT at {where}: no such local directory, and no such Hub repo (or it needs "
-            "a token: HF_TOKEN)"
-        ) from e
-    except RevisionNotFoundError as e:
-        raise CheckpointError(f"no revision {revision!r} in {repo_id}") from e
-    except RemoteEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{where} holds no CLT (neither config.json + model.safetensors nor a circuit-tracer config.yaml)"
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{where}: no such local directory, and not in the local Hugging Face cache while the Hub cannot be "
-            f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}"
-        ) from e
-
-
-def looks_like_repo_id(name: str) -> bool:
-    """ "user/name" or "name", and not a path into a local directory (`runs/x` when `runs/` exists)."""
-    parts = str(name).split("/")
-    return (
-        len(parts) in (1, 2)
-        and all(parts)
-        and not str(name).startswith((".", "~"))
-        and not (len(parts) == 2 and Path(parts[0]).is_dir())
-    )
+    kind, d = checkpoint_format(p)
+    if kind == "circuit-tracer":
+        return import_circuit_tracer(d, device)
+    if kind == "sharded":
+        return load_sharded(d, device=device)
+    return load_native(d, device)

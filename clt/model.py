@@ -13,23 +13,18 @@ W_dec[s]: [F, L − s, d], so one active feature's rows for all later layers are
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import kernels
 from . import sparsity as act
 from .errors import CheckpointError  # noqa: F401 (re-exported)
-from .files import atomic_directory
 from .kernels.reference import sparse_matmul
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -113,11 +108,13 @@ class CrossLayerTranscoder(nn.Module):
         the smallest value it kept (`batchtopk_min_kept`, [L]) for its inference threshold."""
         kind, mesh = self.arch.activation, self.mesh
         if kind == "topk":
-            return mesh.topk(h, self.arch.k) if mesh is not None and mesh.shards else act.topk(h, self.arch.k)
+            return (
+                mesh.topk(h, self.arch.k) if mesh is not None and mesh.sharded else act.topk(h, self.arch.k)
+            )
         if kind == "batchtopk":
             if not self.training:
                 return act.threshold_relu(h, self.batchtopk_threshold[layers])
-            if mesh is not None and (mesh.shards or mesh.data):
+            if mesh is not None and (mesh.sharded or mesh.data_parallel):
                 a, self.batchtopk_min_kept = mesh.batchtopk(h, self.arch.k)
             else:
                 a, self.batchtopk_min_kept = act.batchtopk(h, self.arch.k)
@@ -213,73 +210,20 @@ class CrossLayerTranscoder(nn.Module):
         new.output_scale.fill_(1.0)
         return new
 
-    # -- native checkpoint -----------------------------------------------------------------------
+    # -- checkpoints: the formats live in clt/io.py; these are the usual names for its two calls --
     def save_pretrained(self, directory: str | os.PathLike, summary: dict | None = None) -> Path:
-        """Write `config.json` + `model.safetensors` atomically (temp dir, then rename)."""
-        directory = Path(directory)
-        with atomic_directory(directory) as tmp:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(tensors, tmp / "model.safetensors", metadata={"format": "clt"})
-            config = {
-                "format_version": FORMAT_VERSION,
-                "architecture": asdict(self.arch),
-                "normalisation": {
-                    "input_scale": self.input_scale.tolist(),
-                    "output_scale": self.output_scale.tolist(),
-                },
-                "summary": summary or {},
-            }
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        return directory
+        """Write the native checkpoint (`clt.io.save_native`)."""
+        from .io import save_native
+
+        return save_native(self, directory, summary)
 
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        *,
-        revision: str | None = None,
-        subfolder: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | None = None,
+        cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **hub
     ) -> CrossLayerTranscoder:
-        """A native checkpoint directory, or a Hub repo id ("user/name", downloaded through
-        huggingface_hub's cache: `revision`, `subfolder`, `cache_dir`, `local_files_only`; offline
-        mode (HF_HUB_OFFLINE=1) reads the cache only). A circuit-tracer layout is imported."""
-        directory = Path(name_or_path) / (subfolder or "")
-        circuit_tracer = (directory / "config.yaml").exists() and not (directory / "config.json").exists()
-        if (
-            not directory.exists() or circuit_tracer
-        ):  # a Hub repo or circuit-tracer's layout: the general loader
-            from .io import load_clt
+        """A CLT from any checkpoint `clt.io.load_clt` reads: a native or sharded dir, a run dir, a
+        circuit-tracer export, or a Hub repo id (`hub`: revision, subfolder, cache_dir,
+        local_files_only, token)."""
+        from .io import load_clt
 
-            return load_clt(
-                name_or_path,
-                device,
-                revision=revision,
-                subfolder=subfolder,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
-        cfg_path, weights = directory / "config.json", directory / "model.safetensors"
-        if not cfg_path.exists() or not weights.exists():
-            raise CheckpointError(
-                f"{directory} is not a CLT checkpoint: expected config.json and model.safetensors"
-            )
-        try:
-            config = json.loads(cfg_path.read_text())
-            arch = CLTArchitecture.from_saved(config["architecture"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"unreadable CLT config {cfg_path}: {e}") from e
-        try:
-            state = load_file(weights, device=str(device))
-        except Exception as e:
-            raise CheckpointError(f"unreadable CLT weights {weights}: {e}") from e
-        model = cls(arch).to(device)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"weights in {weights} do not match config.json: {e}") from e
-        return model
+        return load_clt(name_or_path, device, **hub)

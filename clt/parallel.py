@@ -47,22 +47,24 @@ class _SumShards(torch.autograd.Function):
         return grad, None
 
 
-def shard_range(n_features: int, rank: int, world: int) -> tuple[int, int]:
-    """Features [lo, hi) of shard `rank` of `world`: contiguous, equal slices."""
-    return rank * n_features // world, (rank + 1) * n_features // world
+def shard_range(n_features: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Features [lo, hi) of feature shard `shard` of `n_shards`: contiguous, equal slices."""
+    return shard * n_features // n_shards, (shard + 1) * n_features // n_shards
 
 
-def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTranscoder:
-    """The local shard (features [rank·F/W, (rank+1)·F/W) of every layer) of a full CLT."""
+def shard_clt(clt: CrossLayerTranscoder, shard: int, n_shards: int) -> CrossLayerTranscoder:
+    """Feature shard `shard` of `n_shards` (features [shard·F/S, (shard+1)·F/S) of every layer) of
+    a full CLT. Its architecture records {"rank": shard, "world": n_shards, "d_sae": F} under
+    extra["shard"] (the saved key names)."""
     F = clt.d_sae
-    if F % world:
-        raise ShardingError(f"clt.d_sae={F} is not divisible by the {world} feature shards")
-    lo, hi = shard_range(F, rank, world)
+    if F % n_shards:
+        raise ShardingError(f"clt.d_sae={F} is not divisible by the {n_shards} feature shards")
+    lo, hi = shard_range(F, shard, n_shards)
     arch = type(clt.arch)(
         **{
             **clt.arch.__dict__,
             "d_sae": hi - lo,
-            "extra": {**clt.arch.extra, "shard": {"rank": rank, "world": world, "d_sae": F}},
+            "extra": {**clt.arch.extra, "shard": {"rank": shard, "world": n_shards, "d_sae": F}},
         }
     )
     local = CrossLayerTranscoder(arch, decode=clt.decode_path).to(clt.W_enc.device)
@@ -75,14 +77,14 @@ def shard_clt(clt: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTra
 
 
 def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
-    """The full CLT from its shards, in rank order."""
+    """The full CLT from its feature shards, in order."""
     info = [s.arch.extra.get("shard") for s in shards]
     if (
         any(i is None for i in info)
         or [i["rank"] for i in info] != list(range(len(shards)))
         or any(i["world"] != len(shards) for i in info)
     ):
-        raise ShardingError(f"expected the {len(shards)} shards of one CLT in rank order, got {info}")
+        raise ShardingError(f"expected the {len(shards)} feature shards of one CLT in rank order, got {info}")
     extra = {k: v for k, v in shards[0].arch.extra.items() if k != "shard"}
     arch = type(shards[0].arch)(**{**shards[0].arch.__dict__, "d_sae": info[0]["d_sae"], "extra": extra})
     full = CrossLayerTranscoder(arch)
@@ -105,29 +107,36 @@ def shard_dim(name: str) -> int | None:
 
 
 class Parallel:
-    """Collectives of a training process on a (data × feature-shard) mesh.
+    """Collectives of a training process on a (data replicas × feature shards) mesh.
 
-    shard_group: the ranks holding the other feature shards of the same replica (None: unsharded).
-    data_group: the ranks holding the other data-parallel replicas of the same shard (None: one
-    replica). select_group: the ranks BatchTopK selects over (its batch spans the data replicas
-    and its features the shards): the world of the mesh. `Parallel()` is the single process."""
+    shard_group: the processes holding the other feature shards of the same replica.
+    data_group: the processes holding the same feature shard in the other data-parallel replicas.
+    select_group: the processes BatchTopK selects over (its batch spans the replicas and its
+    features the shards): every process of the mesh (None: the default group).
+    sharded / data_parallel: whether the features are split (over shard_group) and the batch is
+    (over data_group); n_shards / n_replicas: how many ways. `Parallel()` is the single process."""
 
     def __init__(
-        self, shard_group=None, data_group=None, select_group=None, shards: bool = False, data: bool = False
+        self,
+        shard_group=None,
+        data_group=None,
+        select_group=None,
+        sharded: bool = False,
+        data_parallel: bool = False,
     ):
         self.shard_group, self.data_group, self.select_group = shard_group, data_group, select_group
-        self.shards, self.data = shards, data
-        self.world = dist.get_world_size(shard_group) if shards else 1  # feature shards
-        self.replicas = dist.get_world_size(data_group) if data else 1
+        self.sharded, self.data_parallel = sharded, data_parallel
+        self.n_shards = dist.get_world_size(shard_group) if sharded else 1
+        self.n_replicas = dist.get_world_size(data_group) if data_parallel else 1
 
     # -- reductions over the feature shards ------------------------------------------------------
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over shards of a per-shard partial (differentiable; gradient passes through)."""
-        return _SumShards.apply(t, self.shard_group) if self.shards else t
+        return _SumShards.apply(t, self.shard_group) if self.sharded else t
 
     def any(self, t: torch.Tensor) -> bool:
         """Whether any shard has a True (every rank takes the same branch)."""
-        if not self.shards:
+        if not self.sharded:
             return bool(t.any())
         flag = t.any().to(torch.int32).reshape(1)
         dist.all_reduce(flag, group=self.shard_group)
@@ -142,13 +151,13 @@ class Parallel:
     def kth_largest(self, v: torch.Tensor, k: int) -> torch.Tensor:
         """v: [..., m] local values -> the k-th largest over all shards' values: [...]."""
         cand = v.topk(min(k, v.shape[-1]), dim=-1).values
-        allc = self._gather_cat(cand, self.shard_group) if self.shards else cand
+        allc = self._gather_cat(cand, self.shard_group) if self.sharded else cand
         return allc.topk(min(k, allc.shape[-1]), dim=-1).values[..., -1]
 
     # -- reductions over the data replicas (statistics of the global batch; no gradient) ---------
     @torch.no_grad()
     def data_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.data:
+        if self.data_parallel:
             t = t.clone()
             dist.all_reduce(t, group=self.data_group)
         return t
@@ -156,7 +165,7 @@ class Parallel:
     @torch.no_grad()
     def batch_sst(self, y: torch.Tensor) -> torch.Tensor:
         """y: [N, L, d] local -> [L]: E‖y − E y‖² over the global batch (two passes: exact)."""
-        if not self.data:
+        if not self.data_parallel:
             return (y - y.mean(0)).pow(2).sum(-1).mean(0)
         n = self.data_sum(torch.tensor(float(y.shape[0]), device=y.device))
         mean = self.data_sum(y.sum(0)) / n
@@ -164,7 +173,7 @@ class Parallel:
 
     def data_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean over replicas of a per-replica mean (equal local batches)."""
-        return self.data_sum(t.detach()) / self.replicas if self.data else t
+        return self.data_sum(t.detach()) / self.n_replicas if self.data_parallel else t
 
     # -- global selection over the shards (and, for BatchTopK, the data replicas) ----------------
     def topk(self, h: torch.Tensor, k: int) -> torch.Tensor:
@@ -177,7 +186,7 @@ class Parallel:
         positive value kept per layer: [L])."""
         n, n_layers, f = h.shape
         flat = h.detach().transpose(0, 1).reshape(n_layers, n * f)
-        k = k * n * self.replicas  # k per token of the global batch
+        k = k * n * self.n_replicas  # k per token of the global batch
         top = flat.topk(min(k, flat.shape[-1]), dim=-1).values
         with torch.no_grad():
             kept = self._gather_cat(top, self.select_group).topk(k, dim=-1).values  # global k·N largest
@@ -187,7 +196,7 @@ class Parallel:
         return (h * (h >= t[None, :, None]).to(h.dtype)).relu(), min_kept
 
     def auxk_activations(self, h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-        if not self.shards:
+        if not self.sharded:
             return losses.auxk_activations(h, dead, k_aux)
         k = min(k_aux, int(self.sum(dead.sum(-1)).max()))
         masked = h.masked_fill(~dead, torch.finfo(h.dtype).min)
@@ -217,103 +226,57 @@ class Parallel:
         return total
 
 
-__all__ = ["Parallel", "ShardingError", "load_sharded", "save_sharded", "shard_clt", "unshard_clt"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharded native checkpoints: one native checkpoint per shard, loadable into any world size
-
-
-def shard_dir(directory, rank: int, world: int):
-    return Path(directory) / f"shard-{rank:03d}-of-{world:03d}"
-
-
-def save_sharded(local: CrossLayerTranscoder, directory, summary: dict | None = None):
-    """Each rank writes its own shard (atomically) under `directory`."""
-    info = local.arch.extra.get("shard")
-    if info is None:
-        raise ShardingError("save_sharded needs a shard made by shard_clt")
-    return local.save_pretrained(shard_dir(directory, info["rank"], info["world"]), summary=summary)
-
-
-def is_sharded(directory) -> bool:
-    return any(Path(directory).glob("shard-*-of-*"))
-
-
-def load_sharded(
-    directory, rank: int | None = None, world: int | None = None, device: str | torch.device = "cpu"
-) -> CrossLayerTranscoder:
-    """The full CLT from a sharded checkpoint (rank=None), or its shard `rank` of `world` for any
-    world size dividing the feature count."""
-    found = sorted(Path(directory).glob("shard-*-of-*"))
-    worlds = {int(p.name.split("-of-")[1]) for p in found}
-    if len(worlds) != 1:
-        raise ShardingError(
-            f"{directory}: expected the shards of one sharding, found {[p.name for p in found]}"
-        )
-    saved_world = worlds.pop()
-    missing = [r for r in range(saved_world) if not shard_dir(directory, r, saved_world).exists()]
-    if missing:
-        raise ShardingError(f"{directory}: shards {missing} of {saved_world} are missing")
-    full = unshard_clt(
-        [
-            CrossLayerTranscoder.from_pretrained(shard_dir(directory, r, saved_world), device)
-            for r in range(saved_world)
-        ]
-    )
-    if rank is None:
-        return full
-    return shard_clt(full, rank, world or 1)
+__all__ = ["Parallel", "ShardingError", "shard_clt", "unshard_clt"]
 
 
 # ---------------------------------------------------------------------------------------------
 # The mesh, and the sharded Lightning training state (the strategies using them: clt/training.py)
 
 
-def mesh_shape(world: int, feature_shards: int, d_sae: int, batch_tokens: int) -> tuple[int, int]:
-    """(replicas, shards) of a world of `world` processes; clear errors when they do not fit."""
-    if world % feature_shards:
+def mesh_shape(world_size: int, n_shards: int, d_sae: int, batch_tokens: int) -> tuple[int, int]:
+    """(n_replicas, n_shards) of a mesh of `world_size` processes; clear errors when they do not fit."""
+    if world_size % n_shards:
         raise ShardingError(
-            f"{feature_shards} feature shards do not divide the {world} processes "
+            f"{n_shards} feature shards do not divide the {world_size} processes "
             "(trainer.devices × trainer.num_nodes); set clt.feature_shards to a divisor"
         )
-    if d_sae % feature_shards:
+    if d_sae % n_shards:
         raise ShardingError(
-            f"clt.d_sae={d_sae} is not divisible by the {feature_shards} feature shards "
-            f"(world size {world}); choose d_sae or clt.feature_shards so that it is"
+            f"clt.d_sae={d_sae} is not divisible by the {n_shards} feature shards "
+            f"(world size {world_size}); choose d_sae or clt.feature_shards so that it is"
         )
-    replicas = world // feature_shards
-    if batch_tokens % replicas:
+    n_replicas = world_size // n_shards
+    if batch_tokens % n_replicas:
         raise ShardingError(
             f"trainer.batch_tokens={batch_tokens} (the global batch) is not divisible by "
-            f"the {replicas} data-parallel replicas"
+            f"the {n_replicas} data-parallel replicas"
         )
-    return replicas, feature_shards
+    return n_replicas, n_shards
 
 
-def build_mesh(world: int, rank: int, shards: int) -> tuple[Parallel, int, int]:
-    """Process groups of the (replicas × shards) mesh, rank = replica · shards + shard (the shards of
-    a replica are neighbours: on one node with NVLink). Every rank creates every group, in the same
-    order. Returns (Parallel, replica, shard)."""
-    replicas = world // shards
-    shard_groups = [dist.new_group(list(range(r * shards, (r + 1) * shards))) for r in range(replicas)]
-    data_groups = [dist.new_group(list(range(s, world, shards))) for s in range(shards)]
-    replica, shard = divmod(rank, shards)
-    fp = Parallel(
+def build_mesh(world_size: int, rank: int, n_shards: int) -> tuple[Parallel, int, int]:
+    """Process groups of the (n_replicas × n_shards) mesh, rank = replica · n_shards + shard (the
+    shards of a replica are neighbours: on one node with NVLink). Every process creates every group,
+    in the same order. Returns (Parallel, replica, shard)."""
+    n_replicas = world_size // n_shards
+    shard_groups = [dist.new_group(list(range(r * n_shards, (r + 1) * n_shards))) for r in range(n_replicas)]
+    data_groups = [dist.new_group(list(range(s, world_size, n_shards))) for s in range(n_shards)]
+    replica, shard = divmod(rank, n_shards)
+    mesh = Parallel(
         shard_group=shard_groups[replica],
         data_group=data_groups[shard],
         select_group=None,
-        shards=shards > 1,
-        data=replicas > 1,
+        sharded=n_shards > 1,
+        data_parallel=n_replicas > 1,
     )
-    return fp, replica, shard
+    return mesh, replica, shard
 
 
-def remove_other_shardings(paths, world: int) -> None:
-    """Delete the shard files or directories (named `…-of-WWW…`) not written by `world` shards:
-    those of an earlier mesh, superseded by a newer save (world=1: every shard)."""
+def remove_other_shardings(paths, n_shards: int) -> None:
+    """Delete the shard files or directories (named `…-of-NNN…`) not written by `n_shards` shards:
+    those of an earlier mesh, superseded by a newer save (n_shards=1: every shard)."""
     for p in paths:
-        if int(re.search(r"-of-(\d+)", p.name).group(1)) == world:
+        if int(re.search(r"-of-(\d+)", p.name).group(1)) == n_shards:
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -321,9 +284,10 @@ def remove_other_shardings(paths, world: int) -> None:
             p.unlink(missing_ok=True)
 
 
-def shard_checkpoint(path, rank: int, world: int):
+def shard_checkpoint(path, shard: int, n_shards: int):
+    """The Lightning checkpoint file of feature shard `shard` of `n_shards`."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.shard-{rank:03d}-of-{world:03d}{path.suffix}")
+    return path.with_name(f"{path.stem}.shard-{shard:03d}-of-{n_shards:03d}{path.suffix}")
 
 
 def _training_dim(key: str) -> int | None:
@@ -333,32 +297,35 @@ def _training_dim(key: str) -> int | None:
     return shard_dim(key[4:]) if key.startswith("clt.") else None
 
 
-def load_training_state(ckpt: dict, path, param_names: list[str], rank: int, world: int) -> dict:
-    """A Lightning checkpoint (or the index of a sharded one) -> the training state of shard `rank`
-    of `world`: module state, optimizer moments and dead-feature counters re-sharded when the
-    checkpoint was written by another mesh. `param_names`: the optimizer's parameters in order."""
+def load_training_state(ckpt: dict, path, param_names: list[str], shard: int, n_shards: int) -> dict:
+    """A Lightning checkpoint (or the index of a sharded one) -> the training state of feature
+    shard `shard` of `n_shards`: module state, optimizer moments and dead-feature counters
+    re-sharded when the checkpoint was written by another mesh. `param_names`: the optimizer's
+    parameters in order."""
     saved = int(ckpt.get("clt_feature_shards", 1))
-    if saved == world:
-        return ckpt if world == 1 else _read_shard(path, rank, world, ckpt)
+    if saved == n_shards:
+        return ckpt if n_shards == 1 else _read_shard(path, shard, n_shards, ckpt)
     full = (
         ckpt
         if saved == 1
         else _concat_states([_read_shard(path, r, saved, ckpt) for r in range(saved)], param_names)
     )
-    return _slice_state(full, param_names, rank, world)
+    return _slice_state(full, param_names, shard, n_shards)
 
 
-def _read_shard(path, rank: int, world: int, index: dict) -> dict:
-    f = shard_checkpoint(path, rank, world)
+def _read_shard(path, shard: int, n_shards: int, index: dict) -> dict:
+    """Feature shard `shard`'s checkpoint file; its "clt_shard" entry is {"rank": shard, "world":
+    n_shards} (the saved key names)."""
+    f = shard_checkpoint(path, shard, n_shards)
     if not f.exists():
-        raise ShardingError(f"{path} was written by {world} feature shards but {f.name} is missing")
+        raise ShardingError(f"{path} was written by {n_shards} feature shards but {f.name} is missing")
     part = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     if part.get("global_step") != index.get("global_step") or part.get("clt_shard") != {
-        "rank": rank,
-        "world": world,
+        "rank": shard,
+        "world": n_shards,
     }:
         raise ShardingError(
-            f"{f} is not shard {rank} of {world} at step {index.get('global_step')} "
+            f"{f} is not shard {shard} of {n_shards} at step {index.get('global_step')} "
             f"(found {part.get('clt_shard')} at step {part.get('global_step')}): "
             "the checkpoint's shards come from different saves or meshes"
         )
@@ -404,14 +371,14 @@ def _concat_states(parts: list[dict], param_names: list[str]) -> dict:
     )
 
 
-def _slice_state(full: dict, param_names: list[str], rank: int, world: int) -> dict:
+def _slice_state(full: dict, param_names: list[str], shard: int, n_shards: int) -> dict:
     def cut(key, dim, v):
         n = v.shape[dim]
-        if n % world:
+        if n % n_shards:
             raise ShardingError(
-                f"the checkpoint's {n} features per layer are not divisible by {world} shards"
+                f"the checkpoint's {n} features per layer are not divisible by {n_shards} shards"
             )
-        lo, hi = shard_range(n, rank, world)
+        lo, hi = shard_range(n, shard, n_shards)
         return v.narrow(dim, lo, hi - lo).clone()
 
     return _map_training_tensors(full, param_names, cut)

@@ -1,4 +1,4 @@
-"""Activation cache (clt/data/shards.py, python -m clt.cache): same batches as online generation,
+"""Activation cache (clt/data/activation_cache.py, python -m clt.cache): same batches as online generation,
 resumable and splittable generation, global shuffle, checksums, bad input."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from conftest import REPO, tiny_overrides, train_cli
 
 from clt.config import CacheConfig, CacheJobConfig, DataConfig, ModelConfig
 from clt.data import ActivationSource, TextPosition, WindowStream
-from clt.data import shards as cache_mod
-from clt.data.shards import CachedActivations, CacheError, finalize, generate, shard_ok, shard_path
+from clt.data import activation_cache as cache_mod
+from clt.data.activation_cache import CachedActivations, CacheError, finalize, generate, shard_ok, shard_path
 
 DATA = DataConfig(context_size=32, batch_windows=8, buffer_tokens=1024, eval_docs=2, eval_windows=4)
 TOKENS, SHARD = 6000, 1000  # 31 tokens per window: 194 windows in 6 shards of 33 windows
@@ -141,8 +141,8 @@ def test_global_order_visits_every_token_once_per_pass(cache_dir, subject, model
     assert all(torch.equal(a[0], b[0]) for a, b in zip(take(src.batches(pos), 3), first[5:8]))
     r0 = reader(cache_dir, subject, model_cfg, batch=100)
     r1 = reader(cache_dir, subject, model_cfg, batch=100)
-    r0.shard_data(0, 2, 100)
-    r1.shard_data(1, 2, 100)
+    r0.split_for_replica(0, 2, 100)
+    r1.split_for_replica(1, 2, 100)
     for (a, _, _), (b, _, _), (g, _, _) in zip(take(r0.batches(), 3), take(r1.batches(), 3), first[:3]):
         assert torch.equal(torch.cat([a, b]), g)
 

@@ -120,7 +120,7 @@ def test_data_parallel_shards_split_the_training_documents(tmp_path, tokenizer):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
     cfg = small_cfg(dataset=str(tmp_path / "c.jsonl"), eval_docs=3, context_size=8)
     full = WindowStream(cfg, tokenizer)
-    shards = [WindowStream(cfg, tokenizer, shard=(r, 2)) for r in range(2)]
+    shards = [WindowStream(cfg, tokenizer, replica=(r, 2)) for r in range(2)]
     assert all(torch.equal(s.eval_windows(), full.eval_windows()) for s in shards)
     seen = [list(s._train_docs(0)) for s in shards]
     assert not set(seen[0]) & set(seen[1])
@@ -129,5 +129,5 @@ def test_data_parallel_shards_split_the_training_documents(tmp_path, tokenizer):
     seq = [next(it) for _ in range(30)]
     again = shards[1].windows(seq[11][1])
     assert all(torch.equal(next(again)[0], w) for w, _ in seq[12:])
-    with pytest.raises(DataError, match="shard 2 of 2"):
-        WindowStream(cfg, tokenizer, shard=(2, 2))
+    with pytest.raises(DataError, match="replica 2 of 2"):
+        WindowStream(cfg, tokenizer, replica=(2, 2))

@@ -22,7 +22,7 @@ import torch
 from conftest import REPO
 
 from clt.config import DataConfig, FeaturesConfig, FeaturesJobConfig, ModelConfig
-from clt.data.shards import finalize, make_plan, write_or_check_plan, write_shard
+from clt.data.activation_cache import finalize, make_plan, write_or_check_plan, write_shard
 from clt.features import FeatureError, FeatureStore
 from clt.features.accumulate import CardAccumulator, SlotBuffer
 from clt.features.pipeline import compute_store
@@ -309,7 +309,7 @@ def real(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from clt.config import CacheConfig, CacheJobConfig
-    from clt.data.shards import generate
+    from clt.data.activation_cache import generate
     from clt.subject import load_subject
 
     root = tmp_path_factory.mktemp("real")
@@ -352,7 +352,7 @@ def real(tmp_path_factory, tiny_model_dir):
 
 
 def test_reencoding_the_cached_input_at_a_peak_reproduces_it(real):
-    from clt.data.shards import CachedActivations
+    from clt.data.activation_cache import CachedActivations
 
     reader = CachedActivations(None, replace(real.data, cache=str(real.cache)), 1)
     per, sw = reader.per, reader.sw
@@ -524,7 +524,7 @@ def test_store_of_another_clt_is_refused(tmp_path, setup):
 def test_cache_of_another_model_is_refused(tmp_path, setup):
     clt = identity_clt("someone/else")
     clt.save_pretrained(tmp_path / "clt")
-    from clt.data.shards import CacheError
+    from clt.data.activation_cache import CacheError
 
     with pytest.raises(CacheError, match="subject model"):
         compute_store(

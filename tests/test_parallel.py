@@ -51,8 +51,8 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
         lo, hi = rank * F // world, (rank + 1) * F // world
         sharded.clt = shard_clt(sharded.clt, rank, world)
         sharded.tokens_since_fired = sharded.tokens_since_fired[:, lo:hi].clone()
-        sharded.fp = Parallel(shards=True, select_group=None)
-        sharded.clt.mesh = sharded.fp
+        sharded.mesh = Parallel(sharded=True, select_group=None)
+        sharded.clt.mesh = sharded.mesh
         sharded.train()
         loss, logs = sharded.loss(x, y)
         loss.backward()
@@ -114,8 +114,7 @@ def test_shards_reassemble_and_bad_divisor_is_an_error():
 
 
 def test_sharded_checkpoint_loads_into_any_world_size_and_one_process(tmp_path):
-    from clt.io import load_clt
-    from clt.parallel import load_sharded, save_sharded
+    from clt.io import load_clt, load_sharded, save_sharded
 
     full = module("topk").clt.eval()
     for r in range(4):
@@ -144,8 +143,8 @@ def _dp_worker(rank: int, world: int, init: str, activation: str, steps: int) ->
     try:
         torch.set_num_threads(1)
         ref, dp = module(activation), module(activation)
-        dp.fp = Parallel(data=True)
-        dp.clt.mesh = dp.fp
+        dp.mesh = Parallel(data_parallel=True)
+        dp.clt.mesh = dp.mesh
         for m in (ref, dp):
             m.cfg.clt.dead_after_tokens = 200  # some features die and revive during the run
             m.train()

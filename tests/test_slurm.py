@@ -267,7 +267,9 @@ def test_cache_generation_as_a_job_array(slurm, tiny_model_dir, tmp_path):
         text=True,
     )
     assert single.returncode == 0, single.stderr[-2000:]
-    from clt.data.shards import read_manifest  # (merges, should both tasks have finished at the same instant)
+    from clt.data.activation_cache import (
+        read_manifest,  # (merges, should both tasks have finished at the same instant)
+    )
 
     manifests = [read_manifest(tmp_path / d) for d in ("array", "single")]
     assert manifests[0] == manifests[1] and manifests[0]["n_shards"] == 4

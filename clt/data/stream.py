@@ -52,11 +52,11 @@ class ActivationSource:
         cfg: DataConfig,
         batch_tokens: int,
         seed: int = 0,
-        shard: tuple[int, int] = (0, 1),
+        replica: tuple[int, int] = (0, 1),
     ):
         self.subject, self.cfg = subject, cfg
         self.batch_tokens, self.seed = batch_tokens, seed
-        self.text = WindowStream(cfg, subject.tokenizer, shard)  # shard: (replica, replicas)
+        self.text = WindowStream(cfg, subject.tokenizer, replica)  # (replica, n_replicas)
         self.dtype = getattr(torch, cfg.buffer_dtype)
 
     def activations(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +89,11 @@ class ActivationSource:
         x, y, _ = self._generate(self.text.windows(TextPosition()), n)
         return x, y
 
-    def shard_data(self, replica: int, replicas: int, global_batch: int) -> None:
-        """Data-parallel replica `replica` of `replicas`: its own share of the text documents and
+    def split_for_replica(self, replica: int, n_replicas: int, global_batch: int) -> None:
+        """Data-parallel replica `replica` of `n_replicas`: its own share of the text documents and
         its share of the global batch."""
-        self.text.shard = (replica, replicas)
-        self.batch_tokens = global_batch // replicas
+        self.text.replica = (replica, n_replicas)
+        self.batch_tokens = global_batch // n_replicas
 
     def eval_windows(self) -> torch.Tensor:
         return self.text.eval_windows()

@@ -108,15 +108,15 @@ class WindowStream:
     """Documents -> packed token windows [T] = [BOS, t_1 … t_{T−1}]; documents joined by EOS.
 
     The first `eval_docs` documents are held out for evaluation (`eval_windows`); training windows
-    start after them and wrap around the corpus forever (epoch += 1). `shard=(i, n)`: data-parallel
+    start after them and wrap around the corpus forever (epoch += 1). `replica=(i, n)`: data-parallel
     replica i of n reads a disjoint share of the training documents
     (`datasets.distributed.split_dataset_by_node`); positions then count that share's documents."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, cfg: DataConfig, tokenizer, replica: tuple[int, int] = (0, 1)):
         self.cfg = cfg
-        if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-            raise DataError(f"data shard {shard[0]} of {shard[1]} does not exist")
-        self.shard = shard
+        if not (replica[1] >= 1 and 0 <= replica[0] < replica[1]):
+            raise DataError(f"data-parallel replica {replica[0]} of {replica[1]} does not exist")
+        self.replica = replica
         self.tok = tokenizer
         self.ds, self.column = load_text_dataset(cfg)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -132,15 +132,15 @@ class WindowStream:
                 yield text
 
     def _train_docs(self, skip: int, offset: int = 0) -> Iterator[str]:
-        """Training documents of this shard (of the stream after `offset` training documents),
+        """Training documents of this replica's share (of the stream after `offset` training documents),
         after the first `skip` of them."""
-        if self.shard[1] == 1:
+        if self.replica[1] == 1:
             yield from self._docs(self.cfg.eval_docs + offset + skip)
             return
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(
-            self.ds.skip(self.cfg.eval_docs + offset), rank=self.shard[0], world_size=self.shard[1]
+            self.ds.skip(self.cfg.eval_docs + offset), rank=self.replica[0], world_size=self.replica[1]
         )
         for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars)):
             if i >= skip:

@@ -86,7 +86,7 @@ class CacheSource:
     """Windows of an activation cache (python -m clt.cache): no subject forward pass."""
 
     def __init__(self, data: DataConfig, model: ModelConfig, clt: CrossLayerTranscoder):
-        from ..data.shards import CachedActivations, CacheError, check_compatible
+        from ..data.activation_cache import CachedActivations, CacheError, check_compatible
 
         self.reader = CachedActivations(None, data, 1)
         m = self.reader.manifest
@@ -626,7 +626,7 @@ def compute_store(
     """Run this task's pass and, once every task's is done, write the store. `features`: cards
     for these features only (merged into an existing store). Returns the store, or None while
     other tasks are still running."""
-    from ..data.shards import array_task
+    from ..data.activation_cache import array_task
     from ..subject import load_subject
 
     f = job.features

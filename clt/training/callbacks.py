@@ -10,11 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from ..io import save_sharded
 from ..metrics import spliced_eval
-from ..parallel import (
-    remove_other_shardings,
-    save_sharded,
-)
+from ..parallel import remove_other_shardings
 from .module import CLTModule
 
 
@@ -103,19 +101,19 @@ class Checkpoints(L.Callback):
             "step": trainer.global_step,
             "tokens": trainer.global_step * module.cfg.trainer.batch_tokens,
         }
-        if module.fp.shards:
+        if module.mesh.sharded:
             if module.replica == 0:
                 save_sharded(module.clt, self.native, summary=summary)
             trainer.strategy.barrier("clt_native_shards")
         elif trainer.is_global_zero:
             module.clt.save_pretrained(self.native, summary=summary)
         if trainer.is_global_zero:  # what an earlier mesh (or an unsharded run) wrote is superseded
-            world = module.fp.world
+            n_shards = module.mesh.n_shards
             remove_other_shardings(
-                self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), world
+                self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), n_shards
             )
-            remove_other_shardings(self.native.glob("shard-*-of-*"), world)
-            if module.fp.shards:
+            remove_other_shardings(self.native.glob("shard-*-of-*"), n_shards)
+            if module.mesh.sharded:
                 for name in ("config.json", "model.safetensors"):
                     (self.native / name).unlink(missing_ok=True)
         self.saved_step = trainer.global_step

@@ -30,7 +30,9 @@ class CLTModule(L.LightningModule):
         self.clt = CrossLayerTranscoder(arch, cfg.clt.threshold_init, decode=cfg.clt.decode)
         # tokens since each feature last fired (dead-feature tracking), part of the training state
         self.register_buffer("tokens_since_fired", torch.zeros(arch.n_layers, arch.d_sae, dtype=torch.long))
-        self.fp = Parallel()  # collectives of the (data × feature-shard) mesh; none by default
+        self.mesh = (
+            Parallel()
+        )  # collectives of the (data replicas × feature shards) mesh; one process by default
         self.replica = 0  # this process's data-parallel replica
         self.data_position: dict | None = None  # position after the last batch trained on
         self.restored_position: dict | None = None  # position read from a checkpoint
@@ -41,15 +43,15 @@ class CLTModule(L.LightningModule):
         CLT (initialised identically on every rank) and route selection and decode through the
         mesh's collectives. Runs before the optimizer is built and before a checkpoint is restored."""
         strategy = self.trainer.strategy
-        fp = getattr(strategy, "parallel", None)
-        if fp is None:
+        mesh = getattr(strategy, "parallel", None)
+        if mesh is None:
             return
-        self.fp, self.replica = fp, strategy.replica
-        if fp.shards:
-            lo, hi = shard_range(self.clt.d_sae, strategy.shard, fp.world)
-            self.clt = shard_clt(self.clt, strategy.shard, fp.world)
+        self.mesh, self.replica = mesh, strategy.replica
+        if mesh.sharded:
+            lo, hi = shard_range(self.clt.d_sae, strategy.shard, mesh.n_shards)
+            self.clt = shard_clt(self.clt, strategy.shard, mesh.n_shards)
             self.tokens_since_fired = self.tokens_since_fired[:, lo:hi].clone()
-        self.clt.mesh = fp  # the CLT calls the mesh's collectives for selection and decode
+        self.clt.mesh = mesh  # the CLT calls the mesh's collectives for selection and decode
 
     # -- initialisation from data (docs/DESIGN.md §1) -------------------------------------------------
     @torch.no_grad()
@@ -82,12 +84,12 @@ class CLTModule(L.LightningModule):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x, y: [N, L, d] -> (total loss, metrics). Also advances the dead-feature counters and
         the BatchTopK inference threshold."""
-        c, clt, fp = self.cfg.clt, self.clt, self.fp
+        c, clt, mesh = self.cfg.clt, self.clt, self.mesh
         lam = c.sparsity_coeff * losses.ramp(
             self.global_step, self.cfg.trainer.max_steps, c.sparsity_warmup_frac
         )
         dead = self.tokens_since_fired >= c.dead_after_tokens  # [L, F]
-        t = losses.clt_loss(clt, x, y, c, lam, dead, fp)
+        t = losses.clt_loss(clt, x, y, c, lam, dead, mesh)
         a, sse, sst = t.a, t.sse, t.sst
         logs = {"losses/mse": t.mse}
         if t.sparsity is not None:
@@ -95,28 +97,28 @@ class CLTModule(L.LightningModule):
         if t.auxk is not None:
             logs["losses/auxk"] = t.auxk
         logs["losses/total"] = t.total
-        if fp.data:  # logged losses: means over the global batch (the returned total stays local)
-            logs = {k: fp.data_mean(v) if k.startswith("losses/") else v for k, v in logs.items()}
+        if mesh.data_parallel:  # logged losses: means over the global batch (the returned total stays local)
+            logs = {k: mesh.data_mean(v) if k.startswith("losses/") else v for k, v in logs.items()}
 
         with torch.no_grad():
-            fired = self.fp.data_sum((a != 0).any(0).to(torch.int32)) > 0  # anywhere in the global batch
-            self.tokens_since_fired.add_(x.shape[0] * self.fp.replicas).masked_fill_(fired, 0)
+            fired = self.mesh.data_sum((a != 0).any(0).to(torch.int32)) > 0  # anywhere in the global batch
+            self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(fired, 0)
             if c.activation == "batchtopk":
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
-            sse = self.fp.data_mean(sse)
-            fvu, l0 = fvu_per_layer(sse, sst), self.fp.data_mean(self.fp.sum(l0_per_layer(a)))
+            sse = self.mesh.data_mean(sse)
+            fvu, l0 = fvu_per_layer(sse, sst), self.mesh.data_mean(self.mesh.sum(l0_per_layer(a)))
             logs |= {
                 "metrics/fvu": sse.sum() / sst.sum().clamp_min(1e-12),
                 "metrics/l0": l0.mean(),
-                "sparsity/dead_fraction": self.fp.sum(dead.float().mean()) / self.fp.world,
+                "sparsity/dead_fraction": self.mesh.sum(dead.float().mean()) / self.mesh.n_shards,
             }
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
         return t.total, logs
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.fp.shards and gradient_clip_val:  # the norm of the whole CLT, over the shards
-            self.fp.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
+        if self.mesh.sharded and gradient_clip_val:  # the norm of the whole CLT, over the shards
+            self.mesh.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -124,7 +126,7 @@ class CLTModule(L.LightningModule):
         with torch.no_grad():
             steps_tokens = self.trainer.global_step * self.cfg.trainer.batch_tokens
             silent = self.tokens_since_fired >= min(self.cfg.clt.dead_after_tokens, steps_tokens)
-            self.silent_fraction = (self.fp.sum(silent.float().mean()) / self.fp.world).item()
+            self.silent_fraction = (self.mesh.sum(silent.float().mean()) / self.mesh.n_shards).item()
 
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
@@ -146,16 +148,16 @@ class CLTModule(L.LightningModule):
     # -- exact resume: data position and RNG travel with Lightning's checkpoint --------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         positions = [self.data_position]
-        if self.fp.data:  # every replica's position: each streams its own share of the text
-            positions = [None] * self.fp.replicas
-            torch.distributed.all_gather_object(positions, self.data_position, group=self.fp.data_group)
+        if self.mesh.data_parallel:  # every replica's position: each streams its own share of the text
+            positions = [None] * self.mesh.n_replicas
+            torch.distributed.all_gather_object(positions, self.data_position, group=self.mesh.data_group)
         checkpoint["clt_data_positions"] = positions
         checkpoint["clt_rng"] = torch.get_rng_state()
         checkpoint["clt_config"] = self.cfg.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         positions = checkpoint.get("clt_data_positions", [checkpoint.get("clt_data_position")])
-        self.restored_position = resume_position(positions, self.fp.replicas, self.replica)
+        self.restored_position = resume_position(positions, self.mesh.n_replicas, self.replica)
         if "clt_rng" in checkpoint:
             torch.set_rng_state(checkpoint["clt_rng"])
 

@@ -37,9 +37,9 @@ class ActivationDataModule(L.LightningDataModule):
     def train_dataloader(self):
         # each data-parallel replica streams its own share of the text and the global batch is
         # split between them (the ranks of one replica's feature shards read the same batches)
-        fp, replica = self.module.fp, self.module.replica
-        if fp.data:
-            self.source.shard_data(replica, fp.replicas, self.module.cfg.trainer.batch_tokens)
+        mesh, replica = self.module.mesh, self.module.replica
+        if mesh.data_parallel:
+            self.source.split_for_replica(replica, mesh.n_replicas, self.module.cfg.trainer.batch_tokens)
         # batch_size=None: the source already yields whole batches; generation runs in-process
         return DataLoader(_Batches(self.source, self.module), batch_size=None, num_workers=0)
 
@@ -144,13 +144,13 @@ def run(cfg: TrainConfig) -> dict:
     report = {"run_dir": str(run_dir)}
     if cfg.report:
         clt = module.clt
-        if module.fp.shards:  # the report needs the whole CLT: reassemble it from the saved shards
+        if module.mesh.sharded:  # the report needs the whole CLT: reassemble it from the saved shards
             from ..io import load_clt
 
             clt = load_clt(run_dir / "clt", device=strategy.root_device)
         report = final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
     if cfg.hub.repo_id:  # the native CLT, its circuit-tracer export and a model card with the report
-        from ..io import push_to_hub
+        from ..push import push_to_hub
 
         report["hub"] = push_to_hub(
             run_dir, cfg.hub.repo_id, revision=cfg.hub.revision, private=cfg.hub.private
@@ -164,7 +164,7 @@ def make_source(cfg: TrainConfig, subject):
     text settings then replace the run's (so config.json records what was trained on)."""
     if not cfg.data.cache:
         return ActivationSource(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed)
-    from ..data.shards import CachedActivations
+    from ..data.activation_cache import CachedActivations
 
     source = CachedActivations(subject, cfg.data, cfg.trainer.batch_tokens, cfg.seed, cfg.model)
     for k, v in source.text_config().items():

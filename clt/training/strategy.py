@@ -42,24 +42,24 @@ class CLTStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         if self.feature_shards == 1:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path, world = Path(filepath), self.feature_shards
+        path, n_shards = Path(filepath), self.feature_shards
         if self.replica == 0:
-            own = {**checkpoint, "clt_shard": {"rank": self.shard, "world": world}}
-            self.checkpoint_io.save_checkpoint(own, shard_checkpoint(path, self.shard, world))
+            own = {**checkpoint, "clt_shard": {"rank": self.shard, "world": n_shards}}
+            self.checkpoint_io.save_checkpoint(own, shard_checkpoint(path, self.shard, n_shards))
         self.barrier("clt_shards_saved")  # the index is written last: it points at complete shards
         if self.global_rank == 0:
             keep = ("epoch", "global_step", "pytorch-lightning_version", "clt_config")
             index = {k: checkpoint[k] for k in keep if k in checkpoint}
-            self.checkpoint_io.save_checkpoint({**index, "clt_feature_shards": world}, path)
+            self.checkpoint_io.save_checkpoint({**index, "clt_feature_shards": n_shards}, path)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         return _load_for(self, checkpoint_path, self.shard, self.feature_shards, weights_only)
 
 
-def _load_for(strategy, path, shard: int, shards: int, weights_only=None) -> dict:
+def _load_for(strategy, path, shard: int, n_shards: int, weights_only=None) -> dict:
     ckpt = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
     names = [f"clt.{n}" for n, _ in strategy.lightning_module.clt.named_parameters()]
-    return load_training_state(ckpt, path, names, shard, shards)
+    return load_training_state(ckpt, path, names, shard, n_shards)
 
 
 class CLTSingleDevice(SingleDeviceStrategy):

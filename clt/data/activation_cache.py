@@ -435,7 +435,7 @@ class CachedActivations:
         if model is not None:
             check_compatible(m, model, subject, str(self.root))
         self.subject, self.cfg, self.seed = subject, cfg, seed
-        self.batch_tokens, self.replica, self.replicas = batch_tokens, 0, 1
+        self.batch_tokens, self.replica, self.n_replicas = batch_tokens, 0, 1
         self.dtype = getattr(torch, cfg.buffer_dtype)
         self.per, self.sw, self.n_windows = m["window_tokens"], m["shard_windows"], m["n_windows"]
         if m["tokens"] < batch_tokens:
@@ -450,8 +450,8 @@ class CachedActivations:
         """The text settings the cache was made with (they replace the run's data.* text keys)."""
         return dict(self.manifest["text"])
 
-    def shard_data(self, replica: int, replicas: int, global_batch: int) -> None:
-        self.replica, self.replicas, self.batch_tokens = replica, replicas, global_batch
+    def split_for_replica(self, replica: int, n_replicas: int, global_batch: int) -> None:
+        self.replica, self.n_replicas, self.batch_tokens = replica, n_replicas, global_batch
 
     # -- shards ------------------------------------------------------------------------------------
     def load_shard(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -558,7 +558,7 @@ class CachedActivations:
         (with `tokens`, the token ids [batch_tokens / replicas] before the position)."""
         skip = (start or {}).get("cache", {}).get("batch", 0)
         B = self.batch_tokens
-        lo, hi = self.replica * B // self.replicas, (self.replica + 1) * B // self.replicas
+        lo, hi = self.replica * B // self.n_replicas, (self.replica + 1) * B // self.n_replicas
         for epoch, block, x, y, tok, perm in self.blocks(start):
             n_batches = x.shape[0] // B
             for j in range(skip, n_batches):
