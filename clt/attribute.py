@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ATTRIBUTION_DTYPES, ModelConfig
 from .errors import CLTError, command
 
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n-logits", type=int, default=10)
     p.add_argument("--desired-logit-prob", type=float, default=0.95)
     p.add_argument("--model", default=None, help="subject model (default: the one the CLT was trained on)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="subject model dtype")
+    p.add_argument("--dtype", default="float32", choices=ATTRIBUTION_DTYPES, help="subject model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
     p.add_argument(
         "--slug", default="graph", help="name of the graph in the viewer files ({slug}.pt, {slug}.json)"

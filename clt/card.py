@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import yaml
 
+from .config import K_ACTIVATIONS
 from .model import CLTArchitecture
 
 # hub names of the bundled subject models and of the dataset presets (for the card's metadata)
@@ -74,7 +75,7 @@ def model_card(
         f"| input hook | `{arch.input_hook}` |",
         f"| output hook | `{arch.output_hook}` |",
         f"| activation | {arch.activation}"
-        + (f" (k = {arch.k})" if arch.activation in ("topk", "batchtopk") else "")
+        + (f" (k = {arch.k})" if arch.activation in K_ACTIVATIONS else "")
         + " |",
         f"| features per layer | {arch.d_sae} |",
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import WEIGHT_DTYPES
 from .errors import CLTError, command
 
 
@@ -43,7 +44,7 @@ def export_main(argv: list[str]) -> int:
     )
     p.add_argument("checkpoint", help="run dir or native CLT dir")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES)
     p.add_argument(
         "--model-name", default=None, help="model_name in config.yaml (default: the subject model)"
     )

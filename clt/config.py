@@ -12,9 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import CLTError, ConfigError  # noqa: F401 (re-exported)
 
+# The choices of the knobs below and of the commands, defined once.
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+K_ACTIVATIONS = ("topk", "batchtopk")  # the activations with a k (active features per token)
+DECODE_PATHS = ("auto", "triton", "sparse", "dense")  # clt.decode, the kernels' implementations
 INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # stored weights (exports), subject models
+SUBJECT_DTYPES = ("auto", *WEIGHT_DTYPES)  # model.dtype
+BUFFER_DTYPES = ("float32", "bfloat16")  # data.buffer_dtype
+ATTRIBUTION_DTYPES = ("float32", "bfloat16")  # the subject model under attribution and the viewer
+CACHE_DTYPES = ("bfloat16", "int8")  # cache.dtype
 
 
 @dataclass
@@ -190,9 +198,6 @@ class CacheJobConfig:
         return asdict(self)
 
 
-CACHE_DTYPES = ("bfloat16", "int8")
-
-
 @dataclass
 class FeaturesConfig:
     """`python -m clt.features CHECKPOINT`: feature cards in one streaming pass (conf/features.yaml)."""
@@ -270,15 +275,15 @@ class TrainConfig:
         c, d, t = self.clt, self.data, self.trainer
         _check(c.activation in ACTIVATIONS, "clt.activation", c.activation, f"one of {ACTIVATIONS}")
         _check(c.d_sae > 0, "clt.d_sae", c.d_sae, "a positive number of features per layer")
-        if c.activation in ("topk", "batchtopk"):
+        if c.activation in K_ACTIVATIONS:
             _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
         _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
         _check(c.threshold_init > 0, "clt.threshold_init", c.threshold_init, "> 0")
         _check(
-            c.decode in ("auto", "triton", "sparse", "dense"),
+            c.decode in DECODE_PATHS,
             "clt.decode",
             c.decode,
-            "auto | triton | sparse | dense",
+            " | ".join(DECODE_PATHS),
         )
         _check(
             0 < c.batchtopk_threshold_decay < 1,
@@ -299,10 +304,10 @@ class TrainConfig:
             f"one of {OUTPUT_HOOKS}",
         )
         _check(
-            self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+            self.model.dtype in SUBJECT_DTYPES,
             "model.dtype",
             self.model.dtype,
-            "auto | float32 | bfloat16 | float16",
+            " | ".join(SUBJECT_DTYPES),
         )
         _check(d.context_size >= 2, "data.context_size", d.context_size, "≥ 2 (BOS + one token)")
         _check(d.batch_windows > 0, "data.batch_windows", d.batch_windows, "> 0")
@@ -313,10 +318,10 @@ class TrainConfig:
             f"≥ trainer.batch_tokens = {t.batch_tokens}",
         )
         _check(
-            d.buffer_dtype in ("float32", "bfloat16"),
+            d.buffer_dtype in BUFFER_DTYPES,
             "data.buffer_dtype",
             d.buffer_dtype,
-            "float32 | bfloat16",
+            " | ".join(BUFFER_DTYPES),
         )
         _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")

@@ -37,6 +37,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .config import WEIGHT_DTYPES
 from .errors import CheckpointError, ShardingError
 from .files import atomic_directory
 from .hub import hub_download, looks_like_repo_id
@@ -46,7 +47,6 @@ from .parallel import shard_clt, unshard_clt
 FORMAT_VERSION = 1
 HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 HOOKS_BACK = {v: k for k, v in HOOK_NAMES.items()}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()
@@ -57,11 +57,11 @@ def export_circuit_tracer(
     model_name: str | None = None,
 ) -> Path:
     """Write `clt` in circuit-tracer's layout (atomically)."""
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
     arch = clt.arch
     f = clt.folded().cpu()
-    dt = DTYPES[dtype]
+    dt = getattr(torch, dtype)
     act = arch.activation
     cfg = {
         "model_kind": "cross_layer_transcoder",

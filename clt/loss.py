@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from .config import K_ACTIVATIONS
+
 
 def reconstruction(
     y_hat: torch.Tensor, y: torch.Tensor, sst: torch.Tensor | None = None
@@ -99,7 +101,7 @@ def clt_loss(
         theta = clt.threshold if c.activation == "jumprelu" else 0.0
         preact = mesh.sum(preactivation(h, theta, norms))
         total = total + lambda_s * sparsity + c.preact_coeff * preact
-    if c.activation in ("topk", "batchtopk"):
+    if c.activation in K_ACTIVATIONS:
         aux = torch.zeros((), device=x.device)
         if mesh.any(dead):
             e_hat = clt.decode_normalized(mesh.auxk_activations(h, dead, c.auxk_k), bias=False)

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import WEIGHT_DTYPES
 from .errors import CheckpointError, command
 from .io import export_circuit_tracer, load_clt
 from .model import CrossLayerTranscoder
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
+        choices=WEIGHT_DTYPES,
         help="dtype of the circuit-tracer export",
     )
     args = p.parse_args(argv)

@@ -225,7 +225,7 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     """ "auto": bf16 on a GPU and on CPUs with native bf16, else float32."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type != "cpu" or cpu_has_fast_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return getattr(torch, name)  # one of config.WEIGHT_DTYPES (validated there)
 
 
 def _cache_root(cfg: ModelConfig) -> Path:

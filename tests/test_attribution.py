@@ -100,7 +100,10 @@ def targets(rm: ReplacementModel, graph: Graph, h: torch.Tensor, logits: torch.T
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perturbation_faithfulness(family, activation, trained):
     """Adding δ·(source value) to any source changes every target by A[t, s]·δ, and every row plus
-    its bias is the target's value."""
+    its bias is the target's value. The frozen model is exactly linear in its sources, so any δ
+    tests the same identity; δ = 4 keeps the smallest measured changes well above the fp32
+    rounding of the targets they are differences of (at δ = 0.5 one source's change was 7 ulps of
+    the targets' magnitude, and its relative error 1.1e-4 was rounding, not the graph)."""
     rm, ids = case(family, activation, trained)
     graph = attribute(ids, rm.clt, rm, batch_size=16, verbose=False)
     assert graph.n_features == graph.info["n_active_features"] > 0
@@ -117,7 +120,7 @@ def test_perturbation_faithfulness(family, activation, trained):
     torch.testing.assert_close(base, graph.node_values[rows], rtol=1e-4, atol=1e-5)
 
     gen = torch.Generator().manual_seed(3)
-    delta = 0.5
+    delta = 4.0
     sources = []
     for i in torch.randperm(graph.n_features, generator=gen)[:6].tolist():
         sources.append(("feature", i))

@@ -15,9 +15,10 @@ import os
 
 import torch
 
+from ..config import DECODE_PATHS
 from .reference import decode_dense, decode_sparse, to_padded
 
-IMPLS = ("auto", "triton", "sparse", "dense")
+IMPLS = DECODE_PATHS
 
 
 @functools.cache

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ..config import ATTRIBUTION_DTYPES
+
 
 def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
@@ -26,7 +28,7 @@ def serve_main(argv: list[str]) -> int:
     )
     p.add_argument("--features", default=None, help="feature store for the cards (default: the graphs' scan)")
     p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="subject model dtype")
+    p.add_argument("--dtype", default="float32", choices=ATTRIBUTION_DTYPES, help="subject model dtype")
     p.add_argument("--quiet", action="store_true", help="no request log")
     args = p.parse_args(argv)
     from .server import serve
