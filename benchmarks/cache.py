@@ -49,9 +49,8 @@ def main() -> None:
     from clt.data import ActivationSource
     from clt.data.activation_cache import CachedActivations, generate
     from clt.metrics import reconstruction_stats
-    from clt.model import CLTArchitecture
     from clt.subject import load_subject
-    from clt.training import CLTModule
+    from clt.training import CLTModule, clt_architecture
 
     cfg = compose(args.overrides)
     if cfg.trainer.num_threads:
@@ -124,14 +123,7 @@ def main() -> None:
     res["int8_quant_fvu_x"], res["int8_quant_fvu_y"] = fvu(xq, xb), fvu(yq, yb)
     if args.train_steps:
         eval_x, eval_y = online.activations(online.eval_windows())  # held out, fp32, not cached
-        c = cfg.clt
-        arch = CLTArchitecture(
-            n_layers=subject.n_layers,
-            d_model=subject.d_model,
-            d_sae=c.d_sae,
-            activation=c.activation,
-            k=c.k,
-        )
+        arch = clt_architecture(cfg, subject)
         for dt, src in srcs.items():
             torch.manual_seed(cfg.seed)
             module = CLTModule(replace(cfg, data=replace(cfg.data, cache=str(root / dt))), arch)

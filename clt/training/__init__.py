@@ -5,7 +5,7 @@ checkpoints, requeue) and `run` (`run(cfg)`, which `train.py` calls). The loss i
 
 from .callbacks import Checkpoints, Evaluate, Requeue, StepProgressBar, Throughput, slurm_job_id
 from .module import CLTModule, resume_position
-from .run import ActivationDataModule, make_source, run
+from .run import ActivationDataModule, clt_architecture, make_source, run
 from .strategy import CLTSingleDevice, CLTStrategy, make_strategy
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Requeue",
     "StepProgressBar",
     "Throughput",
+    "clt_architecture",
     "make_source",
     "make_strategy",
     "resume_position",

@@ -44,6 +44,24 @@ class ActivationDataModule(L.LightningDataModule):
         return DataLoader(_Batches(self.source, self.module), batch_size=None, num_workers=0)
 
 
+def clt_architecture(cfg: TrainConfig, subject) -> CLTArchitecture:
+    """The CLT a config asks for, on the subject model's layers and width."""
+    c = cfg.clt
+    return CLTArchitecture(
+        n_layers=subject.n_layers,
+        d_model=subject.d_model,
+        d_sae=c.d_sae,
+        activation=c.activation,
+        k=c.k,
+        bandwidth=c.bandwidth,
+        log_threshold=c.log_threshold,
+        ste_to_input=c.ste_to_input,
+        subject_model=cfg.model.name_or_path,
+        input_hook=cfg.model.input_hook,
+        output_hook=cfg.model.output_hook,
+    )
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train a CLT as configured; resume when `run_dir` (or `resume`) holds a checkpoint.
     Returns the final report (per-layer FVU/L0, eval/*, paths)."""
@@ -111,19 +129,7 @@ def run(cfg: TrainConfig) -> dict:
     # every process: the subject on its own device, the data, the CLT initialised identically
     subject = load_subject(cfg.model, strategy.root_device)
     source = make_source(cfg, subject)
-    arch = CLTArchitecture(
-        n_layers=subject.n_layers,
-        d_model=subject.d_model,
-        d_sae=c.d_sae,
-        activation=c.activation,
-        k=c.k,
-        bandwidth=c.bandwidth,
-        log_threshold=c.log_threshold,
-        ste_to_input=c.ste_to_input,
-        subject_model=cfg.model.name_or_path,
-        input_hook=cfg.model.input_hook,
-        output_hook=cfg.model.output_hook,
-    )
+    arch = clt_architecture(cfg, subject)
     module = CLTModule(cfg, arch)
     evaluate.subject, evaluate.windows = subject, source.eval_windows()  # checks the dataset early
     if not resuming:
