@@ -41,9 +41,10 @@ test-all: $(STAMP)
 
 LINTED := clt tests benchmarks slurm train.py
 
-lint: $(STAMP)   # the gate CI runs: ruff's rules and its formatter
+lint: $(STAMP)   # the gate CI runs: ruff's rules, its formatter, mypy at its basic level ([tool.mypy])
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format $(LINTED)

@@ -106,9 +106,9 @@ def graph_cards(
     if args.cache:
         data = replace(data, cache=args.cache)
     job = FeaturesJobConfig(data=data, features=f).validate()
-    return compute_store(
-        job, clt=clt, subject=subject, features=pruned_features, device=str(clt.W_enc.device)
-    )
+    out = compute_store(job, clt=clt, subject=subject, features=pruned_features, device=str(clt.W_enc.device))
+    assert out is not None  # one task: the store is written
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:

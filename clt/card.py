@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Any
 
 import yaml
 
@@ -38,7 +39,7 @@ def model_card(
     m, cfg = metrics or {}, train_cfg or {}
     subject = BUNDLED_HUB.get(arch.subject_model, arch.subject_model)
     dataset = (cfg.get("data") or {}).get("dataset")
-    front = {
+    front: dict[str, Any] = {
         "library_name": "clt",
         "tags": [
             "cross-layer-transcoder",
@@ -52,7 +53,7 @@ def model_card(
         front["base_model"] = subject
     if dataset in DATASET_HUB:
         front["datasets"] = [DATASET_HUB[dataset]]
-    headline = {
+    headline: dict[str, Any] = {
         k: m.get(k) for k in ("fvu", "l0", "eval/ce_loss_score", "eval/kl_spliced") if m.get(k) is not None
     }
     if headline:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -352,7 +352,7 @@ def load_config(cfg: DictConfig | dict, schema_cls: type = TrainConfig):
         raise ConfigError(f"bad configuration: {e}") from e
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, schema_cls)
-    return obj.validate()
+    return cast(Any, obj).validate()
 
 
 # Keys that may differ between a run and its resumption (everything else must match).

@@ -38,7 +38,7 @@ def hub_download(
                 name,
                 subfolder=subfolder or None,
                 revision=revision,
-                cache_dir=cache_dir,
+                cache_dir=None if cache_dir is None else Path(cache_dir),
                 local_files_only=local_files_only,
                 token=token,
             )

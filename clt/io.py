@@ -32,6 +32,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -63,7 +64,7 @@ def export_circuit_tracer(
     f = clt.folded().cpu()
     dt = getattr(torch, dtype)
     act = arch.activation
-    cfg = {
+    cfg: dict[str, Any] = {
         "model_kind": "cross_layer_transcoder",
         "model_name": model_name or arch.subject_model,
         "feature_input_hook": HOOK_NAMES[arch.input_hook],

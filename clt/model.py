@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,16 @@ class CLTArchitecture:
 
 
 class CrossLayerTranscoder(nn.Module):
+    # parameters and buffers (shapes in the module docstring)
+    W_enc: nn.Parameter  # [L, F, d]
+    b_enc: nn.Parameter  # [L, F]
+    W_dec: nn.ParameterList  # [F, L − s, d] for each source layer s
+    b_dec: nn.Parameter  # [L, d]
+    threshold_param: nn.Parameter  # [L, F] JumpReLU θ (or log θ)
+    input_scale: torch.Tensor  # [L]
+    output_scale: torch.Tensor  # [L]
+    batchtopk_threshold: torch.Tensor  # [L]
+
     def __init__(self, arch: CLTArchitecture, threshold_init: float = 0.1, decode: str = "auto"):
         super().__init__()
         self.arch = arch
@@ -62,7 +73,7 @@ class CrossLayerTranscoder(nn.Module):
         self.decode_path = decode
         # the collectives of a feature-sharded / data-parallel mesh (clt.parallel.Parallel), set by
         # the training strategy; None: one process, the CLT alone
-        self.mesh = None
+        self.mesh: Any = None
         self.batchtopk_min_kept: torch.Tensor | None = None  # [L], last training selection
         L, d, F = arch.n_layers, arch.d_model, arch.d_sae
         self.W_enc = nn.Parameter(torch.empty(L, F, d).uniform_(-1 / math.sqrt(F), 1 / math.sqrt(F)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ def shard_clt(clt: CrossLayerTranscoder, shard: int, n_shards: int) -> CrossLaye
 
 def unshard_clt(shards: list[CrossLayerTranscoder]) -> CrossLayerTranscoder:
     """The full CLT from its feature shards, in order."""
-    info = [s.arch.extra.get("shard") for s in shards]
+    info: list[Any] = [s.arch.extra.get("shard") for s in shards]
     if (
         any(i is None for i in info)
         or [i["rank"] for i in info] != list(range(len(shards)))
@@ -276,7 +277,8 @@ def remove_other_shardings(paths, n_shards: int) -> None:
     """Delete the shard files or directories (named `…-of-NNN…`) not written by `n_shards` shards:
     those of an earlier mesh, superseded by a newer save (n_shards=1: every shard)."""
     for p in paths:
-        if int(re.search(r"-of-(\d+)", p.name).group(1)) == n_shards:
+        count = re.search(r"-of-(\d+)", p.name)
+        if count is None or int(count.group(1)) == n_shards:  # not a shard: left alone
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

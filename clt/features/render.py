@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, cast
 
 from .store import FeatureCard
 
@@ -141,7 +142,7 @@ def render_card(
     ax.bar(layers, card.decoder_norms, color="#4e79a7")
     ax.set_title("decoder norm per target layer", fontsize=9)
     ax.set_xlabel("target layer", fontsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast(Any, ax.xaxis.get_major_locator()).set_params(integer=True)  # (a MaxNLocator)
     ax.tick_params(labelsize=7)
     for s in ("top", "right"):
         ax.spines[s].set_visible(False)

@@ -12,13 +12,15 @@ normalisation folded into its weights).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..model import CrossLayerTranscoder
 
 
-def final_norm(model: nn.Module) -> tuple[torch.Tensor, bool]:
+def final_norm(model: Any) -> tuple[torch.Tensor, bool]:
     """(γ [d] float32, centres) of the final norm before the unembedding: the last RMSNorm /
     LayerNorm of the base model (Gemma's RMSNorm scales by 1 + w)."""
     base = getattr(model, model.base_model_prefix)

@@ -118,7 +118,7 @@ class SparseDecode(torch.autograd.Function):
         grad_val = (
             torch.empty(n, L, K, device=g.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         )
-        grad_w = []
+        grad_w: list[torch.Tensor | None] = []
         for s in range(L):
             R = (L - s) * d
             if grad_val is not None:

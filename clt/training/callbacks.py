@@ -145,7 +145,8 @@ class Requeue(L.Callback):
     SIGNALS = ("SIGUSR1", "SIGUSR2")
 
     def __init__(self, checkpoints: Checkpoints):
-        self.checkpoints, self.flag, self.requeued, self.previous = checkpoints, False, False, {}
+        self.checkpoints, self.flag, self.requeued = checkpoints, False, False
+        self.previous: dict = {}
 
     def _handler(self, signum, frame):
         self.flag = True

@@ -5,6 +5,7 @@ exact resume (data position and RNG in the checkpoint)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,6 +25,8 @@ from ..parallel import (
 class CLTModule(L.LightningModule):
     """One optimisation step of the CLT on a batch of activations (x, y): [N, L, d]."""
 
+    tokens_since_fired: torch.Tensor  # [L, F] (a buffer: part of the training state)
+
     def __init__(self, cfg: TrainConfig, arch: CLTArchitecture):
         super().__init__()
         self.cfg = cfg
@@ -42,7 +45,7 @@ class CLTModule(L.LightningModule):
         """Take this process's place on the mesh (CLTStrategy): keep its feature shard of the full
         CLT (initialised identically on every rank) and route selection and decode through the
         mesh's collectives. Runs before the optimizer is built and before a checkpoint is restored."""
-        strategy = self.trainer.strategy
+        strategy: Any = self.trainer.strategy  # CLTStrategy on a mesh
         mesh = getattr(strategy, "parallel", None)
         if mesh is None:
             return
@@ -91,7 +94,7 @@ class CLTModule(L.LightningModule):
         dead = self.tokens_since_fired >= c.dead_after_tokens  # [L, F]
         t = losses.clt_loss(clt, x, y, c, lam, dead, mesh)
         a, sse, sst = t.a, t.sse, t.sst
-        logs = {"losses/mse": t.mse}
+        logs: dict[str, Any] = {"losses/mse": t.mse}
         if t.sparsity is not None:
             logs |= {"losses/sparsity": t.sparsity, "losses/preact": t.preact, "details/lambda_s": lam}
         if t.auxk is not None:
@@ -169,13 +172,14 @@ def resume_position(positions: list[dict | None], replicas: int, replica: int) -
     had reached (no document is trained on twice; at most one buffer per replica is skipped)."""
     if len(positions) == replicas:
         return positions[replica]
-    if any(p is None for p in positions):
+    known = [p for p in positions if p is not None]
+    if len(known) < len(positions):
         return None
-    if all("cache" in p for p in positions):  # cached data: every replica reads the same blocks
-        return positions[0]
+    if all("cache" in p for p in known):  # cached data: every replica reads the same blocks
+        return known[0]
     from lightning.pytorch.utilities import rank_zero_warn
 
-    saved = [DataPosition.from_dict(p) for p in positions]
+    saved = [DataPosition.from_dict(p) for p in known]
     text = [p.text or TextPosition() for p in saved]
     epoch = max(t.epoch for t in text)
     current = [t for t in text if t.epoch == epoch]

@@ -4,6 +4,7 @@ CLT module, the strategy, callbacks and loggers, trains, and writes the report."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -108,7 +109,7 @@ def run(cfg: TrainConfig) -> dict:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=make_strategy(cfg),
-        precision=t.precision,
+        precision=cast(Any, t.precision),  # validated by Lightning
         max_steps=t.max_steps,
         logger=_loggers(cfg, run_dir),
         callbacks=callbacks,
@@ -208,7 +209,7 @@ def _wandb_id(run_dir: Path) -> str:
     from lightning.pytorch.utilities import rank_zero_only
 
     path = run_dir / "wandb_id"
-    if rank_zero_only.rank != 0:
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return path.read_text().strip() if path.exists() else ""  # only rank 0's logger talks to W&B
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,9 @@ class LoadedGraph:
                 }
             )
         self.id_to_index = {n["id"]: i for i, n in enumerate(self.nodes)}
-        self.A_hat = None  # row-normalised |A|, for path strengths (computed on first use)
+        self.A_hat: torch.Tensor | None = (
+            None  # row-normalised |A|, for path strengths (computed on first use)
+        )
 
     # -- views -----------------------------------------------------------------------------------
     def view(self, node_threshold: float, edge_threshold: float) -> View:
@@ -266,11 +268,11 @@ class LoadedGraph:
             best[node] = heapq.nlargest(k, cands)
         out = []
         for sc, prev, r in best.get(t, []) if t != s else []:
-            path, node = [t], (prev, r)
-            while node[0] != -1:
-                path.append(node[0])
-                _, p2, r2 = best[node[0]][node[1]]
-                node = (p2, r2)
+            path, at = [t], (prev, r)
+            while at[0] != -1:
+                path.append(at[0])
+                _, p2, r2 = best[at[0]][at[1]]
+                at = (p2, r2)
             ids = [self.nodes[gi[j]]["id"] for j in reversed(path)]
             out.append({"nodes": ids, "strength": math.exp(sc)})
         return out

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import traceback
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ class ModelSession:
     ):
         self.folder, self.checkpoint, self.dtype, self.log = folder, checkpoint, dtype, log
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.rm = None
+        self.rm: Any = None  # the ReplacementModel, loaded on first use (`model()`)
         self.checksum = ""
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -125,7 +126,7 @@ class ModelSession:
             slug = check_slug(body["slug"]) if body.get("slug") else self.new_slug(prompt)
         except CLTError as e:
             raise ViewerError(str(e)) from None
-        job = {
+        job: dict[str, Any] = {
             "id": str(next(self._ids)),
             "slug": slug,
             "prompt": prompt,
@@ -152,7 +153,7 @@ class ModelSession:
             with self._run_lock:
                 job["state"] = "running"
                 rm = self.model()
-                scan, _ = store_location(self.checkpoint, None)
+                scan, _ = store_location(str(self.checkpoint), None)  # set by model()
                 graph = attribute(
                     job["prompt"], rm.clt, rm, scan=scan, verbose=False, progress=progress, **settings
                 )

@@ -25,6 +25,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from .graphs import ViewerError
 
@@ -144,14 +145,14 @@ def from_qparams(q, slug: str, node_ids, cantor_to_feature=None) -> dict:
             sns = json.loads(sns) if sns else []
         except json.JSONDecodeError:
             _fail("qParams.supernodes is not JSON")
-    state = {
+    state: dict[str, Any] = {
         "pinned": pinned,
         "clicked": q.get("clickedId") or "",
         "supernodes": [
             {"label": str(s[0]), "members": list(s[1:])} for s in sns if isinstance(s, list) and s
         ],
     }
-    clerps = q.get("clerps") or []
+    clerps: Any = q.get("clerps") or []
     if isinstance(clerps, str):
         try:
             clerps = json.loads(clerps) if clerps else []
