@@ -1,0 +1,242 @@
+"""Every command the docs/ pages show is exercised: those that can run here run with tiny settings
+(the tiny Llama and a random CLT instead of the demo's, a few steps, a local Hub stand-in); those
+that need the network, GPUs or a multi-node cluster are composed and validated exactly as they
+would start (Hydra config, sbatch template syntax, `submit.py --dry-run`). A command the docs gain
+without a case here fails the test. (README commands: tests/test_readme.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose, tiny_overrides, train_cli
+from hub_server import FakeHub
+
+# Commands that cannot run on this machine (a model or data set downloaded at run time, GPUs,
+# W&B, a Slurm launcher) or that another test runs (trainer=ddp: tests/test_distributed.py, two
+# processes): they are composed and validated here.
+NOT_RUN_HERE = re.compile(
+    r"HuggingFaceTB/|meta-llama/|name_or_path=gpt2|data=(fineweb|fineweb_edu|openwebtext)|allenai/c4|"
+    r"experiment=|logger=wandb|trainer=gpu|trainer=ddp|hydra/launcher=slurm"
+)
+
+
+def docs_commands() -> list[tuple[str, str]]:
+    """(page, command) for every line of every ```bash block of docs/*.md (continuations joined)."""
+    out = []
+    for page in sorted((REPO / "docs").glob("*.md")):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #")[0].strip()
+                if line and not line.startswith("#"):
+                    out.append((page.name, line))
+    return out
+
+
+def run(argv: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        argv, cwd=REPO, env=os.environ | (env or {}), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{argv}\n{done.stderr[-3000:]}"
+    return done
+
+
+def overrides_of(argv: list[str]) -> list[str]:
+    """The Hydra overrides of a command line, placeholders (…) dropped, a sweep's first value."""
+    out = []
+    for a in argv:
+        if a in ("…", "-m") or "=" not in a:
+            continue
+        k, v = a.split("=", 1)
+        out.append(f"{k}={v.split(',')[0]}" if k.startswith(("clt.", "trainer.")) else a)
+    return out
+
+
+def check_train_config(overrides: list[str]) -> None:
+    """The config `python train.py OVERRIDES` would run composes and validates (hydra/* groups are
+    Hydra's own: checked to exist)."""
+    ours = []
+    for o in overrides:
+        if o.startswith("hydra/"):
+            group, name = o.split("=", 1)
+            assert (REPO / "conf" / group / f"{name}.yaml").exists(), o
+        else:
+            ours.append(o)
+    compose(ours)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tiny_model_dir):
+    """`python -m clt.cache …` with tiny settings (the cache the cached-data commands read)."""
+    root = tmp_path_factory.mktemp("docs-cache") / "sotu"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "clt.cache",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.dtype=float32",
+            f"cache.dir={root}",
+            "cache.tokens=3000",
+            "cache.shard_tokens=1000",
+            "data.context_size=32",
+            "data.eval_docs=2",
+        ]
+    )
+    return root
+
+
+def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, tiny_cache, tmp_path):
+    commands = docs_commands()
+    assert len(commands) >= 30
+    import shutil
+
+    clt_dir, graphs = str(tmp_path / "clt"), viewer_folder.folder
+    shutil.copytree(viewer_folder.clt, clt_dir)  # (commands add cards to the store next to it)
+    stores: list[Path] = []
+    ran = checked = 0
+    for page, cmd in commands:
+        argv = shlex.split(cmd)
+        head = argv[:3]
+        if argv[:2] == ["python", "train.py"] and argv[2:] == ["--help"]:
+            assert "clt" in run([sys.executable, "train.py", "--help"]).stdout
+            ran += 1
+        elif argv[:2] == ["python", "train.py"]:
+            over = overrides_of(argv[2:])
+            check_train_config(over)
+            checked += 1
+            if NOT_RUN_HERE.search(cmd) or "hub.repo_id" in cmd:  # (hub push: tests/test_hub.py)
+                continue
+            tiny = dict(o.split("=", 1) for o in tiny_overrides(tiny_model_dir, tmp_path / f"run{ran}"))
+            mine = dict(o.split("=", 1) for o in over)
+            mine.pop("model.name_or_path", None)
+            if "data.dataset" in mine and mine["data.dataset"].startswith("/path/"):
+                texts = tmp_path / "texts"
+                texts.mkdir(exist_ok=True)
+                docs = [{"body": f"Document {i}: " + "the quick brown fox jumps. " * 40} for i in range(8)]
+                (texts / "a.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+                mine["data.dataset"] = str(texts)
+            if mine.get("data.cache") == "cache/sotu":
+                mine["data.cache"] = str(tiny_cache)
+            for k in ("clt.d_sae", "data.buffer_tokens", "trainer.batch_tokens"):
+                mine.pop(k, None)  # tiny sizes
+            mine["trainer.max_steps"] = "2"
+            done = train_cli([f"{k}={v}" for k, v in (tiny | mine).items()])
+            assert done.returncode == 0, f"{cmd}\n{done.stderr[-3000:]}"
+            ran += 1
+        elif head[:3] == ["python", "-m", "clt.cache"] and argv[3:4] == ["verify"]:
+            assert (
+                "every checksum ok"
+                in run([sys.executable, "-m", "clt.cache", "verify", str(tiny_cache)]).stdout
+            )
+            ran += 1
+        elif head == ["python", "-m", "clt.cache"]:
+            from hydra import compose as hcompose
+            from hydra import initialize_config_dir
+
+            from clt.config import CacheJobConfig, load_config
+
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+                load_config(hcompose(config_name="cache", overrides=overrides_of(argv[3:])), CacheJobConfig)
+            checked += 1  # and run with tiny settings by the tiny_cache fixture
+        elif argv[0] == "sbatch":
+            script = next(a for a in argv if a.endswith(".sbatch"))
+            run(["bash", "-n", script])
+            over = overrides_of(argv[argv.index(script) + 1 :])
+            if "cache.sbatch" not in script:
+                check_train_config([o for o in over if not o.startswith(("cache.", "features."))])
+            checked += 1
+        elif argv[:2] == ["python", "slurm/submit.py"]:
+            done = run([sys.executable, "slurm/submit.py", "--dry-run", *argv[2:]])
+            assert "sbatch" in done.stdout
+            checked += 1
+        elif head == ["python", "-m", "clt.features"] and argv[3] == "render":
+            out = tmp_path / "card.png"
+            run([sys.executable, "-m", "clt.features", "render", str(stores[0]), "1", "5", "--out", str(out)])
+            assert out.stat().st_size > 10_000
+            ran += 1
+        elif head == ["python", "-m", "clt.features"] or argv[:2] == ["clt", "features"]:
+            over = [
+                o for o in overrides_of(argv[3:] if argv[0] == "python" else argv[2:]) if "tokens" not in o
+            ]
+            over = [f"data.cache={tiny_cache}" if o == "data.cache=cache/sotu" else o for o in over]
+            if not any(o.startswith("data.cache") for o in over):
+                over += ["data.context_size=32", "data.batch_windows=4"]
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.features",
+                    clt_dir,
+                    *over,
+                    "features.tokens=600",
+                    f"features.out={tmp_path / f'store{len(stores)}'}",
+                ]
+            )
+            stores.append(tmp_path / f"store{len(stores)}")
+            assert (stores[-1] / "manifest.json").exists()
+            ran += 1
+        elif head == ["python", "-m", "clt.attribute"]:
+            out = tmp_path / "paris"
+            extra = ["--cards", "--cards-tokens", "600"] if "--cards" in argv else []
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.attribute",
+                    clt_dir,
+                    argv[4],
+                    "--out",
+                    str(out),
+                    "--batch-size",
+                    "16",
+                    "--no-plot",
+                    *extra,
+                ]
+            )
+            assert (out / "graph.pt").exists()
+            ran += 1
+        elif head[:2] == ["python", "-m"] and argv[2] == "clt.push":
+            with FakeHub() as hub:
+                env = {
+                    "HF_ENDPOINT": hub.url,
+                    "HF_HUB_OFFLINE": "0",
+                    "HF_HUB_DISABLE_XET": "1",
+                    "HF_TOKEN": "hf_test",
+                    "HF_HOME": str(tmp_path / "hf"),
+                }
+                run([sys.executable, "-m", "clt.push", clt_dir, *argv[4:]], env=env)
+                files = hub.files(argv[4], argv[argv.index("--revision") + 1])
+                assert files["model.safetensors"] == (Path(clt_dir) / "model.safetensors").read_bytes()
+            ran += 1
+        elif argv[:2] == ["clt", "serve"]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "clt.cli", "serve", str(graphs), "--quiet"],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                import urllib.request
+
+                url = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stdout.readline()).group(1)
+                with urllib.request.urlopen(url + "api/graphs") as r:
+                    assert b"capitals" in r.read()
+            finally:
+                proc.terminate()
+                proc.wait(10)
+            ran += 1
+        elif argv[:2] == ["clt", "view"]:
+            out = tmp_path / "paris.html"
+            run([sys.executable, "-m", "clt.cli", "view", str(graphs / "capitals.pt"), "--export", str(out)])
+            assert "<html" in out.read_text()[:500].lower()
+            ran += 1
+        else:
+            raise AssertionError(f"docs/{page} shows a command this test neither runs nor checks: {cmd}")
+    assert ran >= 12 and checked >= 15, (ran, checked)
