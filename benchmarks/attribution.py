@@ -10,7 +10,8 @@ The baseline's time is measured on `--baseline-rows` rows and scaled to the grap
 (its per-row cost does not depend on the row); the rows it computes are checked against ours.
 Peak memory: CUDA's peak allocation on GPU; on CPU the peak resident set size above the level
 before the call (sampled every 5 ms; the script re-runs itself with a fixed glibc mmap threshold so
-that freed buffers go back to the OS and each measurement starts from a clean level). Results go to benchmarks/results/attribution.jsonl.
+that freed buffers go back to the OS and each measurement starts from a clean level). Results go to
+benchmarks/results/attribution.jsonl.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main() -> None:
     subject, clt, source = load(args, device)
     rm = ReplacementModel(subject, clt)
     print(
-        f"device {device}, model {subject.name} ({subject.n_layers} layers, d={subject.d_model}), CLT: {source}"
+        f"device {device}, model {subject.name} ({subject.n_layers} layers, d={subject.d_model}), CLT: "
+        f"{source}"
     )
     print(
         f"{'tokens':>6} {'active':>7} {'rows':>5} {'ours s':>8} {'base s':>8} {'speed-up':>8} "

@@ -148,12 +148,14 @@ def main() -> None:
     print(f"  online generation        {on:10.0f} tok/s   1.00×")
     for dt in ("bfloat16", "int8"):
         print(
-            f"  cache write {dt:9s}    {res[f'write_{dt}_tok_s']:10.0f} tok/s   {res[f'write_{dt}_tok_s'] / on:5.2f}×"
+            f"  cache write {dt:9s}    {res[f'write_{dt}_tok_s']:10.0f} tok/s   "
+            f"{res[f'write_{dt}_tok_s'] / on:5.2f}×"
             f"   {res[f'write_{dt}_MB_s']:7.1f} MB/s   {res[f'{dt}_bytes_per_token'] / 1e3:.1f} kB/token"
         )
     for dt in ("bfloat16", "int8"):
         print(
-            f"  cache read  {dt:9s}    {res[f'read_{dt}_tok_s']:10.0f} tok/s   {res[f'read_{dt}_tok_s'] / on:5.1f}×"
+            f"  cache read  {dt:9s}    {res[f'read_{dt}_tok_s']:10.0f} tok/s   "
+            f"{res[f'read_{dt}_tok_s'] / on:5.1f}×"
             f"   {res[f'read_{dt}_MB_s']:7.1f} MB/s (warm page cache)"
         )
     print(
@@ -162,7 +164,8 @@ def main() -> None:
     )
     if args.train_steps:
         print(
-            f"  CLT after {args.train_steps} steps, held-out FVU: trained on bf16 {res['trained_bfloat16_heldout_fvu']:.4f}, "
+            f"  CLT after {args.train_steps} steps, held-out FVU: trained on bf16 "
+            f"{res['trained_bfloat16_heldout_fvu']:.4f}, "
             f"on int8 {res['trained_int8_heldout_fvu']:.4f} "
             f"(ratio {res['trained_int8_heldout_fvu'] / res['trained_bfloat16_heldout_fvu']:.4f})"
         )

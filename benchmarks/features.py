@@ -222,7 +222,8 @@ def main() -> None:
         "state_mib": state / 2**20,
     }
     print(
-        f"from a cache: encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}"
+        f"from a cache: encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio "
+        f"{bare / cards:.2f}"
     )
 
     # 2. online (the subject's forward pass in both)
@@ -232,7 +233,8 @@ def main() -> None:
     cards, _ = card_pass(clt, online, f, dev, tmp)
     res["online"] = {"bare_tok_s": n / bare, "cards_tok_s": n / cards, "ratio": bare / cards}
     print(
-        f"online: subject + encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio {bare / cards:.2f}"
+        f"online: subject + encoder {n / bare:,.0f} tok/s, card pass {n / cards:,.0f} tok/s: ratio "
+        f"{bare / cards:.2f}"
     )
 
     # 3. memory flat in N (synthetic cache, child processes)
@@ -249,8 +251,10 @@ def main() -> None:
     }
     a, b = mem[str(N)]["hwm_kb"] / 1024, mem[str(10 * N)]["hwm_kb"] / 1024
     print(
-        f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, {b:.0f} MiB over "
-        f"{10 * N:,} ({b / a:.2f}×); state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder {base['hwm_kb'] / 1024:.0f} MiB"
+        f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, {b:.0f} "
+        f"MiB over "
+        f"{10 * N:,} ({b / a:.2f}×); state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder "
+        f"{base['hwm_kb'] / 1024:.0f} MiB"
     )
 
     # 4. cost against F

@@ -1,10 +1,11 @@
 """Attribute a prompt with a trained CLT: `python -m clt.attribute CHECKPOINT "prompt" --out DIR`.
 
 CHECKPOINT: a training run dir (`runs/…`), its native `clt/` dir, or a circuit-tracer export.
-Writes to DIR: {slug}.pt (the full graph; graph.pt by default), {slug}.json + graph-metadata.json (the circuit-tracer
-viewer's files, pruned), graph.png (the pruned graph), scores.json; prints the top features per
-logit and the replacement/completeness scores. The graph file's `metadata.scan` points at the CLT's
-feature store (CHECKPOINT/features, or the Hub repo's), where the viewers find the feature cards;
+Writes to DIR: {slug}.pt (the full graph; graph.pt by default), {slug}.json + graph-metadata.json
+(the circuit-tracer viewer's files, pruned), graph.png (the pruned graph), scores.json; prints the
+top features per logit and the replacement/completeness scores. The graph file's `metadata.scan`
+points at the CLT's feature store (CHECKPOINT/features, or the Hub repo's), where the viewers find
+the feature cards;
 `--cards` computes (and adds to the store) the cards of the graph's features that it lacks.
 """
 
@@ -194,8 +195,10 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  {w:+9.4f}  {graph.describe(i)}")
     print(
         f"\nscores: replacement {result['full/replacement_score']:.3f} "
-        f"(pruned {result['pruned/replacement_score']:.3f}), completeness {result['full/completeness_score']:.3f} "
-        f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} nodes, "
+        f"(pruned {result['pruned/replacement_score']:.3f}), completeness "
+        f"{result['full/completeness_score']:.3f} "
+        f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} "
+        f"nodes, "
         f"{result['pruned/n_edges']} edges"
     )
     print(

@@ -1,7 +1,7 @@
 """The `clt` command, one front door: `clt train …` (Hydra overrides, the same as `python train.py`),
-`clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`, `clt export-circuit-tracer …`,
-`clt import-circuit-tracer …`, `clt push …`
-(also `python -m clt …`). Training is `python train.py` (Hydra)."""
+`clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`,
+`clt export-circuit-tracer …`, `clt import-circuit-tracer …`, `clt push …` (also `python -m clt …`).
+Each runs inside `clt.errors.command`: a user error is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
         print(
-            "usage: clt {train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
+            "usage: clt "
+            "{train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
             "…  (each with --help)\n"
             "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
             "  cache                  generate an activation cache (same as python -m clt.cache)\n"
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             "  view                   one self-contained HTML file of a graph (--export)\n"
             "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
             "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
-            "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m clt.push)",
+            "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m "
+            "clt.push)",
             file=sys.stderr,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -32,8 +32,9 @@ class ModelConfig:
     name_or_path: str = "bundled:smollm2-135m-instruct"
     # Architecture family for the hook points; "auto" reads `config.model_type`.
     family: str = "auto"
-    # Subject dtype: "auto" = bf16 on a GPU and on CPUs with native bf16 (AVX512-BF16/AMX: ~2x faster than
-    # fp32), else float32 (an AVX2-only CPU emulates bf16 GEMMs ~100x slower); "float32", "bfloat16", "float16".
+    # Subject dtype: "auto" = bf16 on a GPU and on CPUs with native bf16 (AVX512-BF16/AMX: ~2x faster
+    # than fp32), else float32 (an AVX2-only CPU emulates bf16 GEMMs ~100x slower); or one of
+    # "float32", "bfloat16", "float16".
     dtype: str = "auto"
     # Where the CLT reads: "resid_mid" (residual entering the MLP's norm) or "mlp_in" (normalised MLP input).
     input_hook: str = "resid_mid"

@@ -43,8 +43,9 @@ def push_to_hub(
     """Upload a trained CLT to the Hub repo `repo_id` (created if needed; `revision`: a branch,
     created from main if needed): the native checkpoint at the repo root (`config.json`,
     `model.safetensors`, as written by training), circuit-tracer's layout under `circuit_tracer/`,
-    the feature cards under `features/` (when `clt features` wrote a store for this CLT), a model card (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score,
-    how to load), and from a run dir its `report.json`, `loss_curve.png` and training config.
+    the feature cards under `features/` (when `clt features` wrote a store for this CLT), a model card
+    (`README.md`: subject model, hooks, architecture, per-layer FVU/L0, CE-loss score, how to load),
+    and from a run dir its `report.json`, `loss_curve.png` and training config.
     `checkpoint`: a run dir or a native checkpoint dir (sharded ones are reassembled). Returns the
     commit URL. Uses huggingface_hub (token from `huggingface-cli login` / HF_TOKEN, Hub from
     HF_ENDPOINT)."""

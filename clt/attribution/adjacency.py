@@ -4,9 +4,9 @@ One frozen forward pass with the prompt replicated `batch_size` times; each batc
 carries the gradient of one target (a feature's pre-activation or a demeaned logit). Backward
 hooks on every layer's MLP output and on the token embeddings collect the gradients; edge rows:
 
-    feature source (s, p, f), value a:   A[t] += a · (W_dec[s][f, l − s] / s_out[l]) · ∂t/∂mlp_out_l[p]   for each l ≥ s
-    error source (l, p), vector e:        A[t] += e · ∂t/∂mlp_out_l[p]
-    token source p, embedding E_p:        A[t] += E_p · ∂t/∂E_p
+    feature (s, p, f), value a:   A[t] += a · (W_dec[s][f, l − s] / s_out[l]) · ∂t/∂mlp_out_l[p], l ≥ s
+    error (l, p), vector e:        A[t] += e · ∂t/∂mlp_out_l[p]
+    token p, embedding E_p:        A[t] += E_p · ∂t/∂E_p
 
 The feature contractions are one batched GEMM per source layer s, batched over positions
 ([T, B, (L − s)·d] @ [T, (L − s)·d, K], K = active features per position), so each decoder row is

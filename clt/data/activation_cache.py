@@ -172,7 +172,8 @@ def write_shard(
     path = shard_path(root, s)
     try:
         with atomic_file(path) as tmp:
-            # one metadata entry: safetensors writes a map of several in no fixed order (checksums would differ)
+            # one metadata entry: safetensors writes a map of several in no fixed order (checksums would
+            # differ)
             save_file(tensors, str(tmp), metadata={"format": "clt-activation-cache"})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

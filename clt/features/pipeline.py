@@ -327,7 +327,8 @@ def run_pass(
     if progress and hi > lo:
         dt = time.perf_counter() - t0
         print(
-            f"task {task}/{tasks}: {acc.n_tokens} tokens in {dt:.1f} s ({acc.n_tokens / max(dt, 1e-9):,.0f} tok/s), "
+            f"task {task}/{tasks}: {acc.n_tokens} tokens in {dt:.1f} s "
+            f"({acc.n_tokens / max(dt, 1e-9):,.0f} tok/s), "
             f"state {acc.memory_bytes() / 2**20:.1f} MiB"
         )
     return path

@@ -13,8 +13,10 @@ def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="clt serve",
         description=(
-            "Serve the attribution graphs of DIR (written by clt attribute … --out DIR) in a local, offline viewer: "
-            "the graph, feature cards, pins, supernodes and labels (saved in {slug}.state.json), server-side pruning, "
+            "Serve the attribution graphs of DIR (written by clt attribute … --out DIR) in a local, "
+            "offline viewer: "
+            "the graph, feature cards, pins, supernodes and labels (saved in {slug}.state.json), "
+            "server-side pruning, "
             "paths, attribution of new prompts and interventions. circuit-tracer's frontend routes work too."
         ),
     )
@@ -38,7 +40,8 @@ def serve_main(argv: list[str]) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"warning: listening on {args.host}: anyone who can reach it can read these graphs and run the model",
+            f"warning: listening on {args.host}: anyone who can reach it can read these graphs and run the "
+            f"model",
             file=sys.stderr,
         )
     print(f"serving {srv.folder.root} at {srv.url}  (Ctrl-C stops)", flush=True)
@@ -54,7 +57,8 @@ def view_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="clt view",
         description=(
-            "Write one self-contained HTML file of a graph (its pruned view, the cards of its features, the viewer) "
+            "Write one self-contained HTML file of a graph (its pruned view, the cards of its features, "
+            "the viewer) "
             "that opens from disk with no server and no network."
         ),
     )
