@@ -115,6 +115,9 @@ class OptimConfig:
     warmup_steps: int = 20  # linear warm-up
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
     grad_clip: float = 1.0  # 0 disables
+    # torch's fused Adam (one pass over all parameters and their moments, on CPU and CUDA; the same
+    # update as the default foreach implementation up to rounding); false: the foreach one
+    fused: bool = True
 
 
 @dataclass

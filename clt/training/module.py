@@ -134,7 +134,11 @@ class CLTModule(L.LightningModule):
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
         opt = torch.optim.Adam(
-            self.clt.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            self.clt.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+            **({"fused": True} if o.fused else {"foreach": True}),
         )
         decay_start = int(steps * (1 - o.decay_frac))
 
