@@ -185,6 +185,7 @@ def test_clicking_a_feature_shows_its_card(page, srv, viewer_folder):
         if x["kind"] == "error"
     )
     page.page.click(f"#nodes [data-node-id='{err['id']}']")
+    page.page.wait_for_selector(f"#label-input[data-node-id='{err['id']}']")  # its card replaced the last
     page.page.wait_for_selector("#card-body h3")
     assert page.page.locator("#card-body .example").count() == 0
 
@@ -217,9 +218,10 @@ def test_pins_supernode_and_label_survive_a_reload_and_a_fresh_context(browser, 
     p.page.fill("#sn-label", "capital pair")
     p.page.click("#group-btn")
     p.page.click(f"#nodes [data-node-id='{feats[0]['id']}']")
-    p.page.wait_for_selector("#label-input")
-    p.page.fill("#label-input", "says capital")
-    p.page.press("#label-input", "Enter")
+    label_input = f"#label-input[data-node-id='{feats[0]['id']}']"  # this node's card, not the last one's
+    p.page.wait_for_selector(label_input)
+    p.page.fill(label_input, "says capital")
+    p.page.press(label_input, "Enter")
     wait_js(p.page, "document.getElementById('save-status').textContent === 'saved ✓'")
     saved = json.loads((folder / "capitals.state.json").read_text())
     assert saved["pinned"] == pins and saved["supernodes"] == [{"label": "capital pair", "members": pins[:2]}]

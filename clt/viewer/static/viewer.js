@@ -472,9 +472,12 @@ function scheduleEdges() {
 }
 
 let cardTimer = null;
+// The card follows the hover, but never re-draws the card already shown, nor replaces a card whose
+// label is being typed (that would drop the typing).
 function scheduleCard(id) {
   clearTimeout(cardTimer);
-  cardTimer = setTimeout(() => showCard(id), 60);
+  const wanted = () => id !== cardShown && document.activeElement?.id !== "label-input";
+  if (wanted()) cardTimer = setTimeout(() => { if (wanted()) showCard(id); }, 60);
 }
 
 function togglePin(id) {
@@ -488,6 +491,7 @@ function togglePin(id) {
 }
 
 function select(id) {
+  clearTimeout(cardTimer);  // a click supersedes the card a hover had scheduled
   S.clicked = id;
   applyClasses(); drawEdges();
   if (id) showCard(id);
@@ -566,7 +570,8 @@ async function showCard(id) {
   head.appendChild(pinBtn);
   const labelKey = n.kind === "feature" ? `${n.layer}/${n.feature}` : null;
   const current = labelKey ? S.labels.features[labelKey] || "" : S.labels.nodes[id] || "";
-  const input = el("input", { id: "label-input", placeholder: n.kind === "feature" ? "label this feature" : "label this node", size: 24 });
+  const input = el("input", { id: "label-input", dataset: { nodeId: id },
+                              placeholder: n.kind === "feature" ? "label this feature" : "label this node", size: 24 });
   input.value = current;
   input.addEventListener("change", () => {
     const v = input.value.trim();
