@@ -251,10 +251,9 @@ def main() -> None:
     }
     a, b = mem[str(N)]["hwm_kb"] / 1024, mem[str(10 * N)]["hwm_kb"] / 1024
     print(
-        f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, {b:.0f} "
-        f"MiB over "
-        f"{10 * N:,} ({b / a:.2f}×); state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder "
-        f"{base['hwm_kb'] / 1024:.0f} MiB"
+        f"memory (L={args.layers}, d={args.d}, F=1024): peak RSS {a:.0f} MiB over {N:,} tokens, "
+        f"{b:.0f} MiB over {10 * N:,} ({b / a:.2f}×); "
+        f"state {mem[str(N)]['state_bytes'] / 2**20:.1f} MiB; bare encoder {base['hwm_kb'] / 1024:.0f} MiB"
     )
 
     # 4. cost against F

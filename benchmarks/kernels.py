@@ -130,8 +130,7 @@ def main():
     print(f"device: {name}   tokens/batch: {n}   commit: {commit}")
     print(
         f"{'L':>3} {'d':>4} {'F':>6} {'k':>3} | {'what':<7} {'impl':<7} {'ms':>9} {'×dense':>7} "
-        f"{'peak GB':>8} "
-        f"{'util':>6}"
+        f"{'peak GB':>8} {'util':>6}"
     )
     rows = []
     for L, d, F, k in QUICK if args.quick else SWEEP:

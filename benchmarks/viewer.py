@@ -190,14 +190,12 @@ def main() -> None:
         f"{ct_parse[0] + ct_parse[1]:.2f} s (ratio {result['first_paint_over_ct_fetch_and_parse']:.2f})"
     )
     print(
-        f"hover: median {result['hover_ms_median']:.1f} ms, p90 {result['hover_ms_p90']:.1f} ms (highlight "
-        f"drawn); "
-        f"to the next frame {result['hover_to_next_frame_ms_median']:.1f} ms"
+        f"hover: median {result['hover_ms_median']:.1f} ms, p90 {result['hover_ms_p90']:.1f} ms "
+        f"(highlight drawn); to the next frame {result['hover_to_next_frame_ms_median']:.1f} ms"
     )
     print(
-        f"JS heap: ours {result['heap_mb_ours']:.0f} MiB vs parsed JSON {result['heap_mb_ct_parsed']:.0f} "
-        f"MiB "
-        f"(ratio {result['heap_ratio']:.3f})"
+        f"JS heap: ours {result['heap_mb_ours']:.0f} MiB "
+        f"vs parsed JSON {result['heap_mb_ct_parsed']:.0f} MiB (ratio {result['heap_ratio']:.3f})"
     )
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -197,9 +197,8 @@ def run(args: argparse.Namespace) -> dict:
         f"\nscores: replacement {result['full/replacement_score']:.3f} "
         f"(pruned {result['pruned/replacement_score']:.3f}), completeness "
         f"{result['full/completeness_score']:.3f} "
-        f"(pruned {result['pruned/completeness_score']:.3f}); pruned graph: {result['pruned/n_nodes']} "
-        f"nodes, "
-        f"{result['pruned/n_edges']} edges"
+        f"(pruned {result['pruned/completeness_score']:.3f}); "
+        f"pruned graph: {result['pruned/n_nodes']} nodes, {result['pruned/n_edges']} edges"
     )
     print(
         f"wrote {out}/{args.slug}.pt, {out}/{args.slug}.json, {out}/graph-metadata.json"

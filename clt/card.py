@@ -67,9 +67,8 @@ def model_card(
         "",
         f"A {arch.activation} cross-layer transcoder (CLT) trained with `clt` on the MLPs of "
         f"**{subject}**: {arch.n_layers} layers × {arch.d_sae} features (d_model = {arch.d_model}). "
-        f"Layer l's features read `{arch.input_hook}` at layer l and write `{arch.output_hook}` at layer l "
-        f"and "
-        "every later layer.",
+        f"Layer l's features read `{arch.input_hook}` at layer l "
+        f"and write `{arch.output_hook}` at layer l and every later layer.",
         "",
         "| | |",
         "|---|---|",

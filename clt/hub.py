@@ -76,9 +76,8 @@ def hub_download(
         ) from e
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
-            f"{where}: no such local directory, and not in the local Hugging Face cache while the Hub "
-            f"cannot be "
-            f"reached (offline mode, HF_HUB_OFFLINE, or no network): {e}"
+            f"{where}: no such local directory, and not in the local Hugging Face cache "
+            f"while the Hub cannot be reached (offline mode, HF_HUB_OFFLINE, or no network): {e}"
         ) from e
 
 

@@ -106,6 +106,47 @@ def train_cli(overrides, timeout=600, env: dict | None = None):
     )
 
 
+def cache_cli(model_dir, root, tokens: int) -> list[str]:
+    """`python -m clt.cache …` on the tiny model: `tokens` tokens in shards of 1,000 into `root`."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "clt.cache",
+        f"model.name_or_path={model_dir}",
+        "model.dtype=float32",
+        f"cache.dir={root}",
+        f"cache.tokens={tokens}",
+        "cache.shard_tokens=1000",
+        "data.context_size=32",
+        "data.eval_docs=2",
+    ]
+
+
+def served_graphs(folder) -> bytes:
+    """Start `clt serve FOLDER` in a subprocess, read the URL it prints and return its
+    /api/graphs listing; the server is stopped afterwards."""
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clt.cli", "serve", str(folder), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stdout.readline()).group(1)
+        with urllib.request.urlopen(url + "api/graphs") as r:
+            return r.read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
     """Hydra overrides for a fast CPU run on the tiny model and the bundled corpus."""
     base = {
@@ -132,15 +173,16 @@ def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def compose(overrides: list[str]):
-    """The typed config that `python train.py <overrides>` would run."""
+def compose(overrides: list[str], config_name: str = "config", schema=None):
+    """The typed config that `python train.py <overrides>` would run (another entry point's with
+    its `config_name` and `schema`, e.g. "cache" and CacheJobConfig)."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    from clt.config import load_config
+    from clt.config import TrainConfig, load_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return load_config(hcompose(config_name="config", overrides=overrides))
+        return load_config(hcompose(config_name=config_name, overrides=overrides), schema or TrainConfig)
 
 
 @pytest.fixture(scope="session")

@@ -255,3 +255,15 @@ def _handler(hub: FakeHub):
             )
 
     return Handler
+
+
+def hub_env(hub: FakeHub, tmp_path, **extra) -> dict:
+    """The environment that points huggingface_hub at `hub` (token, no Xet, a private HF_HOME)."""
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "hf_test",
+        "HF_HOME": str(tmp_path / "hf"),
+        **extra,
+    }

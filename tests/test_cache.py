@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides, train_cli
+from conftest import REPO, cache_cli, tiny_overrides, train_cli
 
 from clt.config import CacheConfig, CacheJobConfig, DataConfig, ModelConfig
 from clt.data import ActivationSource, TextPosition, WindowStream
@@ -321,18 +321,7 @@ def test_train_from_cache_matches_online_and_resumes(tmp_path, cache_dir, tiny_m
 def test_cache_cli_generates_a_cache(tmp_path, tiny_model_dir):
     root = tmp_path / "cli"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clt.cache",
-            f"model.name_or_path={tiny_model_dir}",
-            "model.dtype=float32",
-            f"cache.dir={root}",
-            "cache.tokens=2000",
-            "cache.shard_tokens=1000",
-            "data.context_size=32",
-            "data.eval_docs=2",
-        ],
+        cache_cli(tiny_model_dir, root, 2000),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose, tiny_overrides, train_cli
-from hub_server import FakeHub
+from conftest import REPO, cache_cli, compose, served_graphs, tiny_overrides, train_cli
+from hub_server import FakeHub, hub_env
 
 # Commands that cannot run on this machine (a model or data set downloaded at run time, GPUs,
 # W&B, a Slurm launcher) or that another test runs (trainer=ddp: tests/test_distributed.py, two
@@ -75,20 +75,7 @@ def check_train_config(overrides: list[str]) -> None:
 def tiny_cache(tmp_path_factory, tiny_model_dir):
     """`python -m clt.cache …` with tiny settings (the cache the cached-data commands read)."""
     root = tmp_path_factory.mktemp("docs-cache") / "sotu"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "clt.cache",
-            f"model.name_or_path={tiny_model_dir}",
-            "model.dtype=float32",
-            f"cache.dir={root}",
-            "cache.tokens=3000",
-            "cache.shard_tokens=1000",
-            "data.context_size=32",
-            "data.eval_docs=2",
-        ]
-    )
+    run(cache_cli(tiny_model_dir, root, 3000))
     return root
 
 
@@ -137,13 +124,9 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             )
             ran += 1
         elif head == ["python", "-m", "clt.cache"]:
-            from hydra import compose as hcompose
-            from hydra import initialize_config_dir
+            from clt.config import CacheJobConfig
 
-            from clt.config import CacheJobConfig, load_config
-
-            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-                load_config(hcompose(config_name="cache", overrides=overrides_of(argv[3:])), CacheJobConfig)
+            compose(overrides_of(argv[3:]), "cache", CacheJobConfig)
             checked += 1  # and run with tiny settings by the tiny_cache fixture
         elif argv[0] == "sbatch":
             script = next(a for a in argv if a.endswith(".sbatch"))
@@ -204,33 +187,12 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             ran += 1
         elif head[:2] == ["python", "-m"] and argv[2] == "clt.push":
             with FakeHub() as hub:
-                env = {
-                    "HF_ENDPOINT": hub.url,
-                    "HF_HUB_OFFLINE": "0",
-                    "HF_HUB_DISABLE_XET": "1",
-                    "HF_TOKEN": "hf_test",
-                    "HF_HOME": str(tmp_path / "hf"),
-                }
-                run([sys.executable, "-m", "clt.push", clt_dir, *argv[4:]], env=env)
+                run([sys.executable, "-m", "clt.push", clt_dir, *argv[4:]], env=hub_env(hub, tmp_path))
                 files = hub.files(argv[4], argv[argv.index("--revision") + 1])
                 assert files["model.safetensors"] == (Path(clt_dir) / "model.safetensors").read_bytes()
             ran += 1
         elif argv[:2] == ["clt", "serve"]:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "clt.cli", "serve", str(graphs), "--quiet"],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                import urllib.request
-
-                url = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stdout.readline()).group(1)
-                with urllib.request.urlopen(url + "api/graphs") as r:
-                    assert b"capitals" in r.read()
-            finally:
-                proc.terminate()
-                proc.wait(10)
+            assert b"capitals" in served_graphs(graphs)
             ran += 1
         elif argv[:2] == ["clt", "view"]:
             out = tmp_path / "paris.html"

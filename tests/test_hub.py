@@ -16,20 +16,9 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, tiny_overrides, train_cli
-from hub_server import FakeHub
+from hub_server import FakeHub, hub_env
 
 from clt.io import export_circuit_tracer, load_clt
-
-
-def hub_env(hub: FakeHub, tmp_path, **extra) -> dict:
-    return {
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_TOKEN": "hf_test",
-        "HF_HOME": str(tmp_path / "hf"),
-        **extra,
-    }
 
 
 def python(code: str, env: dict) -> subprocess.CompletedProcess:

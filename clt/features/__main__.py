@@ -36,9 +36,9 @@ def run(job: FeaturesJobConfig, progress: bool = True) -> int:
     m = FeatureStore(out).manifest
     mb = sum(v["bytes"] for v in m["files"].values()) / 2**20
     print(
-        f"{out}: cards of {m['clt']['n_layers']} × {m['clt']['d_sae']} features over {m['n_tokens']:,} "
-        f"tokens "
-        f"({mb:.1f} MiB); read one with FeatureStore('{out}').card(layer, feature)"
+        f"{out}: cards of {m['clt']['n_layers']} × {m['clt']['d_sae']} features "
+        f"over {m['n_tokens']:,} tokens ({mb:.1f} MiB); "
+        f"read one with FeatureStore('{out}').card(layer, feature)"
     )
     return 0
 

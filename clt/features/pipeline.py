@@ -53,7 +53,7 @@ def find_store(checkpoint: str, **hub) -> Path | None:
     if p.exists():
         d = default_store_dir(p)
         return d if (d / "manifest.json").exists() else None
-    from ..io import looks_like_repo_id
+    from ..hub import looks_like_repo_id
 
     if not looks_like_repo_id(checkpoint):
         return None

@@ -18,8 +18,6 @@ import torch
 from ..config import DECODE_PATHS
 from .reference import decode_dense, decode_sparse, to_padded
 
-IMPLS = DECODE_PATHS
-
 
 @functools.cache
 def triton_available() -> bool:
@@ -33,8 +31,8 @@ def triton_available() -> bool:
 def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the Triton kernels serve tensor `t` under `impl` (and CLT_KERNELS); raises a clear
     error when they are asked for but cannot run."""
-    if impl not in IMPLS:
-        raise ValueError(f"decode implementation {impl!r}: expected one of {IMPLS}")
+    if impl not in DECODE_PATHS:
+        raise ValueError(f"decode implementation {impl!r}: expected one of {DECODE_PATHS}")
     env = os.environ.get("CLT_KERNELS", "")
     if impl == "auto":
         wanted = env == "triton" or (env != "torch" and t.is_cuda and triton_available())
@@ -92,7 +90,7 @@ def encode_fused(
 
 
 __all__ = [
-    "IMPLS",
+    "DECODE_PATHS",
     "choose",
     "decode",
     "encode_fused",

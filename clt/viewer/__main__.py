@@ -40,8 +40,8 @@ def serve_main(argv: list[str]) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"warning: listening on {args.host}: anyone who can reach it can read these graphs and run the "
-            f"model",
+            f"warning: listening on {args.host}: "
+            "anyone who can reach it can read these graphs and run the model",
             file=sys.stderr,
         )
     print(f"serving {srv.folder.root} at {srv.url}  (Ctrl-C stops)", flush=True)
