@@ -173,9 +173,33 @@ class CrossLayerTranscoder(nn.Module):
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x: [N, d] input of one layer -> a: [N, F] (used when splicing into a live forward pass)."""
+        return self.activate(self._preactivation_layer(x, layer)[:, None], slice(layer, layer + 1))[:, 0]
+
+    def encode_layer_entries(
+        self, x: torch.Tensor, layer: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """x: [N, d] -> (a: [N, F], (t, f, v)): the activations and their non-zero entries
+        a[t[i], f[i]] = v[i] > 0 (every activation is ≥ 0). TopK gives its entries from its own
+        selection, the others from a scan of a (the feature-card pass reads the entries).
+        `out`: an [N, F] tensor to write a into (a slab of a buffer the caller keeps)."""
+        h = self._preactivation_layer(x, layer)
+        if self.arch.activation == "topk" and not (self.mesh is not None and self.mesh.sharded):
+            vals, idx = act.topk_entries(h, self.arch.k)  # [N, k]
+            a = (torch.zeros_like(h) if out is None else out.zero_()).scatter_(-1, idx, vals)
+            t = torch.arange(len(h), device=h.device)[:, None].expand_as(idx)
+            if bool((vals > 0).all()):
+                return a, (t.reshape(-1), idx.reshape(-1), vals.reshape(-1))
+            on = (vals > 0).nonzero(as_tuple=True)
+            return a, (t[on], idx[on], vals[on])
+        a = self.activate(h[:, None], slice(layer, layer + 1))[:, 0]
+        a = a if out is None else out.copy_(a)
+        t, f = a.nonzero(as_tuple=True)
+        return a, (t, f, a[t, f])
+
+    def _preactivation_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x: [N, d] -> h: [N, F] of one layer."""
         x = x.to(self.W_enc.dtype) * self.input_scale[layer]
-        h = x @ self.W_enc[layer].T + self.b_enc[layer]
-        return self.activate(h[:, None], slice(layer, layer + 1))[:, 0]
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
 
     def decode_layer(self, acts: list[torch.Tensor], layer: int) -> torch.Tensor:
         """acts[s]: [N, F] for s ≤ layer -> ŷ_layer: [N, d] in subject units."""

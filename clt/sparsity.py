@@ -13,10 +13,16 @@ from __future__ import annotations
 import torch
 
 
+def topk_entries(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: [..., F] -> (vals, idx): [..., k], the k largest entries of the last axis, ReLU'd."""
+    vals, idx = h.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
 def topk(h: torch.Tensor, k: int) -> torch.Tensor:
     """h: [N, L, F] -> a: [N, L, F] with the k largest entries per (token, layer) kept, ReLU'd."""
-    vals, idx = h.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(h).scatter(-1, idx, vals.relu())
+    vals, idx = topk_entries(h, k)
+    return torch.zeros_like(h).scatter(-1, idx, vals)
 
 
 def batchtopk(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

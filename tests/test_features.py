@@ -24,8 +24,19 @@ from conftest import REPO
 from clt.config import DataConfig, FeaturesConfig, FeaturesJobConfig, ModelConfig
 from clt.data.activation_cache import finalize, make_plan, write_or_check_plan, write_shard
 from clt.features import FeatureError, FeatureStore
-from clt.features.accumulate import CardAccumulator, SlotBuffer
-from clt.features.pipeline import compute_store
+from clt.features.accumulate import (
+    BINS_PER_DECADE,
+    N_STRATA,
+    STRATA_PER_DECADE,
+    CardAccumulator,
+    SlotBuffer,
+    bin_edges,
+    group_sort,
+    lexsort,
+    log_bin,
+    stratum_of_bin,
+)
+from clt.features.pipeline import Batch, compute_store, scan_batch
 from clt.features.store import cantor
 from clt.model import CLTArchitecture, CrossLayerTranscoder
 
@@ -226,11 +237,83 @@ def test_accumulator_merge_is_independent_of_batch_order(setup):
     first, second = run(range(WINDOWS), 0, 20), run(range(WINDOWS), 20, WINDOWS)
     second.merge(first)
     for other in (shuffled, second):
-        for k in CardAccumulator.STATS:
-            assert torch.equal(getattr(other, k), getattr(ref, k)), k
-        for buf in ("top", "strata"):
-            for k in SlotBuffer.FIELDS:
-                assert torch.equal(getattr(getattr(other, buf), k), getattr(getattr(ref, buf), k)), (buf, k)
+        assert_same_state(other, ref)
+
+
+def assert_same_state(got: CardAccumulator, want: CardAccumulator, rows=None) -> None:
+    """Equal statistics and buffers (of accumulator rows `rows` of `want`, default all)."""
+    rows = torch.arange(want.hist.shape[0]) if rows is None else rows
+    strata = (rows[:, None] * N_STRATA + torch.arange(N_STRATA)).flatten()
+    assert got.n_tokens == want.n_tokens
+    for k in CardAccumulator.STATS:
+        assert torch.equal(getattr(got, k), getattr(want, k)[rows]), k
+    for buf, r in (("top", rows), ("strata", strata)):
+        for k in SlotBuffer.FIELDS:
+            assert torch.equal(getattr(getattr(got, buf), k), getattr(getattr(want, buf), k)[r]), (buf, k)
+
+
+def planted_batches(x, tokens, docs, windows: int = 5):
+    for w0 in range(0, WINDOWS, windows):
+        rows = slice(w0 * PER, min(w0 + windows, WINDOWS) * PER)
+        yield Batch(w0, x[rows], tokens[rows], docs[rows], {})
+
+
+@pytest.mark.parametrize("max_elements", [1 << 26, PER * 5 * D])  # all layers together, one at a time
+def test_topk_entries_and_stacked_layers_give_the_dense_scan_state(setup, max_elements):
+    """A TopK CLT through scan_batch (TopK's own indices as the entries, the layers in one
+    stacked buffer) against each layer's dense activations scanned one update at a time."""
+    clt = identity_clt(setup.model_dir)
+    clt.arch = replace(clt.arch, activation="topk", k=3)
+    fast, dense = CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT), CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT)
+    for b in planted_batches(setup.x, setup.tokens, setup.docs):
+        scan_batch(fast, clt, b, PER, 0.0, max_elements)
+        for layer in range(L):
+            dense.update(layer, clt.encode_layer(b.x[:, layer], layer), b.tokens, b.docs, b.w0 * PER, PER)
+        dense.add_tokens(len(b.tokens))
+    assert dense.hist.sum() > 0.5 * N * L * 3  # TopK fired (3 per token and layer, where x > 0)
+    assert_same_state(fast, dense)
+
+
+def test_a_feature_selection_gives_those_rows_of_the_full_pass(setup):
+    sel = [torch.tensor([3, 0, 17]), None, torch.tensor([31])]
+    part = CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT, features=sel)
+    full = CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT)
+    for b in planted_batches(setup.x, setup.tokens, setup.docs):
+        scan_batch(part, setup.clt, b, PER, 0.0)
+        scan_batch(full, setup.clt, b, PER, 0.0)
+    rows = torch.cat([torch.tensor([3, 0, 17]), D + torch.arange(D), torch.tensor([2 * D + 31])])
+    assert_same_state(part, full, rows)
+
+
+def test_fast_kernels_equal_their_definitions():
+    """log_bin's float32 bit table against torch.bucketize (at every edge, one ulp either side,
+    and over 12 decades); histogram bins to strata against log_bin at the strata resolution;
+    the packed one-sort group_sort against the three-key lexsort, ties included."""
+    g = torch.Generator().manual_seed(0)
+    for per in (BINS_PER_DECADE, STRATA_PER_DECADE):
+        e = bin_edges(per).float()
+        v = torch.cat(
+            [
+                e,
+                e.nextafter(torch.tensor(0.0)),
+                e.nextafter(torch.tensor(1e30)),
+                torch.exp(torch.randn(200_000, generator=g) * 6),
+                torch.tensor([1e-45, 1e-38, 3e38, float("inf")]),
+            ]
+        )
+        assert torch.equal(log_bin(v, per), torch.bucketize(v, e, right=True)), per
+        assert torch.equal(log_bin(v.double(), per), torch.bucketize(v.double(), bin_edges(per), right=True))
+    assert torch.equal(stratum_of_bin(log_bin(v, BINS_PER_DECADE)), log_bin(v, STRATA_PER_DECADE))
+    for n_groups, n in ((7, 50), (300_000, 5000)):
+        group = torch.randint(0, n_groups, (n,), generator=g)
+        order = torch.randn(n, generator=g, dtype=torch.float64) * 1e3
+        order[::3] = order[1::3][: len(order[::3])]  # ties in order, broken by idx
+        order[::7] = float("inf")
+        order = torch.where(torch.rand(n, generator=g) < 0.3, order.round(), order)
+        idx = torch.randperm(n, generator=g)
+        assert torch.equal(group_sort(group, order, idx, n_groups), lexsort(group, order, idx))
+        distinct = torch.randperm(n, generator=g).double() - n / 2  # no ties: the one-sort path
+        assert torch.equal(group_sort(group, distinct, idx, n_groups), lexsort(group, distinct, idx))
 
 
 def test_interval_samples_lie_in_their_intervals(setup):

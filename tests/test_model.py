@@ -101,6 +101,25 @@ def test_layerwise_api_matches_batched(activation):
         torch.testing.assert_close(clt.decode_layer(acts, l), y[:, l], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_layer_entries_are_the_nonzeros_of_the_layer(activation):
+    """encode_layer_entries (TopK: from its own selection) lists exactly the non-zeros of
+    encode_layer, each once; `out` receives the same activations."""
+    clt = make_clt(activation).eval()
+    with torch.no_grad():
+        clt.batchtopk_threshold.fill_(0.1)
+    x = torch.randn(7, 4, 6)
+    for layer in range(4):
+        a = clt.encode_layer(x[:, layer], layer)
+        out = torch.full_like(a, float("nan"))
+        got, (t, f, v) = clt.encode_layer_entries(x[:, layer], layer, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, a)
+        order = torch.argsort(t * a.shape[1] + f)
+        t, f, v = t[order], f[order], v[order]
+        want_t, want_f = (a > 0).nonzero(as_tuple=True)
+        assert torch.equal(t, want_t) and torch.equal(f, want_f) and torch.equal(v, a[want_t, want_f])
+
+
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])
 def test_normalisation_folds_exactly(tmp_path, activation):
     clt = make_clt(activation, log_threshold=activation == "jumprelu").eval()

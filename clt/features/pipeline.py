@@ -220,23 +220,31 @@ def scan_batch(
 ) -> None:
     """Encode one batch layer by layer and add it to the statistics, several layers per update
     (at most `max_elements` activations held at a time)."""
-    dev = acc.count.device
+    dev = acc.hist.device
     x = b.x.to(dev)
     tokens, docs = b.tokens.to(dev), b.docs.to(dev)
     counted = counted_positions(clt, x, outlier_norm)
-    g0, group, first = b.w0 * per, [], 0
-    for layer in range(clt.n_layers):
-        a = clt.encode_layer(x[:, layer], layer)  # [n, F]
-        sel = acc.features[layer]
-        group.append(a if sel is None else a[:, sel.to(dev)])
-        last = layer == clt.n_layers - 1
-        if (
-            last
-            or sum(t.shape[1] for t in group) * len(tokens) + acc.widths[layer + 1] * len(tokens)
-            > max_elements
-        ):
-            acc.update(first, group, tokens, docs, g0, per, counted)
-            group, first = [], layer + 1
+    g0, first, n, F = b.w0 * per, 0, len(tokens), clt.d_sae
+    while first < clt.n_layers:
+        # the layers first … last − 1 together: at most max_elements activations
+        last = first + 1
+        while last < clt.n_layers and sum(acc.widths[first : last + 1]) * n <= max_elements:
+            last += 1
+        dense = all(acc.features[layer] is None for layer in range(first, last))
+        # all features of every layer: one [layers, n, F] buffer (one gather per context batch)
+        buf = acc.scratch_buffer((last - first, n, F), clt.W_enc.dtype) if dense else None
+        group, entries = [], []
+        for i, layer in enumerate(range(first, last)):
+            a, nz = clt.encode_layer_entries(x[:, layer], layer, None if buf is None else buf[i])
+            sel = acc.features[layer]
+            if sel is not None:  # the selected features only: their non-zeros from a scan
+                a = a[:, sel.to(dev)]
+                t, j = (a > 0).nonzero(as_tuple=True)
+                nz = (t, j, a[t, j])
+            group.append(a)
+            entries.append(nz)
+        acc.update(first, group if buf is None else buf, tokens, docs, g0, per, counted, entries)
+        first = last
     acc.add_tokens(len(tokens) if counted is None else int(counted.sum()))
 
 
