@@ -3,6 +3,7 @@
     python benchmarks/roofline.py                                  # demo shape (L=30, d=576, F=512, k=16)
     python benchmarks/roofline.py --baseline-rev 82d77a6           # + the same step at that revision
     python benchmarks/roofline.py --layers 12 --d 768 --d-sae 24576 --k 32 --tokens 4096   # GPT-2 small
+    python benchmarks/roofline.py --activation jumprelu clt.init_firing_rate=0.03125   # JumpReLU at L0 ≈ 16
 
 In one run: the machine's copy bandwidth and GEMM rate (measured here, not quoted), then each
 component of the step (encoder forward, selection, decode forward and backward, encoder weight
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -73,10 +75,12 @@ def make_module(args, device: str):
     from clt.model import CLTArchitecture
     from clt.training import CLTModule
 
-    cfg = compose([f"clt={args.activation}", f"clt.d_sae={args.d_sae}", f"clt.k={args.k}"])
-    arch = CLTArchitecture(
-        n_layers=args.layers, d_model=args.d, d_sae=args.d_sae, activation=args.activation, k=args.k
-    )
+    extra = getattr(args, "overrides", [])
+    cfg = compose([f"clt={args.activation}", f"clt.d_sae={args.d_sae}", f"clt.k={args.k}", *extra])
+    shape = dict(n_layers=args.layers, d_model=args.d, d_sae=args.d_sae, activation=args.activation, k=args.k)
+    # the CLT config's other architecture knobs (bandwidth, …) as training would set them
+    knobs = {f.name: getattr(cfg.clt, f.name) for f in fields(CLTArchitecture) if hasattr(cfg.clt, f.name)}
+    arch = CLTArchitecture(**(knobs | shape))
     torch.manual_seed(0)
     m = CLTModule(cfg, arch).to(device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -131,6 +135,9 @@ def components(args, device: str, mach: dict) -> dict:
     part("selection", lambda: clt.activate(h), 0, 4 * 2 * N * L * F)
     with torch.no_grad():
         a = clt.activate(h)
+        support = clt.gradient_support(h, a)
+        out["l0"] = float((a != 0).sum(-1).float().mean())  # active features per token and layer
+        out["gradient_support"] = float(((a != 0) if support is None else support).float().mean())
     W = list(clt.W_dec)
     part(
         "decode_forward",
@@ -208,6 +215,8 @@ def _env() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    example = "clt.bandwidth=0.1 clt.init_firing_rate=0.03"
+    ap.add_argument("overrides", nargs="*", help=f"Hydra overrides of the CLT config ({example})")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--d-sae", type=int, default=512)
@@ -222,11 +231,15 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mach = machine(device)
     shape = {k: getattr(args, k) for k in ("layers", "d", "d_sae", "k", "tokens", "activation")}
+    shape["overrides"] = args.overrides
     print(
         f"{device} ({torch.get_num_threads()} threads): memory {mach['bandwidth_Bps'] / 1e9:.1f} GB/s, "
         f"GEMM {mach['gemm_flops'] / 1e9:.0f} GFLOP/s; shape {shape}"
     )
     parts = components(args, device, mach)
+    l0, support = parts.pop("l0"), parts.pop("gradient_support")
+    need = f"{100 * support:.1f}% of (token, feature) pairs need ∂a"
+    print(f"  at initialisation: L0 {l0:.1f} per token and layer; {need}")
     for name, r in parts.items():
         share = f"{100 * r['of_bound']:5.1f}% of it"
         print(f"  {name:20s} {r['ms']:9.1f} ms   bound {r['bound_ms']:8.1f} ms   {share}")
@@ -242,6 +255,8 @@ def main() -> None:
         "shape": shape,
         "machine": mach,
         "components": parts,
+        "l0": l0,
+        "gradient_support": support,
         "step_ms": 1e3 * step,
         "step_bound_ms": 1e3 * bound,
         "tokens_per_s": args.tokens / step,
