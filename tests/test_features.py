@@ -274,6 +274,23 @@ def test_topk_entries_and_stacked_layers_give_the_dense_scan_state(setup, max_el
     assert_same_state(fast, dense)
 
 
+def test_the_sorted_grouping_gives_the_dense_table_state(setup, monkeypatch):
+    """The top-k pass's fallback for batches with too many (feature, document) cells for a table
+    (filter by the buffer's worst, then torch.unique) against the table."""
+    import clt.features.accumulate as acc_module
+
+    def run():
+        acc = CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT)
+        for b in planted_batches(setup.x, setup.tokens, setup.docs):
+            scan_batch(acc, setup.clt, b, PER, 0.0)
+        return acc
+
+    table = run()
+    monkeypatch.setattr(acc_module, "TABLE_PER_ENTRY", 0)
+    monkeypatch.setattr(acc_module, "TABLE_MIN", 0)
+    assert_same_state(run(), table)
+
+
 def test_a_feature_selection_gives_those_rows_of_the_full_pass(setup):
     sel = [torch.tensor([3, 0, 17]), None, torch.tensor([31])]
     part = CardAccumulator(L, D, TOP_K, 2, LEFT, RIGHT, features=sel)

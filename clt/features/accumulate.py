@@ -36,6 +36,9 @@ STRATA_PER_DECADE = 2  # interval-sample strata (under/overflow strata at the en
 N_STRATA = (HI - LO) * STRATA_PER_DECADE + 2
 assert BINS_PER_DECADE % STRATA_PER_DECADE == 0  # strata edges are histogram edges (stratum_of_bin)
 EMPTY = float("inf")  # the order key of an empty slot
+# the top-k pass groups a batch's entries by (feature, document) in a dense table while it has at
+# most max(TABLE_PER_ENTRY · entries, TABLE_MIN) cells, else by a sort
+TABLE_PER_ENTRY, TABLE_MIN = 4, 1 << 20
 
 
 def log_bin(v: torch.Tensor, per_decade: int) -> torch.Tensor:
@@ -430,7 +433,8 @@ class CardAccumulator:
         n = len(docs)
         udocs, dl = torch.unique(docs, return_inverse=True)  # the batch's D documents
         D, r0, r1 = len(udocs), self.offsets[layer], self.offsets[layer + n_layers]
-        if (r1 - r0) * D > max(4 * len(t), 1 << 20):  # too many cells for a table: sort the few in hope
+        dense = (r1 - r0) * D <= max(TABLE_PER_ENTRY * len(t), TABLE_MIN)
+        if not dense:  # too many cells for a table: sort the few entries that can still get in
             hope = (v.double() >= -self.top.worst(row)).nonzero().squeeze(1)
             t, row, v = t[hope], row[hope], v[hope]
         key = row - r0
@@ -440,7 +444,7 @@ class CardAccumulator:
         packed <<= 32
         packed -= t
         packed += n - 1
-        if (r1 - r0) * D <= max(4 * len(t), 1 << 20):
+        if dense:
             table = torch.zeros((r1 - r0) * D, dtype=torch.int64, device=v.device)
             table.scatter_reduce_(0, key, packed, "amax")
             cells = table.nonzero().squeeze(1)
