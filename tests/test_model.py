@@ -77,6 +77,39 @@ def test_decode_gradients_match_double_loop():
             torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("wants", ["both", "a", "W"])
+def test_tiled_sparse_decode_gradients_on_a_support(wants):
+    """The slab-at-a-time sparse decode (decode_sparse): ∂a on a support wider than the active set
+    (JumpReLU's band: inactive positions get their dense gradient), a source layer with no entry,
+    and each input alone requiring gradient; against autograd through the double loop."""
+    torch.manual_seed(1)
+    L, F = 4, 13
+    a0 = torch.randn(10, L, F)
+    a0[a0 < 1.0] = 0
+    a0[:, 2] = 0  # source layer 2: nothing active and nothing on the support
+    support = (a0 != 0) | (torch.rand(a0.shape) < 0.1)
+    support[:, 2] = False
+    W0 = [torch.randn(F, L - s, 7) for s in range(L)]
+    g = torch.randn(10, L, 7)
+    out = []
+    for fn in (double_loop_decode, lambda a, W: decode_sparse(a, W, support)):
+        a = a0.clone().requires_grad_(wants in ("both", "a"))
+        W = [w.clone().requires_grad_(wants in ("both", "W")) for w in W0]
+        y = fn(a, W)
+        (y * g).sum().backward()
+        out.append((y.detach(), None if a.grad is None else a.grad * support, [w.grad for w in W]))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    if wants != "W":
+        torch.testing.assert_close(out[1][1], out[0][1])
+    else:
+        assert out[1][1] is None
+    for ref, got in zip(out[0][2], out[1][2]):
+        if wants == "a":
+            assert got is None
+        else:
+            torch.testing.assert_close(got, ref)
+
+
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
 def test_forward_matches_explicit_math(activation):
     clt = make_clt(activation).eval()
