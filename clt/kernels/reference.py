@@ -47,11 +47,7 @@ def decode_entries(
 ) -> torch.Tensor:
     """The decode from its entries: a[rows[s][i], s, cols[s][i]] = vals[s][i] for each source
     layer s, rows[s] sorted (token order) -> [n, L, d]. Gradients for vals and W_dec."""
-    offsets = []
-    for r in rows:
-        o = torch.zeros(n, dtype=torch.long, device=r.device)
-        o[1:] = torch.bincount(r, minlength=n)[:-1].cumsum(0)
-        offsets.append(o)
+    offsets = [bag_offsets(r, n) for r in rows]
     L = len(W_dec)
     return _TiledDecode.apply(L, list(rows), list(cols), offsets, *vals, *W_dec)
 
@@ -98,8 +94,7 @@ class _TiledDecode(torch.autograd.Function):
             if gw is not None:  # the transposed pattern: the entries grouped by feature
                 order = torch.argsort(cols[s], stable=True)
                 t_rows, t_vals = rows[s][order], vals[s][order]
-                t_offsets = torch.zeros(F, dtype=torch.long, device=W.device)
-                t_offsets[1:] = torch.bincount(cols[s], minlength=F)[:-1].cumsum(0)
+                t_offsets = bag_offsets(cols[s], F)
             for t in range(s, L):
                 g = grad[t]  # [n, d]
                 if gw is not None:
@@ -124,9 +119,17 @@ def sparse_matmul(a: torch.Tensor, W: torch.Tensor, support: torch.Tensor | None
     n = a.shape[0]
     if rows.numel() == 0:
         return a.new_zeros(n, W.shape[1])
-    offsets = torch.zeros(n, dtype=torch.long, device=a.device)
-    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
-    return nn.functional.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=a[rows, cols])
+    return nn.functional.embedding_bag(
+        cols, W, bag_offsets(rows, n), mode="sum", per_sample_weights=a[rows, cols]
+    )
+
+
+def bag_offsets(bag: torch.Tensor, n: int) -> torch.Tensor:
+    """bag: [E] bag index of each entry (the entries grouped by bag, bags in order) -> [n], where
+    each of the n bags starts (embedding_bag's offsets; an empty bag starts where the next does)."""
+    offsets = torch.zeros(n, dtype=torch.long, device=bag.device)
+    offsets[1:] = torch.bincount(bag, minlength=n)[:-1].cumsum(0)
+    return offsets
 
 
 def sum_shifted(contribs: list[torch.Tensor], n: int, L: int, d: int) -> torch.Tensor:
