@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from clt.kernels import cpu
 from clt.kernels.reference import decode_dense, decode_padded, decode_sparse, to_padded
 from clt.model import CheckpointError, CLTArchitecture, CrossLayerTranscoder
 
@@ -77,11 +78,24 @@ def test_decode_gradients_match_double_loop():
             torch.testing.assert_close(g, g_ref)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def sparse_path(request, monkeypatch):
+    """Each implementation of the sparse decode's loops: the C kernel (kernels.cpu) and the
+    embedding_bag one it falls back to."""
+    if request.param == "kernel":
+        assert cpu.library() is not None, "the CPU decode kernel did not build (is a C compiler on PATH?)"
+    else:
+        monkeypatch.setattr(cpu, "usable", lambda *tensors: False)
+    return request.param
+
+
+@pytest.mark.parametrize("d", [7, 40])
 @pytest.mark.parametrize("wants", ["both", "a", "W"])
-def test_tiled_sparse_decode_gradients_on_a_support(wants):
+def test_tiled_sparse_decode_gradients_on_a_support(wants, d, sparse_path):
     """The slab-at-a-time sparse decode (decode_sparse): ∂a on a support wider than the active set
     (JumpReLU's band: inactive positions get their dense gradient), a source layer with no entry,
-    and each input alone requiring gradient; against autograd through the double loop."""
+    and each input alone requiring gradient; against autograd through the double loop. d = 7 is
+    all vector tail in the kernel, d = 40 two 16-wide vectors and a tail."""
     torch.manual_seed(1)
     L, F = 4, 13
     a0 = torch.randn(10, L, F)
@@ -89,8 +103,8 @@ def test_tiled_sparse_decode_gradients_on_a_support(wants):
     a0[:, 2] = 0  # source layer 2: nothing active and nothing on the support
     support = (a0 != 0) | (torch.rand(a0.shape) < 0.1)
     support[:, 2] = False
-    W0 = [torch.randn(F, L - s, 7) for s in range(L)]
-    g = torch.randn(10, L, 7)
+    W0 = [torch.randn(F, L - s, d) for s in range(L)]
+    g = torch.randn(10, L, d)
     out = []
     for fn in (double_loop_decode, lambda a, W: decode_sparse(a, W, support)):
         a = a0.clone().requires_grad_(wants in ("both", "a"))
@@ -108,6 +122,42 @@ def test_tiled_sparse_decode_gradients_on_a_support(wants):
             assert got is None
         else:
             torch.testing.assert_close(got, ref)
+
+
+def test_cpu_kernel_panels_and_threads():
+    """The C kernel with more tokens than one panel holds (its columns then run in several panels
+    of 16, the last one short) against the double loop, and the same output and W_dec gradient
+    bit for bit on 1 and 2 threads (each call owns whole target layers)."""
+    assert cpu.library() is not None
+    torch.manual_seed(2)
+    n, L, F, d = 24_000, 3, 9, 40
+    assert cpu.library().clt_panel_width(F, n, d) == 16
+    a0 = torch.randn(n, L, F)
+    a0[a0 < 1.5] = 0
+    W0 = [torch.randn(F, L - s, d) for s in range(L)]
+    g = torch.randn(n, L, d)
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            W = [w.clone().requires_grad_(True) for w in W0]
+            y = decode_sparse(a0, W)
+            (y * g).sum().backward()
+        finally:
+            torch.set_num_threads(old)
+        results.append((y.detach(), [w.grad for w in W]))
+    # float64 reference: a W_dec gradient sums ~1,600 terms of size ~2 with cancellation, so fp32
+    # rounding alone is ~1e-4 absolute
+    W = [w.double().requires_grad_(True) for w in W0]
+    y_ref = double_loop_decode(a0.double(), W)
+    (y_ref * g.double()).sum().backward()
+    torch.testing.assert_close(results[0][0].double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, ref in zip(results[0][1], W):
+        torch.testing.assert_close(got.double(), ref.grad, rtol=1e-5, atol=5e-4)
+    assert torch.equal(results[0][0], results[1][0])
+    for one, two in zip(results[0][1], results[1][1]):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])

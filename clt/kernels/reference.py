@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import cpu
+
 
 def decode_dense(a: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     """a: [N, L, F], W_dec[s]: [F, L − s, d] -> [N, L, d] (dense matmuls, gradients everywhere)."""
@@ -59,20 +61,16 @@ class _TiledDecode(torch.autograd.Function):
     memory once per entry: 2-3x slower on CPU). Backward, per slab:
         ∂W_dec[s][f, t − s] = Σ_{i: cols=f} vals[i] ∂ŷ[rows[i], t]   (A_sᵀ ∂ŷ[:, t]: a bag per feature)
         ∂vals[i] += ⟨W_dec[s][cols[i], t − s], ∂ŷ[rows[i], t]⟩
-    so neither pass materialises a gathered [entries, d] tensor."""
+    so neither pass materialises a gathered [entries, d] tensor. Two implementations of the same
+    loops: the C kernel of `kernels.cpu` (fp32 on CPU, where it builds) and embedding_bag per slab."""
 
     @staticmethod
     def forward(ctx, L: int, rows, cols, offsets, *vals_and_W):
         vals, Ws = vals_and_W[:L], vals_and_W[L:]
-        n, d = offsets[0].numel(), Ws[0].shape[-1]
-        out = Ws[0].new_zeros(n, L, d)
-        slab = Ws[0].new_empty(Ws[0].shape[0], d)  # one reused buffer (fresh memory is slow on CPU)
-        for s in range(L):
-            for t in range(s, L):  # a contiguous slab: embedding_bag is ~4x slower on a strided one
-                slab.copy_(Ws[s][:, t - s])
-                out[:, t] += nn.functional.embedding_bag(
-                    cols[s], slab, offsets[s], mode="sum", per_sample_weights=vals[s]
-                )
+        n = offsets[0].numel()
+        ctx.kernel = cpu.usable(*vals, *Ws)
+        decode = cpu.forward if ctx.kernel else _bag_forward
+        out = decode(cols, vals, offsets, Ws, n)
         ctx.L, ctx.lists = L, (rows, cols, offsets)
         ctx.save_for_backward(*vals, *Ws)
         return out
@@ -83,30 +81,73 @@ class _TiledDecode(torch.autograd.Function):
         L, (rows, cols, offsets) = ctx.L, ctx.lists
         saved = ctx.saved_tensors
         vals, Ws = saved[:L], saved[L:]
-        need_vals, need_W = ctx.needs_input_grad[4 : 4 + L], ctx.needs_input_grad[4 + L :]
-        grad = grad.transpose(0, 1).contiguous()  # [L, n, d]: each target's rows contiguous
-        slab = Ws[0].new_empty(Ws[0].shape[0], grad.shape[-1])
-        g_vals, g_W = [], []
-        for s in range(L):
-            W, F = Ws[s], Ws[s].shape[0]
-            gv = torch.zeros_like(vals[s]) if need_vals[s] else None
-            gw = torch.empty_like(W) if need_W[s] else None
-            if gw is not None:  # the transposed pattern: the entries grouped by feature
-                order = torch.argsort(cols[s], stable=True)
-                t_rows, t_vals = rows[s][order], vals[s][order]
-                t_offsets = bag_offsets(cols[s], F)
-            for t in range(s, L):
-                g = grad[t]  # [n, d]
-                if gw is not None:
-                    gw[:, t - s] = nn.functional.embedding_bag(
-                        t_rows, g, t_offsets, mode="sum", per_sample_weights=t_vals
-                    )
-                if gv is not None:  # embedding_bag's own per-entry weight gradient (mode 0: sum)
-                    slab.copy_(W[:, t - s])
-                    gv += _bag_weight_grad(g, slab, cols[s], offsets[s], rows[s], 0)
-            g_vals.append(gv)
-            g_W.append(gw)
+        need_vals, need_W = any(ctx.needs_input_grad[4 : 4 + L]), any(ctx.needs_input_grad[4 + L :])
+        F = Ws[0].shape[0]
+        g_vals: list = [None] * L
+        g_W: list = [None] * L
+        if need_W:  # the transposed pattern: the entries grouped by feature
+            order = [torch.argsort(c, stable=True) for c in cols]
+            t_rows = [r[o] for r, o in zip(rows, order)]
+            t_vals = [v[o] for v, o in zip(vals, order)]
+            f_offsets = [bag_offsets(c, F) for c in cols]
+        if ctx.kernel:
+            g = grad.contiguous()
+            if need_vals:
+                g_vals = cpu.backward_vals(cols, offsets, Ws, g)
+            if need_W:
+                g_W = cpu.backward_W(t_rows, t_vals, f_offsets, Ws, g)
+        else:
+            g = grad.transpose(0, 1).contiguous()  # [L, n, d]: each target's rows contiguous
+            if need_vals:
+                g_vals = _bag_backward_vals(rows, cols, offsets, Ws, g)
+            if need_W:
+                g_W = _bag_backward_W(t_rows, t_vals, f_offsets, Ws, g)
+        g_vals = [gv if ctx.needs_input_grad[4 + s] else None for s, gv in enumerate(g_vals)]
+        g_W = [gw if ctx.needs_input_grad[4 + L + s] else None for s, gw in enumerate(g_W)]
         return (None, None, None, None, *g_vals, *g_W)
+
+
+def _bag_forward(cols, vals, offsets, Ws, n: int) -> torch.Tensor:
+    """The forward by embedding_bag, one contiguous copy of each slab (embedding_bag is ~4x slower
+    on a strided one) -> [n, L, d]."""
+    L, d = len(Ws), Ws[0].shape[-1]
+    out = Ws[0].new_zeros(L, n, d)
+    slab = Ws[0].new_empty(Ws[0].shape[0], d)  # one reused buffer (fresh memory is slow on CPU)
+    for s in range(L):
+        for t in range(s, L):
+            slab.copy_(Ws[s][:, t - s])
+            out[t] += nn.functional.embedding_bag(
+                cols[s], slab, offsets[s], mode="sum", per_sample_weights=vals[s]
+            )
+    return out.transpose(0, 1)
+
+
+def _bag_backward_vals(rows, cols, offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
+    """∂vals by embedding_bag's own per-entry weight gradient (mode 0: sum); g: [L, n, d]."""
+    L = len(Ws)
+    slab = Ws[0].new_empty(Ws[0].shape[0], g.shape[-1])
+    g_vals = []
+    for s in range(L):
+        gv = g.new_zeros(cols[s].numel())
+        for t in range(s, L):
+            slab.copy_(Ws[s][:, t - s])
+            gv += _bag_weight_grad(g[t], slab, cols[s], offsets[s], rows[s], 0)
+        g_vals.append(gv)
+    return g_vals
+
+
+def _bag_backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
+    """∂W_dec: a bag per feature over the transposed pattern, per slab; g: [L, n, d]."""
+    L = len(Ws)
+    g_W = []
+    for s in range(L):
+        gw = torch.empty_like(Ws[s])
+        for t in range(s, L):
+            gw[:, t - s] = nn.functional.embedding_bag(
+                t_rows[s], g[t], f_offsets[s], mode="sum", per_sample_weights=t_vals[s]
+            )
+        g_W.append(gw)
+    return g_W
 
 
 _bag_weight_grad = torch.ops.aten._embedding_bag_per_sample_weights_backward

@@ -1,0 +1,204 @@
+"""The sparse decode's CPU kernel (cpu_decode.c): compiled once per machine with the system's C
+compiler into a cache directory, called through ctypes, one token (or feature) range per thread.
+
+Why a kernel: the decode reads, per (source, target) slab, one decoder row per active entry. The
+torch path (embedding_bag per slab, `reference._TiledDecode`) pays a copy of every slab to make it
+contiguous, a fresh [n, d] output per slab and an add into the reconstruction; the kernel reads
+the rows where they are and accumulates in place, which at the demo shape is 3-4x faster.
+
+Threads split the target layers (`_target_sets`), so each slab is read by one core.
+`library()` is None where no compiler is found or the build fails (then the torch path runs); the
+environment variable CLT_CPU_KERNEL=0 turns the kernel off. The cache is CLT_KERNEL_CACHE, else
+~/.cache/clt/kernels; the file name carries a hash of the source, the flags and the CPU, so a
+shared home directory serves machines with different instruction sets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=fast",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CLT_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "clt" / "kernels"
+
+
+def _build(so: Path) -> None:
+    """Compile into a temporary file beside `so`, then rename: concurrent builders never see a torn
+    library."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc) on PATH")
+    so.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=so.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, so)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (no compiler, a failed build, CLT_CPU_KERNEL=0)."""
+    if os.environ.get("CLT_CPU_KERNEL", "1") == "0" or platform.system() != "Linux":
+        return None
+    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"cpu_decode-{key}.so"
+    try:
+        if not so.exists():
+            _build(so)
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(
+            f"CPU decode kernel unavailable, using the torch path: {detail.strip()[:200]}", stacklevel=2
+        )
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.clt_decode_forward.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.clt_decode_backward_vals.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.clt_decode_backward_W.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.clt_panel_width.argtypes = [i64, i64, i64]
+    lib.clt_panel_width.restype = i64
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel serves these tensors: on CPU, fp32 values, and the kernel built."""
+    floats = [t for t in tensors if t.is_floating_point()]
+    return (
+        all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 for t in floats)
+        and (library() is not None)
+    )
+
+
+@functools.cache
+def _pool(n: int, pid: int) -> ThreadPoolExecutor:
+    """n worker threads of this process (by pid: a forked child has none of its parent's)."""
+    return ThreadPoolExecutor(n, thread_name_prefix="clt-decode")
+
+
+def _pointers(ts) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def _target_sets(L: int) -> list[torch.Tensor]:
+    """The target layers split across threads with equal work (target t reads t + 1 slabs):
+    greedily, the heaviest first to the least loaded."""
+    k = max(1, min(torch.get_num_threads(), L))
+    sets: list[list[int]] = [[] for _ in range(k)]
+    load = [0] * k
+    for t in reversed(range(L)):
+        j = load.index(min(load))
+        sets[j].append(t)
+        load[j] += t + 1
+    return [torch.tensor(sorted(ts), dtype=torch.int64) for ts in sets if ts]
+
+
+def _scratch(size: int) -> list[torch.Tensor]:
+    """One scratch buffer of `size` floats per thread (packed panels)."""
+    return [torch.empty(size) for _ in range(max(1, torch.get_num_threads()))]
+
+
+def _run(fn, head: tuple, L: int, per_thread=None) -> None:
+    """fn(*head, targets, n_targets, *per_thread(j)) for each thread j's target set, in parallel
+    (ctypes drops the GIL during each call)."""
+    sets = _target_sets(L)
+    args = [
+        (*head, ts.data_ptr(), ts.numel(), *(per_thread(j) if per_thread else ()))
+        for j, ts in enumerate(sets)
+    ]
+    if len(args) == 1:
+        fn(*args[0])
+        return
+    for f in [_pool(len(args), os.getpid()).submit(fn, *a) for a in args]:
+        f.result()
+
+
+def _contig(ts) -> list[torch.Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+def forward(cols, vals, offsets, Ws, n: int) -> torch.Tensor:
+    """[n, L, d]; cols/vals/offsets per source layer as in `reference.decode_entries`."""
+    lib = library()
+    assert lib is not None
+    L, d = len(Ws), Ws[0].shape[-1]
+    Ws, cols, vals, offsets = _contig(Ws), _contig(cols), _contig(vals), _contig(offsets)
+    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    out = Ws[0].new_empty(n, L, d)
+    F = Ws[0].shape[0]
+    head = (L, n, d, F, _pointers(Ws), _pointers(cols), _pointers(vals), _pointers(offsets), nnz.data_ptr())
+    bufs = _scratch((F + n) * lib.clt_panel_width(F, n, d))
+    _run(lib.clt_decode_forward, (*head, out.data_ptr()), L, lambda j: (bufs[j].data_ptr(),))
+    return out
+
+
+def backward_vals(cols, offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
+    """∂vals per source layer, from g = ∂L/∂out ([n, L, d], contiguous)."""
+    lib = library()
+    assert lib is not None
+    n, L, d = g.shape
+    Ws, cols, offsets = _contig(Ws), _contig(cols), _contig(offsets)
+    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    k = len(_target_sets(L))
+    partial = [[g.new_zeros(c.numel()) for c in cols] for _ in range(k)]  # one per thread
+    ptrs = [_pointers(p) for p in partial]
+    F = Ws[0].shape[0]
+    head = (L, n, d, F, _pointers(Ws), _pointers(cols), _pointers(offsets), nnz.data_ptr(), g.data_ptr())
+    bufs = _scratch((F + n) * lib.clt_panel_width(F, n, d))
+    _run(lib.clt_decode_backward_vals, head, L, lambda j: (ptrs[j], bufs[j].data_ptr()))
+    for p in partial[1:]:
+        torch._foreach_add_(partial[0], p)
+    return partial[0]
+
+
+def backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
+    """∂W_dec per source layer from the entries grouped by feature (`f_offsets[s]`: [F])."""
+    lib = library()
+    assert lib is not None
+    n, L, d = g.shape
+    F = Ws[0].shape[0]
+    t_rows, t_vals, f_offsets = _contig(t_rows), _contig(t_vals), _contig(f_offsets)
+    nnz = torch.tensor([r.numel() for r in t_rows], dtype=torch.int64)
+    dW = [torch.empty_like(W, memory_format=torch.contiguous_format) for W in Ws]
+    head = (L, n, d, F, _pointers(t_rows), _pointers(t_vals), _pointers(f_offsets), nnz.data_ptr())
+    bufs = _scratch(n * d)
+    _run(lib.clt_decode_backward_W, (*head, g.data_ptr(), _pointers(dW)), L, lambda j: (bufs[j].data_ptr(),))
+    return dW

@@ -1,0 +1,193 @@
+/* The CLT's sparse cross-layer decode on CPU, forward and backward (clt/kernels/cpu.py builds and
+ * calls it). fp32, row-major, every tensor contiguous:
+ *
+ *   W[s]      [F, L - s, d]   the decoder of source layer s
+ *   per source layer s, E_s entries sorted by token: cols[s][e], vals[s][e], and offsets[s][i], the
+ *   first entry of token i (token i's entries end where token i + 1's begin, the last at nnz[s])
+ *   out, g    [n, L, d]        the reconstruction and its gradient
+ *
+ *   out[i, t]           = sum_{s <= t} sum_{e in bag(s, i)} vals[s][e] W[s][cols[s][e], t - s]
+ *   dvals[s][e]         = sum_{t >= s} < W[s][cols[s][e], t - s], g[i(e), t] >
+ *   dW[s][f, t - s]     = sum_{e: cols[s][e] = f} vals[s][e] g[i(e), t]   (the transposed pattern)
+ *
+ * Loops run target layer t outermost, then a panel of columns, then the sources s <= t: the panel
+ * of out[:, t] (or of g[:, t]) stays in the core's L2 across all sources, and each (s, t) slab
+ * W[s][:, t - s] is read from memory once, copied into a contiguous panel that every entry then
+ * reads from L2. Each call covers a set of target layers: the caller runs one set per thread, so
+ * out and dW are written by one thread only (dvals: one partial sum per thread, added by the
+ * caller). The order of every sum within a call is fixed. */
+
+#include <stdint.h>
+#include <string.h>
+
+/* 16 floats as one vector (GCC/Clang vector extension: a zmm register with AVX-512, two ymm with
+ * AVX2), at any alignment: the compiler's own vectorisation of these loops is 2x slower. */
+#define V 16
+typedef float vec __attribute__((vector_size(V * sizeof(float)), aligned(4)));
+#define LD(p) (*(const vec *)(p))
+
+/* o[0:d] += x0 r0 + x1 r1 + x2 r2 + x3 r3: one pass over o for four rows. */
+static inline void axpy4(float *restrict o, const float *r0, const float *r1, const float *r2,
+                         const float *r3, float x0, float x1, float x2, float x3, int64_t d) {
+    int64_t k = 0;
+    for (; k + V <= d; k += V) {
+        vec a = LD(o + k);
+        a += x0 * LD(r0 + k);
+        a += x1 * LD(r1 + k);
+        a += x2 * LD(r2 + k);
+        a += x3 * LD(r3 + k);
+        *(vec *)(o + k) = a;
+    }
+    for (; k < d; k++) o[k] += x0 * r0[k] + x1 * r1[k] + x2 * r2[k] + x3 * r3[k];
+}
+
+static inline void axpy1(float *restrict o, const float *r, float x, int64_t d) {
+    int64_t k = 0;
+    for (; k + V <= d; k += V) *(vec *)(o + k) = LD(o + k) + x * LD(r + k);
+    for (; k < d; k++) o[k] += x * r[k];
+}
+
+static inline float hsum(vec a) {
+    float s = 0.0f;
+    for (int j = 0; j < V; j++) s += a[j];
+    return s;
+}
+
+/* out[j] = <r_j, q> for four rows r_j: q is read once per four dot products. */
+static inline void dot4(float *out, const float *r0, const float *r1, const float *r2, const float *r3,
+                        const float *q, int64_t d) {
+    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t k = 0;
+    for (; k + V <= d; k += V) {
+        const vec x = LD(q + k);
+        a0 += LD(r0 + k) * x;
+        a1 += LD(r1 + k) * x;
+        a2 += LD(r2 + k) * x;
+        a3 += LD(r3 + k) * x;
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; k < d; k++) {
+        s0 += r0[k] * q[k];
+        s1 += r1[k] * q[k];
+        s2 += r2[k] * q[k];
+        s3 += r3[k] * q[k];
+    }
+    out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
+}
+
+static inline float dot1(const float *r, const float *q, int64_t d) {
+    vec a = {0};
+    int64_t k = 0;
+    for (; k + V <= d; k += V) a += LD(r + k) * LD(q + k);
+    float s = hsum(a);
+    for (; k < d; k++) s += r[k] * q[k];
+    return s;
+}
+
+static inline int64_t bag_end(const int64_t *off, int64_t i, int64_t n, int64_t nnz) {
+    return i + 1 < n ? off[i + 1] : nnz;
+}
+
+/* o += sum over the bag [e, e1) of v[e] rows[idx[e]], rows at base + idx * ld. */
+static inline void bag_axpy(float *restrict o, const float *base, int64_t ld, const int64_t *idx,
+                            const float *v, int64_t e, int64_t e1, int64_t d) {
+    for (; e + 4 <= e1; e += 4)
+        axpy4(o, base + idx[e] * ld, base + idx[e + 1] * ld, base + idx[e + 2] * ld,
+              base + idx[e + 3] * ld, v[e], v[e + 1], v[e + 2], v[e + 3], d);
+    for (; e < e1; e++) axpy1(o, base + idx[e] * ld, v[e], d);
+}
+
+/* buf[f, :w] = slab[f * ld + c0 : ... + w] for f < F: a column panel of a slab made contiguous. */
+static const float *pack(float *restrict buf, const float *slab, int64_t F, int64_t ld, int64_t c0, int64_t w) {
+    for (int64_t f = 0; f < F; f++) memcpy(buf + f * w, slab + f * ld + c0, (size_t)w * sizeof(float));
+    return buf;
+}
+
+/* Columns per panel: a panel of the slab ([F, w]) and of out[:, t] or g[:, t] ([n, w]) fit in L2
+ * together (1.5 MB of the core's 2 MB), so out[:, t] stays there across all sources s <= t. */
+int64_t clt_panel_width(int64_t F, int64_t n, int64_t d) {
+    int64_t w = (int64_t)(1.5 * 1024 * 1024 / 4) / (F + n);
+    w = w / V * V;
+    if (w < V) w = V;
+    return w < d ? w : d;
+}
+
+/* out[:, t] for the targets t in targets[0:nt] (written once each). buf: (F + n) pw floats of
+ * scratch (pw = clt_panel_width): the slab panel and the out panel, both contiguous (rows of out[:, t] are L d apart:
+ * accumulated in place they cost a TLB miss per token). */
+void clt_decode_forward(int64_t L, int64_t n, int64_t d, int64_t F, const float *const *W,
+                        const int64_t *const *cols, const float *const *vals,
+                        const int64_t *const *offsets, const int64_t *nnz, float *out,
+                        const int64_t *targets, int64_t nt, float *buf) {
+    const int64_t pw = clt_panel_width(F, n, d);
+    float *acc = buf + F * pw;
+    for (int64_t j = 0; j < nt; j++) {
+        const int64_t t = targets[j];
+        for (int64_t c0 = 0; c0 < d; c0 += pw) {
+            const int64_t w = d - c0 < pw ? d - c0 : pw;
+            memset(acc, 0, (size_t)(n * w) * sizeof(float));
+            for (int64_t s = 0; s <= t; s++) {
+                const int64_t m = L - s, *off = offsets[s];
+                if (nnz[s] == 0) continue;
+                const float *panel = pack(buf, W[s] + (t - s) * d, F, m * d, c0, w);
+                for (int64_t i = 0; i < n; i++)
+                    bag_axpy(acc + i * w, panel, w, cols[s], vals[s], off[i], bag_end(off, i, n, nnz[s]), w);
+            }
+            for (int64_t i = 0; i < n; i++)
+                memcpy(out + (i * L + t) * d + c0, acc + i * w, (size_t)w * sizeof(float));
+        }
+    }
+}
+
+/* dvals[s][e] += the terms of the targets in targets[0:nt] (the caller zeroes dvals and sums the
+ * partial results of its threads). buf: (F + n) pw floats of scratch: the slab and g panels. */
+void clt_decode_backward_vals(int64_t L, int64_t n, int64_t d, int64_t F, const float *const *W,
+                              const int64_t *const *cols, const int64_t *const *offsets,
+                              const int64_t *nnz, const float *g, const int64_t *targets, int64_t nt,
+                              float *const *dvals, float *buf) {
+    const int64_t pw = clt_panel_width(F, n, d);
+    for (int64_t j = 0; j < nt; j++) {
+        const int64_t t = targets[j];
+        for (int64_t c0 = 0; c0 < d; c0 += pw) {
+            const int64_t w = d - c0 < pw ? d - c0 : pw;
+            const float *gp = pack(buf + F * pw, g + t * d, n, L * d, c0, w);
+            for (int64_t s = 0; s <= t; s++) {
+                const int64_t m = L - s, *off = offsets[s], *c = cols[s];
+                float *dv = dvals[s];
+                if (nnz[s] == 0) continue;
+                const float *p = pack(buf, W[s] + (t - s) * d, F, m * d, c0, w);
+                for (int64_t i = 0; i < n; i++) {
+                    const float *gi = gp + i * w;
+                    int64_t e = off[i];
+                    const int64_t e1 = bag_end(off, i, n, nnz[s]);
+                    for (; e + 4 <= e1; e += 4)
+                        dot4(dv + e, p + c[e] * w, p + c[e + 1] * w, p + c[e + 2] * w, p + c[e + 3] * w,
+                             gi, w);
+                    for (; e < e1; e++) dv[e] += dot1(p + c[e] * w, gi, w);
+                }
+            }
+        }
+    }
+}
+
+/* dW[s][:, t - s] for the targets t in targets[0:nt] (overwritten; zero where a feature never
+ * fired): A_s^T g[:, t], over the transposed pattern (rows[s][e], the token, and vals[s][e],
+ * grouped by feature; foffsets[s][f] where feature f's begin). g[:, t] is packed into buf (n d
+ * floats) and stays in L2 across s. */
+void clt_decode_backward_W(int64_t L, int64_t n, int64_t d, int64_t F, const int64_t *const *rows,
+                           const float *const *vals, const int64_t *const *foffsets, const int64_t *nnz,
+                           const float *g, float *const *dW, const int64_t *targets, int64_t nt,
+                           float *buf) {
+    for (int64_t j = 0; j < nt; j++) {
+        const int64_t t = targets[j];
+        const float *gt = pack(buf, g + t * d, n, L * d, 0, d);
+        for (int64_t s = 0; s <= t; s++) {
+            const int64_t m = L - s, *off = foffsets[s];
+            for (int64_t f = 0; f < F; f++) {
+                float *o = dW[s] + (f * m + (t - s)) * d;
+                memset(o, 0, (size_t)d * sizeof(float));
+                bag_axpy(o, gt, d, rows[s], vals[s], off[f], bag_end(off, f, F, nnz[s]), d);
+            }
+        }
+    }
+}
