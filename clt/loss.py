@@ -9,7 +9,7 @@ coefficients do not depend on the batch size.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,7 +73,7 @@ class LossTerms(NamedTuple):
     preact: torch.Tensor | None  # jumprelu, relu
     auxk: torch.Tensor | None  # topk, batchtopk (zero while no feature is dead)
     h: torch.Tensor  # [N, L, F] pre-activations
-    a: torch.Tensor  # [N, L, F] activations
+    a: Any  # [N, L, F] activations; TopK: its entries (sparsity.TopKActivations)
     sse: torch.Tensor  # [L] this process's batch
     sst: torch.Tensor  # [L] the global batch's
 
@@ -90,7 +90,7 @@ def clt_loss(
         from .parallel import Parallel
 
         mesh = Parallel()
-    h, a = clt.encode_activate(x)  # [N, L, F] each
+    h, a = clt.encode_activate(x, entries=True)  # [N, L, F] each (TopK: a by its entries)
     y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
     y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
     mse, sse, sst = reconstruction(y_hat, y_n, sst=mesh.batch_sst(y_n.detach()))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import CrossLayerTranscoder
+from .sparsity import TopKActivations
 from .subject import Subject
 
 
@@ -15,9 +16,18 @@ def fvu_per_layer(sse: torch.Tensor, sst: torch.Tensor) -> torch.Tensor:
     return sse / sst.clamp_min(1e-12)
 
 
-def l0_per_layer(a: torch.Tensor) -> torch.Tensor:
-    """a: [N, L, F] -> [L] mean number of active features per token."""
+def l0_per_layer(a: torch.Tensor | TopKActivations) -> torch.Tensor:
+    """a: [N, L, F] or TopK's entries -> [L] mean number of active features per token."""
+    if isinstance(a, TopKActivations):
+        return a.l0()
     return (a != 0).sum(-1).float().mean(0)
+
+
+def fired(a: torch.Tensor | TopKActivations) -> torch.Tensor:
+    """a: [N, L, F] or TopK's entries -> [L, F] bool: active at some token."""
+    if isinstance(a, TopKActivations):
+        return a.fired()
+    return (a != 0).any(0)
 
 
 @torch.no_grad()

@@ -137,9 +137,9 @@ class CrossLayerTranscoder(nn.Module):
         raise ValueError(f"unknown activation {kind!r}")
 
     def decode_normalized(
-        self, a: torch.Tensor, bias: bool = True, support: torch.Tensor | None = None
+        self, a: Any, bias: bool = True, support: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """a: [N, L, F] -> ỹ̂: [N, L, d] in normalised units (Σ over source layers s ≤ l).
+        """a: [N, L, F] or TopK's entries -> ỹ̂: [N, L, d] in normalised units (Σ over s ≤ l).
         `support`: positions that need ∂L/∂a (default: active ones); see `gradient_support`."""
         y = kernels.decode(a, list(self.W_dec), support, self.decode_path)
         if self.mesh is not None:  # this shard's features' part: the sum over the shards is the output
@@ -158,9 +158,11 @@ class CrossLayerTranscoder(nn.Module):
         """a: [N, L, F] -> ŷ: [N, L, d] in subject units."""
         return self.decode_normalized(a) / self.output_scale[:, None]
 
-    def encode_activate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_activate(self, x: torch.Tensor, entries: bool = False) -> tuple[torch.Tensor, Any]:
         """x: [N, L, d] -> (h, a): [N, L, F]. On the Triton path the bias and the JumpReLU / ReLU
-        epilogue are fused into the encoder GEMM (same outputs and gradients)."""
+        epilogue are fused into the encoder GEMM (same outputs and gradients). `entries`: TopK
+        (not feature-sharded) gives a as its entries (`sparsity.TopKActivations`, what training
+        uses: the decode, L0 and the dead-feature counters read them; no dense [N, L, F] a)."""
         kind = self.arch.activation
         if kind in ("jumprelu", "relu") and kernels.use_triton(x, self.decode_path):
             x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
@@ -169,6 +171,8 @@ class CrossLayerTranscoder(nn.Module):
                 x, self.W_enc, self.b_enc, theta, kind, self.arch.bandwidth, self.arch.ste_to_input
             )
         h = self.encode(x)
+        if entries and kind == "topk" and not (self.mesh is not None and self.mesh.sharded):
+            return h, act.TopKActivations.of(h, self.arch.k)
         return h, self.activate(h)
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ of the same shape (zeros where inactive).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -17,6 +19,38 @@ def topk_entries(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h: [..., F] -> (vals, idx): [..., k], the k largest entries of the last axis, ReLU'd."""
     vals, idx = h.topk(k, dim=-1, sorted=False)
     return vals.relu(), idx
+
+
+class TopKActivations(NamedTuple):
+    """TopK's activations by their entries, the dense [N, L, F] never built:
+    a[n, l, idx[n, l, j]] = vals[n, l, j] ≥ 0 (0 where the j-th largest h was negative).
+    vals (differentiable), idx: [N, L, k]; d_sae: F."""
+
+    vals: torch.Tensor
+    idx: torch.Tensor
+    d_sae: int
+
+    @classmethod
+    def of(cls, h: torch.Tensor, k: int) -> TopKActivations:
+        """h: [N, L, F] -> the k largest entries per (token, layer), ReLU'd."""
+        vals, idx = topk_entries(h, k)
+        return cls(vals, idx, h.shape[-1])
+
+    def dense(self) -> torch.Tensor:
+        """[N, L, F], equal to `topk(h, k)`."""
+        n, layers, _ = self.vals.shape
+        return self.vals.new_zeros(n, layers, self.d_sae).scatter(-1, self.idx, self.vals)
+
+    def fired(self) -> torch.Tensor:
+        """[L, F] bool: active at some token of the batch."""
+        layers = self.vals.shape[1]
+        on = (self.vals.detach() > 0).transpose(0, 1).reshape(layers, -1).to(torch.int32)  # [L, N·k]
+        count = torch.zeros(layers, self.d_sae, dtype=torch.int32, device=self.vals.device)
+        return count.scatter_add_(-1, self.idx.transpose(0, 1).reshape(layers, -1), on) > 0
+
+    def l0(self) -> torch.Tensor:
+        """[L] mean number of active features per token."""
+        return (self.vals.detach() > 0).sum(-1).float().mean(0)
 
 
 def topk(h: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ data-dependent initialisation."""
 
 import math
 
+import pytest
 import torch
 
 from clt.config import TrainConfig
@@ -121,3 +122,71 @@ def test_the_pure_loss_equals_its_formula_without_lightning():
     torch.testing.assert_close(t.total, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(t.a, a)
     assert t.auxk is None and t.sparsity is not None
+
+
+def test_topk_entries_equal_the_dense_activations():
+    """TopK's entries (what training decodes): the dense a they stand for, its L0 and its fired
+    features, including entries whose value is 0 (a negative k-th largest h)."""
+    from clt.metrics import fired, l0_per_layer
+    from clt.sparsity import TopKActivations, topk
+
+    torch.manual_seed(3)
+    h = torch.randn(50, 3, 12) - 1.0  # many rows with negative values among the top k
+    e = TopKActivations.of(h, 4)
+    a = topk(h, 4)
+    assert (e.vals == 0).any()
+    torch.testing.assert_close(e.dense(), a)
+    torch.testing.assert_close(l0_per_layer(e), l0_per_layer(a))
+    assert torch.equal(fired(e), (a != 0).any(0))
+
+
+@pytest.mark.parametrize("decode", ["sparse", "dense", "triton"])
+def test_topk_training_loss_from_entries_equals_its_formula(decode, monkeypatch):
+    """The TopK loss as training computes it (the entries straight to the decode, no dense a), with
+    AuxK on: the loss and every parameter gradient against the formula written out with the dense
+    a and the double loop. On CPU `triton` runs under the interpreter (fp32, small shapes)."""
+    from clt.loss import clt_loss
+    from clt.sparsity import TopKActivations
+
+    if decode == "triton":
+        from clt import kernels
+
+        if not kernels.triton_available():
+            pytest.skip("triton is not installed")
+    m = module("topk", F=16, k=3)
+    clt, c = m.clt, m.cfg.clt
+    clt.decode_path = decode
+    x, y = data(24)
+    m.initialize_from_data(x, y)
+    dead = torch.zeros(3, 16, dtype=torch.bool)
+    dead[:, ::3] = True
+    t = clt_loss(clt, x, y, c, 0.0, dead)
+    assert isinstance(t.a, TopKActivations)
+    t.total.backward()
+    got = {k: p.grad.clone() for k, p in clt.named_parameters()}
+    clt.zero_grad()
+
+    h = torch.einsum("nld,lfd->nlf", x * clt.input_scale[:, None], clt.W_enc) + clt.b_enc
+    vals, idx = h.topk(3, dim=-1)
+    a = torch.zeros_like(h).scatter(-1, idx, vals.relu())
+
+    def decode_loop(acts):
+        out = torch.zeros(len(x), 3, 8)
+        for s in range(3):
+            for j, tgt in enumerate(range(s, 3)):
+                out[:, tgt] = out[:, tgt] + acts[:, s] @ clt.W_dec[s][:, j]
+        return out
+
+    y_hat = decode_loop(a) + clt.b_dec
+    y_n = y * clt.output_scale[:, None]
+    sst = (y_n - y_n.mean(0)).pow(2).sum(-1).mean(0)
+    mse = (y_hat - y_n).pow(2).sum(-1).mean(0).sum() / sst.sum()
+    masked = h.masked_fill(~dead, torch.finfo(h.dtype).min)
+    av, ai = masked.topk(min(c.auxk_k, 6), dim=-1)
+    e_hat = decode_loop(torch.zeros_like(h).scatter(-1, ai, av.relu()))
+    aux = (e_hat - (y_n - y_hat).detach()).pow(2).sum(-1).mean(0).sum() / sst.sum()
+    want = mse + c.auxk_coeff * aux
+    want.backward()
+    torch.testing.assert_close(t.total, want, rtol=1e-5, atol=1e-6)
+    for k, p in clt.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)

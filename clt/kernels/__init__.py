@@ -16,7 +16,8 @@ import os
 import torch
 
 from ..config import DECODE_PATHS
-from .reference import decode_dense, decode_sparse, to_padded
+from ..sparsity import TopKActivations
+from .reference import decode_dense, decode_entries, decode_sparse, to_padded
 
 
 @functools.cache
@@ -50,21 +51,42 @@ def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
     return wanted
 
 
-def choose(a: torch.Tensor, impl: str = "auto") -> str:
-    """The decode path `decode` takes for activations `a` ([N, L, F])."""
-    if use_triton(a, impl):
+def choose(a: torch.Tensor | TopKActivations, impl: str = "auto") -> str:
+    """The decode path `decode` takes for activations `a` ([N, L, F] or TopK's entries)."""
+    if use_triton(a.vals if isinstance(a, TopKActivations) else a, impl):
         return "triton"
     if impl != "auto":
         return impl
-    return "sparse" if bool((a != 0).float().mean() <= 0.1) else "dense"
+    if isinstance(a, TopKActivations):
+        density = a.idx.shape[-1] / a.d_sae
+    else:
+        density = float((a != 0).float().mean())
+    return "sparse" if density <= 0.1 else "dense"
 
 
 def decode(
-    a: torch.Tensor, W_dec: list[torch.Tensor], support: torch.Tensor | None = None, impl: str = "auto"
+    a: torch.Tensor | TopKActivations,
+    W_dec: list[torch.Tensor],
+    support: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """a: [N, L, F], W_dec[s]: [F, L − s, d] -> Σ_{s ≤ t} a_s W_dec[s][:, t − s]: [N, L, d].
-    `support`: positions whose ∂L/∂a is needed (default: a ≠ 0); sparse paths are exact there."""
+    """a: [N, L, F] or TopK's entries, W_dec[s]: [F, L − s, d] -> Σ_{s ≤ t} a_s W_dec[s][:, t − s]:
+    [N, L, d]. `support`: positions whose ∂L/∂a is needed (default: a ≠ 0); sparse paths are exact
+    there. TopK's entries are their own support (an entry whose value is 0 gets its ∂a too)."""
     path = choose(a, impl)
+    if isinstance(a, TopKActivations):
+        if path == "dense":
+            return decode_dense(a.dense(), W_dec)
+        if path == "triton":  # the entries are the padded format already (full rows, index order)
+            from .triton_decode import decode_triton
+
+            idx, order = a.idx.sort(dim=-1)
+            return decode_triton(idx, a.vals.gather(-1, order), W_dec)
+        n, L, k = a.vals.shape
+        rows = torch.arange(n, device=a.vals.device).repeat_interleave(k)  # token order
+        cols = [c.reshape(-1) for c in a.idx.unbind(1)]  # per source layer, [n·k]
+        vals = [v.reshape(-1) for v in a.vals.unbind(1)]
+        return decode_entries([rows] * L, cols, vals, W_dec, n)
     if path == "triton":
         from .triton_decode import decode_triton
 

@@ -61,35 +61,38 @@ class _TiledDecode(torch.autograd.Function):
     memory once per entry: 2-3x slower on CPU). Backward, per slab:
         ∂W_dec[s][f, t − s] = Σ_{i: cols=f} vals[i] ∂ŷ[rows[i], t]   (A_sᵀ ∂ŷ[:, t]: a bag per feature)
         ∂vals[i] += ⟨W_dec[s][cols[i], t − s], ∂ŷ[rows[i], t]⟩
-    so neither pass materialises a gathered [entries, d] tensor. Two implementations of the same
-    loops: the C kernel of `kernels.cpu` (fp32 on CPU, where it builds) and embedding_bag per slab."""
+    so neither pass materialises a gathered [entries, d] tensor. Entries whose value is 0 (on the
+    support, not active: JumpReLU's band) change neither ŷ nor ∂W_dec: the forward and ∂W_dec read
+    the non-zero entries only, ∂vals all of them. Two implementations of the same loops: the C
+    kernel of `kernels.cpu` (fp32 on CPU, where it builds) and embedding_bag per slab."""
 
     @staticmethod
     def forward(ctx, L: int, rows, cols, offsets, *vals_and_W):
         vals, Ws = vals_and_W[:L], vals_and_W[L:]
         n = offsets[0].numel()
         ctx.kernel = cpu.usable(*vals, *Ws)
+        active = _nonzero_entries(rows, cols, offsets, vals, n)  # (rows, cols, offsets, vals)
         decode = cpu.forward if ctx.kernel else _bag_forward
-        out = decode(cols, vals, offsets, Ws, n)
-        ctx.L, ctx.lists = L, (rows, cols, offsets)
-        ctx.save_for_backward(*vals, *Ws)
+        out = decode(active[1], active[3], active[2], Ws, n)
+        ctx.L, ctx.lists, ctx.active = L, (rows, cols, offsets), active
+        ctx.save_for_backward(*Ws)  # the values' part of the backward reads only the active entries
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         L, (rows, cols, offsets) = ctx.L, ctx.lists
-        saved = ctx.saved_tensors
-        vals, Ws = saved[:L], saved[L:]
+        Ws = ctx.saved_tensors
         need_vals, need_W = any(ctx.needs_input_grad[4 : 4 + L]), any(ctx.needs_input_grad[4 + L :])
         F = Ws[0].shape[0]
         g_vals: list = [None] * L
         g_W: list = [None] * L
-        if need_W:  # the transposed pattern: the entries grouped by feature
-            order = [torch.argsort(c, stable=True) for c in cols]
-            t_rows = [r[o] for r, o in zip(rows, order)]
-            t_vals = [v[o] for v, o in zip(vals, order)]
-            f_offsets = [bag_offsets(c, F) for c in cols]
+        if need_W:  # the transposed pattern: the non-zero entries grouped by feature
+            a_rows, a_cols, _, a_vals = ctx.active
+            order = [torch.argsort(c, stable=True) for c in a_cols]
+            t_rows = [r[o] for r, o in zip(a_rows, order)]
+            t_vals = [v[o] for v, o in zip(a_vals, order)]
+            f_offsets = [bag_offsets(c, F) for c in a_cols]
         if ctx.kernel:
             g = grad.contiguous()
             if need_vals:
@@ -105,6 +108,21 @@ class _TiledDecode(torch.autograd.Function):
         g_vals = [gv if ctx.needs_input_grad[4 + s] else None for s, gv in enumerate(g_vals)]
         g_W = [gw if ctx.needs_input_grad[4 + L + s] else None for s, gw in enumerate(g_W)]
         return (None, None, None, None, *g_vals, *g_W)
+
+
+def _nonzero_entries(rows, cols, offsets, vals, n: int) -> tuple[list, list, list, list]:
+    """The entries whose value is not 0, per source layer: (rows, cols, offsets, vals detached);
+    a layer's own lists where every value is non-zero."""
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for r, c, o, v in zip(rows, cols, offsets, vals):
+        v = v.detach()
+        on = v != 0
+        if not bool(on.all()):
+            r, c, v = r[on], c[on], v[on]
+            o = bag_offsets(r, n)
+        for lst, x in zip(out, (r, c, o, v)):
+            lst.append(x)
+    return out
 
 
 def _bag_forward(cols, vals, offsets, Ws, n: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from .. import loss as losses
 from ..config import TrainConfig
 from ..data import DataPosition, TextPosition
-from ..metrics import fvu_per_layer, l0_per_layer
+from ..metrics import fired, fvu_per_layer, l0_per_layer
 from ..model import CLTArchitecture, CrossLayerTranscoder
 from ..parallel import (
     Parallel,
@@ -104,8 +104,8 @@ class CLTModule(L.LightningModule):
             logs = {k: mesh.data_mean(v) if k.startswith("losses/") else v for k, v in logs.items()}
 
         with torch.no_grad():
-            fired = self.mesh.data_sum((a != 0).any(0).to(torch.int32)) > 0  # anywhere in the global batch
-            self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(fired, 0)
+            on = self.mesh.data_sum(fired(a).to(torch.int32)) > 0  # anywhere in the global batch
+            self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(on, 0)
             if c.activation == "batchtopk":
                 clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
             sse = self.mesh.data_mean(sse)
