@@ -22,11 +22,34 @@ def reconstruction(
     """y_hat, y: [N, L, d] -> (loss, sse: [L], sst: [L]) with per-token means
     sse_l = E_n ‖ŷ_l − y_l‖², sst_l = E_n ‖y_l − E y_l‖² (batch estimate, no gradient; pass the
     global batch's under data parallelism)."""
-    sse = (y_hat - y).pow(2).sum(-1).mean(0)
+    sse = squared_error(y_hat, y)
     if sst is None:
-        sst = (y - y.mean(0)).pow(2).sum(-1).mean(0)
+        sst = y.detach().var(0, correction=0).sum(-1)
     sst = sst.detach()
     return sse.sum() / sst.sum().clamp_min(1e-12), sse, sst
+
+
+class _SquaredError(torch.autograd.Function):
+    """sse_l = E_n ‖ŷ_nl − y_nl‖²: one pass over [N, L, d] forward (the difference, then its dot
+    with itself), one backward (∂ŷ = (2/N) g_l (ŷ − y)), where autograd through
+    sub/pow/sum/mean makes five."""
+
+    @staticmethod
+    def forward(ctx, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        diff = y_hat - y
+        ctx.save_for_backward(diff)
+        return torch.einsum("nld,nld->l", diff, diff) / diff.shape[0]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        grad = diff * (2 * g / diff.shape[0])[:, None]
+        return grad, (-grad if ctx.needs_input_grad[1] else None)
+
+
+def squared_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y_hat, y: [N, L, d] -> [L]: E_n ‖ŷ_l − y_l‖² (same dtype promotion as ŷ − y)."""
+    return _SquaredError.apply(y_hat, y)
 
 
 def tanh_sparsity(a: torch.Tensor, dec_norms: torch.Tensor, c: float) -> torch.Tensor:
@@ -52,7 +75,7 @@ def auxk_activations(h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.T
 def auxk(e_hat: torch.Tensor, residual: torch.Tensor, sst: torch.Tensor) -> torch.Tensor:
     """AuxK: how well the dead features' decode ê predicts the residual e = y − ŷ (detached),
     normalised like the main loss. e_hat, residual: [N, L, d]; sst: [L]."""
-    return (e_hat - residual).pow(2).sum(-1).mean(0).sum() / sst.sum().clamp_min(1e-12)
+    return squared_error(e_hat, residual).sum() / sst.sum().clamp_min(1e-12)
 
 
 def ramp(step: int, total_steps: int, warmup_frac: float) -> float:

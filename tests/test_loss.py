@@ -18,6 +18,15 @@ def test_reconstruction_is_fvu_normalised_mse():
     torch.testing.assert_close(loss, sse.sum() / sst.sum())
 
 
+def test_squared_error_gradients():
+    """The one-pass squared error's hand-written backward, for ŷ and y, by finite differences."""
+    torch.manual_seed(0)
+    y_hat = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(losses.squared_error, (y_hat, y))
+    torch.testing.assert_close(losses.squared_error(y_hat, y), (y_hat - y).pow(2).sum(-1).mean(0))
+
+
 def test_reconstruction_is_batch_size_invariant():
     torch.manual_seed(0)
     y_hat, y = torch.randn(5, 2, 3), torch.randn(5, 2, 3)

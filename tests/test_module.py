@@ -190,3 +190,28 @@ def test_topk_training_loss_from_entries_equals_its_formula(decode, monkeypatch)
     torch.testing.assert_close(t.total, want, rtol=1e-5, atol=1e-6)
     for k, p in clt.named_parameters():
         torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_bf16_autocast_keeps_fp32_weights_and_gradients(activation):
+    """trainer.precision=bf16-mixed is torch.autocast(bf16) around the loss: the GEMMs take bf16
+    inputs, the weights, JumpReLU's θ and every gradient stay fp32, and the loss and gradients
+    agree with the fp32 step to bf16's precision (the decode sums in fp32, so only the encoder's
+    GEMM rounds)."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        m = module(activation, F=32, k=3, sparsity_coeff=0.1, sparsity_warmup_frac=0.0)
+        x, y = data()
+        m.initialize_from_data(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            total, _ = m.loss(x, y)
+        total.backward()
+        assert total.dtype == torch.float32
+        out[precision] = (total.detach(), {k: p.grad for k, p in m.clt.named_parameters()})
+        assert all(p.dtype == torch.float32 for p in m.clt.parameters())
+        assert all(g.dtype == torch.float32 for g in out[precision][1].values())
+    assert out["bf16"][0] != out["fp32"][0]  # autocast rounded something
+    torch.testing.assert_close(out["bf16"][0], out["fp32"][0], rtol=2e-2, atol=0)
+    for k, g in out["fp32"][1].items():
+        cos = torch.nn.functional.cosine_similarity(out["bf16"][1][k].flatten(), g.flatten(), dim=0)
+        assert cos > 0.97, (k, float(cos))

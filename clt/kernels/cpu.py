@@ -93,6 +93,7 @@ def library() -> ctypes.CDLL | None:
     lib.clt_decode_forward.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
     lib.clt_decode_backward_vals.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.clt_decode_backward_W.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.clt_group_by_feature.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.clt_panel_width.argtypes = [i64, i64, i64]
     lib.clt_panel_width.restype = i64
     return lib
@@ -187,6 +188,30 @@ def backward_vals(cols, offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
     for p in partial[1:]:
         torch._foreach_add_(partial[0], p)
     return partial[0]
+
+
+def group_by_feature(rows, cols, vals, F: int) -> tuple[list, list, list]:
+    """The entries of each source layer grouped by feature (stable): (rows, vals, offsets [F])."""
+    lib = library()
+    assert lib is not None
+    rows, cols, vals = _contig(rows), _contig(cols), _contig(vals)
+    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    t_rows, t_vals = [torch.empty_like(r) for r in rows], [torch.empty_like(v) for v in vals]
+    offsets = [torch.empty(F, dtype=torch.int64) for _ in cols]
+    cursor = torch.empty(F, dtype=torch.int64)
+    lib.clt_group_by_feature(
+        len(cols),
+        F,
+        _pointers(rows),
+        _pointers(cols),
+        _pointers(vals),
+        nnz.data_ptr(),
+        _pointers(t_rows),
+        _pointers(t_vals),
+        _pointers(offsets),
+        cursor.data_ptr(),
+    )
+    return t_rows, t_vals, offsets
 
 
 def backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:

@@ -191,3 +191,29 @@ void clt_decode_backward_W(int64_t L, int64_t n, int64_t d, int64_t F, const int
         }
     }
 }
+
+/* The transposed pattern of every source layer: its entries grouped by feature by a stable
+ * counting sort (O(E + F), where torch's argsort is O(E log E)): t_rows[s], t_vals[s] in feature
+ * order, foffsets[s][f] where feature f's begin. cursor: F int64 of scratch. */
+void clt_group_by_feature(int64_t L, int64_t F, const int64_t *const *rows, const int64_t *const *cols,
+                          const float *const *vals, const int64_t *nnz, int64_t *const *t_rows,
+                          float *const *t_vals, int64_t *const *foffsets, int64_t *cursor) {
+    for (int64_t s = 0; s < L; s++) {
+        int64_t *off = foffsets[s];
+        const int64_t *c = cols[s], *r = rows[s];
+        const float *v = vals[s];
+        memset(cursor, 0, (size_t)F * sizeof(int64_t));
+        for (int64_t e = 0; e < nnz[s]; e++) cursor[c[e]]++;
+        int64_t start = 0;
+        for (int64_t f = 0; f < F; f++) {
+            const int64_t count = cursor[f];
+            off[f] = cursor[f] = start;
+            start += count;
+        }
+        for (int64_t e = 0; e < nnz[s]; e++) {
+            const int64_t at = cursor[c[e]]++;
+            t_rows[s][at] = r[e];
+            t_vals[s][at] = v[e];
+        }
+    }
+}

@@ -48,9 +48,12 @@ def decode_entries(
     n: int,
 ) -> torch.Tensor:
     """The decode from its entries: a[rows[s][i], s, cols[s][i]] = vals[s][i] for each source
-    layer s, rows[s] sorted (token order) -> [n, L, d]. Gradients for vals and W_dec."""
+    layer s, rows[s] sorted (token order) -> [n, L, d]. Gradients for vals and W_dec. The sums run
+    in the decoder's dtype: under bf16 autocast the (few) bf16 values are cast up, not the weights
+    down, so the fp32 kernel serves mixed precision too."""
     offsets = [bag_offsets(r, n) for r in rows]
     L = len(W_dec)
+    vals = [v.to(W_dec[0].dtype) for v in vals]
     return _TiledDecode.apply(L, list(rows), list(cols), offsets, *vals, *W_dec)
 
 
@@ -89,10 +92,13 @@ class _TiledDecode(torch.autograd.Function):
         g_W: list = [None] * L
         if need_W:  # the transposed pattern: the non-zero entries grouped by feature
             a_rows, a_cols, _, a_vals = ctx.active
-            order = [torch.argsort(c, stable=True) for c in a_cols]
-            t_rows = [r[o] for r, o in zip(a_rows, order)]
-            t_vals = [v[o] for v, o in zip(a_vals, order)]
-            f_offsets = [bag_offsets(c, F) for c in a_cols]
+            if ctx.kernel:
+                t_rows, t_vals, f_offsets = cpu.group_by_feature(a_rows, a_cols, a_vals, F)
+            else:
+                order = [torch.argsort(c, stable=True) for c in a_cols]
+                t_rows = [r[o] for r, o in zip(a_rows, order)]
+                t_vals = [v[o] for v, o in zip(a_vals, order)]
+                f_offsets = [bag_offsets(c, F) for c in a_cols]
         if ctx.kernel:
             g = grad.contiguous()
             if need_vals:
