@@ -11,6 +11,8 @@ gradient, optimizer, gradient norm) and the whole step (forward, backward, Adam 
 it), each with its analytical bound = max(bytes / bandwidth, flops / GEMM rate) and the fraction of
 it reached. With `--baseline-rev`, the whole step of that git revision is timed in the same run (a
 temporary worktree, the same shapes and data), so a speed-up is a ratio measured side by side.
+Each revision's step runs in a fresh process, which also reports the step's peak memory over what
+the module, its batch and its optimizer hold before the first step (resident bytes on CPU).
 Synthetic activations (the step's cost does not depend on their values beyond the active set).
 Results: benchmarks/results/roofline.jsonl, with the command, the commit and the device.
 """
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -91,8 +95,37 @@ def make_module(args, device: str):
     return m, x, y
 
 
-def step_time(args, device: str) -> float:
-    """Seconds per training step: loss, backward, the module's own optimizer (as training runs it)."""
+class PeakRSS:
+    """The largest resident set size of this process while the block runs (sampled every 2 ms
+    from /proc/self/statm; Linux)."""
+
+    def __enter__(self):
+        self.start = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def rss() -> int:
+    """Resident bytes of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_time(args, device: str) -> dict:
+    """The training step (loss, backward, the module's own optimizer, as training runs it):
+    seconds per step, and the memory the step adds at its peak over what the module, its batch
+    and its optimizer hold before the first step (CUDA: allocated bytes; CPU: resident bytes)."""
     m, x, y = make_module(args, device)
     opt = m.configure_optimizers()["optimizer"]
 
@@ -102,13 +135,22 @@ def step_time(args, device: str) -> float:
         loss.backward()
         opt.step()
 
-    timed(step, 1)  # the optimizer state exists from here on
-    return timed(step, args.reps)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with PeakRSS() as peak:
+        timed(step, 1)  # the optimizer state exists from here on
+        sec = timed(step, args.reps)
+    used = torch.cuda.max_memory_allocated() - before if device == "cuda" else peak.peak - peak.start
+    return {"seconds": sec, "peak_bytes": used}
 
 
 def components(args, device: str, mach: dict) -> dict:
     """Each part of the step: seconds, its bound, and the fraction of the bound reached."""
     from clt import kernels
+    from clt.metrics import l0_per_layer
+    from clt.sparsity import TopKActivations
 
     m, x, y = make_module(args, device)
     clt = m.clt
@@ -132,24 +174,30 @@ def components(args, device: str, mach: dict) -> dict:
     )
     with torch.no_grad():
         h = clt.encode(x)
-    part("selection", lambda: clt.activate(h), 0, 4 * 2 * N * L * F)
-    with torch.no_grad():
-        a = clt.activate(h)
-        support = clt.gradient_support(h, a)
-        out["l0"] = float((a != 0).sum(-1).float().mean())  # active features per token and layer
-        out["gradient_support"] = float(((a != 0) if support is None else support).float().mean())
+    part("selection", lambda: clt.activate_entries(h), 0, 4 * 2 * N * L * F)
+    with torch.no_grad():  # as training selects: TopK as its entries, the others dense
+        a = clt.activate_entries(h)
+        entries = isinstance(a, TopKActivations)
+        support = clt.gradient_support(h, a.dense() if entries else a)
+        out["l0"] = float(l0_per_layer(a).mean())  # active features per token and layer
+        dense = a.dense() if entries else a
+        out["gradient_support"] = float(((dense != 0) if support is None else support).float().mean())
     W = list(clt.W_dec)
     part(
         "decode_forward",
-        lambda: kernels.decode(a, W, None, clt.decode_path),
+        lambda: kernels.decode(a, W, support, clt.decode_path),
         2 * rows,
         4 * (n_dec + N * L * d),
     )
-    a_g = a.detach().requires_grad_()
+    if entries:
+        a_g = TopKActivations(a.vals.detach().requires_grad_(), a.idx, a.d_sae)
+        leaf = a_g.vals
+    else:
+        a_g = leaf = a.detach().requires_grad_()
 
-    def decode_backward():
-        yh = kernels.decode(a_g, W, None, clt.decode_path)
-        torch.autograd.grad(yh, [a_g, *W], torch.ones_like(yh))
+    def decode_backward():  # ∂a on the training's gradient support (JumpReLU: its θ band too)
+        yh = kernels.decode(a_g, W, support, clt.decode_path)
+        torch.autograd.grad(yh, [leaf, *W], torch.ones_like(yh))
 
     dec_fwd = out["decode_forward"]["ms"] / 1e3
     sec = timed(decode_backward, args.reps) - dec_fwd
@@ -177,32 +225,38 @@ def components(args, device: str, mach: dict) -> dict:
     return out
 
 
-def baseline(rev: str, args) -> float:
-    """Seconds per step of revision `rev` (a temporary worktree, this script's step measurement)."""
+def step_in_subprocess(root: Path, args) -> dict:
+    """`step_time` in a fresh process on the package at `root` (this checkout or a worktree of an
+    earlier revision), so that both revisions' steps start from the same empty process."""
+    code = (
+        "import sys, json; sys.argv = sys.argv[:1]; "
+        f"sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(root / 'benchmarks')!r}); "
+        f"import importlib.util; spec = importlib.util.spec_from_file_location('rl', {__file__!r}); "
+        "rl = importlib.util.module_from_spec(spec); spec.loader.exec_module(rl); "
+        f"rl.REPO = rl.Path({str(root)!r}); import clt; "
+        f"assert clt.__file__.startswith({str(root)!r}), clt.__file__; "
+        f"a = rl.argparse.Namespace(**{vars(args)!r}); "
+        "print(json.dumps(rl.step_time(a, 'cuda' if rl.torch.cuda.is_available() else 'cpu')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), **_env()},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the step at {root} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baseline(rev: str, args) -> dict:
+    """`step_time` of revision `rev`, from a temporary worktree."""
     with tempfile.TemporaryDirectory(prefix="clt-baseline-") as tmp:
         wt = Path(tmp) / "wt"
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(wt), rev], cwd=REPO, check=True)
         try:
-            code = (
-                "import sys, json; sys.argv = sys.argv[:1]; "
-                f"sys.path.insert(0, {str(wt)!r}); sys.path.insert(0, {str(wt / 'benchmarks')!r}); "
-                f"import importlib.util; spec = importlib.util.spec_from_file_location('rl', {__file__!r}); "
-                "rl = importlib.util.module_from_spec(spec); spec.loader.exec_module(rl); "
-                f"rl.REPO = rl.Path({str(wt)!r}); import clt; "
-                f"assert clt.__file__.startswith({str(wt)!r}), clt.__file__; "
-                f"a = rl.argparse.Namespace(**{vars(args)!r}); "
-                "print(json.dumps(rl.step_time(a, 'cuda' if rl.torch.cuda.is_available() else 'cpu')))"
-            )
-            done = subprocess.run(
-                [sys.executable, "-c", code],
-                cwd=wt,
-                capture_output=True,
-                text=True,
-                env={"PYTHONPATH": str(wt), **_env()},
-            )
-            if done.returncode != 0:
-                raise SystemExit(f"the baseline revision {rev} failed:\n{done.stderr[-3000:]}")
-            return float(done.stdout.strip().splitlines()[-1])
+            return step_in_subprocess(wt, args)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=REPO, check=False)
 
@@ -243,11 +297,13 @@ def main() -> None:
     for name, r in parts.items():
         share = f"{100 * r['of_bound']:5.1f}% of it"
         print(f"  {name:20s} {r['ms']:9.1f} ms   bound {r['bound_ms']:8.1f} ms   {share}")
-    step = step_time(args, device)
+    mine = step_in_subprocess(REPO, args)
+    step = mine["seconds"]
     bound = sum(r["bound_ms"] for r in parts.values()) / 1e3
     print(
         f"  {'whole step':20s} {1e3 * step:9.1f} ms   bound {1e3 * bound:8.1f} ms   "
-        f"{100 * bound / step:5.1f}% of it; {args.tokens / step:,.0f} tokens/s"
+        f"{100 * bound / step:5.1f}% of it; {args.tokens / step:,.0f} tokens/s; "
+        f"peak memory {mine['peak_bytes'] / 2**20:,.0f} MiB over the state before the first step"
     )
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
@@ -258,6 +314,7 @@ def main() -> None:
         "l0": l0,
         "gradient_support": support,
         "step_ms": 1e3 * step,
+        "step_peak_bytes": mine["peak_bytes"],
         "step_bound_ms": 1e3 * bound,
         "tokens_per_s": args.tokens / step,
         "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:]),
@@ -267,10 +324,17 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.baseline_rev:
-        base = baseline(args.baseline_rev, args)
-        result |= {"baseline_rev": args.baseline_rev, "baseline_step_ms": 1e3 * base, "speedup": base / step}
+        theirs = baseline(args.baseline_rev, args)
+        base = theirs["seconds"]
+        result |= {
+            "baseline_rev": args.baseline_rev,
+            "baseline_step_ms": 1e3 * base,
+            "baseline_peak_bytes": theirs["peak_bytes"],
+            "speedup": base / step,
+        }
         ratio = f"this revision is {base / step:.2f}×"
-        print(f"  baseline {args.baseline_rev}: {1e3 * base:.1f} ms per step; {ratio}")
+        mem = f"peak memory {theirs['peak_bytes'] / 2**20:,.0f} MiB"
+        print(f"  baseline {args.baseline_rev}: {1e3 * base:.1f} ms per step, {mem}; {ratio}")
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
 

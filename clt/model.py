@@ -171,9 +171,14 @@ class CrossLayerTranscoder(nn.Module):
                 x, self.W_enc, self.b_enc, theta, kind, self.arch.bandwidth, self.arch.ste_to_input
             )
         h = self.encode(x)
-        if entries and kind == "topk" and not (self.mesh is not None and self.mesh.sharded):
-            return h, act.TopKActivations.of(h, self.arch.k)
-        return h, self.activate(h)
+        return h, (self.activate_entries(h) if entries else self.activate(h))
+
+    def activate_entries(self, h: torch.Tensor) -> Any:
+        """`activate` as training uses it: TopK (not feature-sharded) as its entries
+        (`sparsity.TopKActivations`), every other activation dense."""
+        if self.arch.activation == "topk" and not (self.mesh is not None and self.mesh.sharded):
+            return act.TopKActivations.of(h, self.arch.k)
+        return self.activate(h)
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x: [N, d] input of one layer -> a: [N, F] (used when splicing into a live forward pass)."""
