@@ -25,7 +25,7 @@ from torch import nn
 from . import kernels
 from . import sparsity as act
 from .errors import CheckpointError  # noqa: F401 (re-exported)
-from .kernels.reference import sparse_matmul
+from .kernels.reference import encoder_matmul, sparse_matmul
 
 
 @dataclass
@@ -110,7 +110,7 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, L, d] (subject units) -> pre-activations h: [N, L, F]."""
         x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
-        return torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
+        return encoder_matmul(x, self.W_enc) + self.b_enc  # (W_enc's gradient: sparse where ∂h is)
 
     def activate(self, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
         """h: [N, L', F] for the layers `layers` (default all) -> a: [N, L', F].

@@ -262,3 +262,24 @@ def test_batchtopk_inference_threshold_tracks_min_kept():
     clt.activate(clt.encode(x))
     clt.update_batchtopk_threshold(0.9)
     torch.testing.assert_close(clt.batchtopk_threshold, min_kept)  # EMA of equal values
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_encoder_weight_gradient_from_the_nonzero_dh(density):
+    """encoder_matmul: h = x W_encᵀ per layer, W_enc's gradient summed over the non-zero ∂h only
+    (the C kernel, at ≤ 10% non-zero) or by the dense GEMM (above), and x's gradient; against
+    autograd through einsum."""
+    assert cpu.library() is not None
+    from clt.kernels.reference import encoder_matmul
+
+    torch.manual_seed(4)
+    x0, W0 = torch.randn(40, 3, 20), torch.randn(3, 24, 20)
+    g = torch.randn(40, 3, 24) * (torch.rand(40, 3, 24) < density)
+    grads = []
+    for fn in (encoder_matmul, lambda x, W: torch.einsum("nld,lfd->nlf", x, W)):
+        x, W = x0.clone().requires_grad_(True), W0.clone().requires_grad_(True)
+        h = fn(x, W)
+        (h * g).sum().backward()
+        grads.append((h.detach(), x.grad, W.grad))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

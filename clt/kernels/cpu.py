@@ -94,6 +94,7 @@ def library() -> ctypes.CDLL | None:
     lib.clt_decode_backward_vals.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.clt_decode_backward_W.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
     lib.clt_group_by_feature.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.clt_encoder_weight_grad.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
     lib.clt_panel_width.argtypes = [i64, i64, i64]
     lib.clt_panel_width.restype = i64
     return lib
@@ -226,4 +227,24 @@ def backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Ten
     head = (L, n, d, F, _pointers(t_rows), _pointers(t_vals), _pointers(f_offsets), nnz.data_ptr())
     bufs = _scratch(n * d)
     _run(lib.clt_decode_backward_W, (*head, g.data_ptr(), _pointers(dW)), L, lambda j: (bufs[j].data_ptr(),))
+    return dW
+
+
+def encoder_weight_grad(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dh: [n, L, F] (mostly zeros), x: [n, L, d] -> Σ_n dh[n, l, f] x[n, l]: [L, F, d], reading only
+    the non-zero dh; threads split the layers."""
+    lib = library()
+    assert lib is not None
+    dh, x = dh.contiguous(), x.contiguous()
+    n, L, F = dh.shape
+    d = x.shape[-1]
+    dW = dh.new_empty(L, F, d)
+    k = max(1, min(torch.get_num_threads(), L))
+    sets = [torch.arange(j, L, k) for j in range(k)]  # every layer costs the same
+    args = [(n, L, F, d, dh.data_ptr(), x.data_ptr(), dW.data_ptr(), s.data_ptr(), s.numel()) for s in sets]
+    if len(args) == 1:
+        lib.clt_encoder_weight_grad(*args[0])
+    else:
+        for f in [_pool(len(args), os.getpid()).submit(lib.clt_encoder_weight_grad, *a) for a in args]:
+            f.result()
     return dW

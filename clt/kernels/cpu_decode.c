@@ -217,3 +217,21 @@ void clt_group_by_feature(int64_t L, int64_t F, const int64_t *const *rows, cons
         }
     }
 }
+
+/* The encoder's weight gradient from a sparse dh (TopK, BatchTopK: the selected pairs; JumpReLU:
+ * active and band): dW_enc[l, f] = sum_n dh[n, l, f] x[n, l] over the non-zero dh only, for the
+ * layers in layers[0:nl] (overwritten). dh: [n, L, F], x: [n, L, d], dW: [L, F, d]. One scan of
+ * dh; dW[l] ([F, d]) stays in L2 while the tokens go by. */
+void clt_encoder_weight_grad(int64_t n, int64_t L, int64_t F, int64_t d, const float *dh, const float *x,
+                             float *dW, const int64_t *layers, int64_t nl) {
+    for (int64_t j = 0; j < nl; j++) {
+        const int64_t l = layers[j];
+        float *dWl = dW + l * F * d;
+        memset(dWl, 0, (size_t)(F * d) * sizeof(float));
+        for (int64_t i = 0; i < n; i++) {
+            const float *g = dh + (i * L + l) * F, *xr = x + (i * L + l) * d;
+            for (int64_t f = 0; f < F; f++)
+                if (g[f] != 0.0f) axpy1(dWl + f * d, xr, g[f], d);
+        }
+    }
+}

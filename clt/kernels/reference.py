@@ -177,6 +177,43 @@ def _bag_backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torc
 _bag_weight_grad = torch.ops.aten._embedding_bag_per_sample_weights_backward
 
 
+def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """x: [N, L, d], W_enc: [L, F, d] -> [N, L, F] = einsum("nld,lfd->nlf"). On CPU in fp32 (no
+    autocast) its backward takes W_enc's gradient from the non-zero ∂h only when at most 10% of
+    them are non-zero (TopK, BatchTopK, JumpReLU with a narrow band: the selected pairs, the band),
+    by the C kernel; otherwise, and everywhere else, the dense GEMM."""
+    if (
+        x.device.type == "cpu"
+        and W_enc.requires_grad
+        and not torch.is_autocast_enabled("cpu")
+        and cpu.usable(x, W_enc)
+    ):
+        return _SparseGradEncoder.apply(x, W_enc)
+    return torch.einsum("nld,lfd->nlf", x, W_enc)
+
+
+class _SparseGradEncoder(torch.autograd.Function):
+    """h = x W_encᵀ per layer; ∂W_enc[l, f] = Σ_n ∂h[n, l, f] x[n, l] over the non-zero ∂h."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, W_enc)
+        return torch.einsum("nld,lfd->nlf", x, W_enc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, W_enc = ctx.saved_tensors
+        gx = torch.einsum("nlf,lfd->nld", g, W_enc) if ctx.needs_input_grad[0] else None
+        gW = None
+        if ctx.needs_input_grad[1]:
+            if torch.count_nonzero(g) <= 0.1 * g.numel():
+                gW = cpu.encoder_weight_grad(g, x)
+            else:
+                gW = torch.einsum("nlf,nld->lfd", g, x)
+        return gx, gW
+
+
 def sparse_matmul(a: torch.Tensor, W: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
     """a: [N, F] (mostly zeros) @ W: [F, D] -> [N, D], reading only the rows on the support."""
     mask = (a.detach() != 0) if support is None else support
