@@ -24,27 +24,32 @@ def reconstruction(
     global batch's under data parallelism)."""
     sse = squared_error(y_hat, y)
     if sst is None:
-        sst = y.detach().var(0, correction=0).sum(-1)
+        sst = batch_sst(y.detach())
     sst = sst.detach()
     return sse.sum() / sst.sum().clamp_min(1e-12), sse, sst
 
 
 class _SquaredError(torch.autograd.Function):
-    """sse_l = E_n ‖ŷ_nl − y_nl‖²: one pass over [N, L, d] forward (the difference, then its dot
-    with itself), one backward (∂ŷ = (2/N) g_l (ŷ − y)), where autograd through
-    sub/pow/sum/mean makes five."""
+    """sse_l = E_n ‖ŷ_nl − y_nl‖²: one pass over [N, L, d] forward (the difference, then its norm
+    per row), one backward (∂ŷ = (2/N) g_l (ŷ − y)), where autograd through sub/pow/sum/mean
+    makes five."""
 
     @staticmethod
     def forward(ctx, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         diff = y_hat - y
         ctx.save_for_backward(diff)
-        return torch.einsum("nld,nld->l", diff, diff) / diff.shape[0]
+        return torch.linalg.vector_norm(diff, dim=-1).pow(2).mean(0)  # (einsum here: 7x slower on CPU)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (diff,) = ctx.saved_tensors
         grad = diff * (2 * g / diff.shape[0])[:, None]
         return grad, (-grad if ctx.needs_input_grad[1] else None)
+
+
+def batch_sst(y: torch.Tensor) -> torch.Tensor:
+    """y: [N, L, d] -> [L]: E_n ‖y_nl − E y_l‖² (two passes: no cancellation)."""
+    return torch.linalg.vector_norm(y - y.mean(0), dim=-1).pow(2).mean(0)
 
 
 def squared_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

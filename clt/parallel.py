@@ -167,7 +167,9 @@ class Parallel:
     def batch_sst(self, y: torch.Tensor) -> torch.Tensor:
         """y: [N, L, d] local -> [L]: E‖y − E y‖² over the global batch (two passes: exact)."""
         if not self.data_parallel:
-            return y.var(0, correction=0).sum(-1)
+            from .loss import batch_sst
+
+            return batch_sst(y)
         n = self.data_sum(torch.tensor(float(y.shape[0]), device=y.device))
         mean = self.data_sum(y.sum(0)) / n
         return self.data_sum((y - mean).pow(2).sum(-1).sum(0)) / n
