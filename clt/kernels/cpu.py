@@ -1,16 +1,18 @@
-"""The sparse decode's CPU kernel (cpu_decode.c): compiled once per machine with the system's C
-compiler into a cache directory, called through ctypes, one token (or feature) range per thread.
+"""The CLT's CPU kernels (cpu_decode.c): the sparse decode forward and backward, the transposed
+pattern, and the encoder weight gradient from a sparse ∂h. Compiled once per machine with the
+system's C compiler into a cache directory, called through ctypes, one share of the work per
+thread (ctypes drops the GIL during a call).
 
 Why a kernel: the decode reads, per (source, target) slab, one decoder row per active entry. The
-torch path (embedding_bag per slab, `reference._TiledDecode`) pays a copy of every slab to make it
-contiguous, a fresh [n, d] output per slab and an add into the reconstruction; the kernel reads
-the rows where they are and accumulates in place, which at the demo shape is 3-4x faster.
+torch path (embedding_bag per slab, `reference._TiledDecode`) pays a copy of every slab, a fresh
+[n, d] output per slab and an add into the reconstruction; the kernel keeps a panel of the output
+in L2 across all sources of a target, which at the demo shape makes the decode ~2x faster.
 
-Threads split the target layers (`_target_sets`), so each slab is read by one core.
-`library()` is None where no compiler is found or the build fails (then the torch path runs); the
-environment variable CLT_CPU_KERNEL=0 turns the kernel off. The cache is CLT_KERNEL_CACHE, else
-~/.cache/clt/kernels; the file name carries a hash of the source, the flags and the CPU, so a
-shared home directory serves machines with different instruction sets.
+Threads split the target layers (`_target_sets`). `library()` is None where no compiler is found
+or the build fails (then the torch path runs); the environment variable CLT_CPU_KERNEL=0 turns the
+kernel off. The cache is CLT_KERNEL_CACHE, else ~/.cache/clt/kernels; the file name carries a hash
+of the source, the flags and the CPU, so a shared home directory serves machines with different
+instruction sets.
 """
 
 from __future__ import annotations
@@ -30,15 +32,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffp-contract=fast",
-    "-shared",
-    "-fPIC",
-    "-std=c11",
-]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.append("-mprefer-vector-width=512")  # gcc keeps to 256-bit vectors on AVX-512 otherwise
 
 
 def _cpu_id() -> str:
@@ -138,32 +134,46 @@ def _scratch(size: int) -> list[torch.Tensor]:
     return [torch.empty(size) for _ in range(max(1, torch.get_num_threads()))]
 
 
+def _parallel(fn, calls: list[tuple]) -> None:
+    """fn(*args) for each args in calls, one thread each."""
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    for f in [_pool(len(calls), os.getpid()).submit(fn, *a) for a in calls]:
+        f.result()
+
+
 def _run(fn, head: tuple, L: int, per_thread=None) -> None:
-    """fn(*head, targets, n_targets, *per_thread(j)) for each thread j's target set, in parallel
-    (ctypes drops the GIL during each call)."""
-    sets = _target_sets(L)
-    args = [
+    """fn(*head, targets, n_targets, *per_thread(j)) for each thread j's target set."""
+    sets = _target_sets(L)  # (alive until the calls return: they hold its pointers)
+    calls = [
         (*head, ts.data_ptr(), ts.numel(), *(per_thread(j) if per_thread else ()))
         for j, ts in enumerate(sets)
     ]
-    if len(args) == 1:
-        fn(*args[0])
-        return
-    for f in [_pool(len(args), os.getpid()).submit(fn, *a) for a in args]:
-        f.result()
+    _parallel(fn, calls)
 
 
 def _contig(ts) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
 
+def _nnz(entries) -> torch.Tensor:
+    """[L] int64: the number of entries of each source layer."""
+    return torch.tensor([e.numel() for e in entries], dtype=torch.int64)
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "the CPU kernel is not built: check kernels.cpu.usable() first"
+    return lib
+
+
 def forward(cols, vals, offsets, Ws, n: int) -> torch.Tensor:
     """[n, L, d]; cols/vals/offsets per source layer as in `reference.decode_entries`."""
-    lib = library()
-    assert lib is not None
+    lib = _lib()
     L, d = len(Ws), Ws[0].shape[-1]
     Ws, cols, vals, offsets = _contig(Ws), _contig(cols), _contig(vals), _contig(offsets)
-    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    nnz = _nnz(cols)
     out = Ws[0].new_empty(n, L, d)
     F = Ws[0].shape[0]
     head = (L, n, d, F, _pointers(Ws), _pointers(cols), _pointers(vals), _pointers(offsets), nnz.data_ptr())
@@ -174,11 +184,10 @@ def forward(cols, vals, offsets, Ws, n: int) -> torch.Tensor:
 
 def backward_vals(cols, offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
     """∂vals per source layer, from g = ∂L/∂out ([n, L, d], contiguous)."""
-    lib = library()
-    assert lib is not None
+    lib = _lib()
     n, L, d = g.shape
     Ws, cols, offsets = _contig(Ws), _contig(cols), _contig(offsets)
-    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    nnz = _nnz(cols)
     k = len(_target_sets(L))
     partial = [[g.new_zeros(c.numel()) for c in cols] for _ in range(k)]  # one per thread
     ptrs = [_pointers(p) for p in partial]
@@ -193,10 +202,9 @@ def backward_vals(cols, offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
 
 def group_by_feature(rows, cols, vals, F: int) -> tuple[list, list, list]:
     """The entries of each source layer grouped by feature (stable): (rows, vals, offsets [F])."""
-    lib = library()
-    assert lib is not None
+    lib = _lib()
     rows, cols, vals = _contig(rows), _contig(cols), _contig(vals)
-    nnz = torch.tensor([c.numel() for c in cols], dtype=torch.int64)
+    nnz = _nnz(cols)
     t_rows, t_vals = [torch.empty_like(r) for r in rows], [torch.empty_like(v) for v in vals]
     offsets = [torch.empty(F, dtype=torch.int64) for _ in cols]
     cursor = torch.empty(F, dtype=torch.int64)
@@ -217,12 +225,11 @@ def group_by_feature(rows, cols, vals, F: int) -> tuple[list, list, list]:
 
 def backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Tensor]:
     """∂W_dec per source layer from the entries grouped by feature (`f_offsets[s]`: [F])."""
-    lib = library()
-    assert lib is not None
+    lib = _lib()
     n, L, d = g.shape
     F = Ws[0].shape[0]
     t_rows, t_vals, f_offsets = _contig(t_rows), _contig(t_vals), _contig(f_offsets)
-    nnz = torch.tensor([r.numel() for r in t_rows], dtype=torch.int64)
+    nnz = _nnz(t_rows)
     dW = [torch.empty_like(W, memory_format=torch.contiguous_format) for W in Ws]
     head = (L, n, d, F, _pointers(t_rows), _pointers(t_vals), _pointers(f_offsets), nnz.data_ptr())
     bufs = _scratch(n * d)
@@ -233,18 +240,13 @@ def backward_W(t_rows, t_vals, f_offsets, Ws, g: torch.Tensor) -> list[torch.Ten
 def encoder_weight_grad(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dh: [n, L, F] (mostly zeros), x: [n, L, d] -> Σ_n dh[n, l, f] x[n, l]: [L, F, d], reading only
     the non-zero dh; threads split the layers."""
-    lib = library()
-    assert lib is not None
+    lib = _lib()
     dh, x = dh.contiguous(), x.contiguous()
     n, L, F = dh.shape
     d = x.shape[-1]
     dW = dh.new_empty(L, F, d)
     k = max(1, min(torch.get_num_threads(), L))
     sets = [torch.arange(j, L, k) for j in range(k)]  # every layer costs the same
-    args = [(n, L, F, d, dh.data_ptr(), x.data_ptr(), dW.data_ptr(), s.data_ptr(), s.numel()) for s in sets]
-    if len(args) == 1:
-        lib.clt_encoder_weight_grad(*args[0])
-    else:
-        for f in [_pool(len(args), os.getpid()).submit(lib.clt_encoder_weight_grad, *a) for a in args]:
-            f.result()
+    calls = [(n, L, F, d, dh.data_ptr(), x.data_ptr(), dW.data_ptr(), s.data_ptr(), s.numel()) for s in sets]
+    _parallel(lib.clt_encoder_weight_grad, calls)
     return dW
