@@ -62,6 +62,10 @@ def test_train_py_with_hydra_overrides(tiny_model_dir, tmp_path, activation):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["clt"]["activation"] == activation
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    # throughput of the whole pipeline and of the CLT step alone, which excludes the data's time
+    series = read_metrics(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")
+    pipeline, step = dict(series["perf/tokens_per_s"]), dict(series["perf/step_tokens_per_s"])
+    assert pipeline and all(step[s] >= pipeline[s] > 0 for s in pipeline)
 
 
 def test_config_group_override(tiny_model_dir, tmp_path):

@@ -40,21 +40,34 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class Throughput(L.Callback):
-    """Logs `perf/tokens_per_s` (whole step, activation generation included) on the progress bar:
-    batch tokens over a moving average of the step time (averaging times, not rates, so the steps
-    that regenerate the buffer count in full)."""
+    """Logs, on the progress bar, `perf/tokens_per_s`: the whole pipeline (activation generation or
+    the cache read included), batch tokens over a moving average of the time from one step's end
+    to the next; and `perf/step_tokens_per_s`: the CLT step alone (forward, backward, optimizer:
+    from the batch's arrival to the step's end). Averaging times, not rates, so the steps that
+    regenerate the buffer count in full."""
 
     def __init__(self, batch_tokens: int, decay: float = 0.95):
-        self.batch_tokens, self.decay, self.t0, self.dt = batch_tokens, decay, None, None
+        self.batch_tokens, self.decay = batch_tokens, decay
+        self.t0: float | None = None  # the last step's end
+        self.started: float | None = None  # this step's start
+        self.dt: float | None = None
+        self.step_dt: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        if self.t0 is not None:
-            dt = now - self.t0
-            self.dt = dt if self.dt is None else self.decay * self.dt + (1 - self.decay) * dt
-            pl_module.log(
-                "perf/tokens_per_s", self.batch_tokens / max(self.dt, 1e-9), prog_bar=True, on_step=True
-            )
+        if self.t0 is not None and self.started is not None:  # both from the second step on
+            self.step_dt = self._average(self.step_dt, now - self.started)
+            rate = self.batch_tokens / max(self.step_dt, 1e-9)
+            pl_module.log("perf/step_tokens_per_s", rate, prog_bar=True, on_step=True)
+            self.dt = self._average(self.dt, now - self.t0)
+            rate = self.batch_tokens / max(self.dt, 1e-9)
+            pl_module.log("perf/tokens_per_s", rate, prog_bar=True, on_step=True)
         self.t0 = now
 
 
