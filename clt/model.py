@@ -35,7 +35,7 @@ class CLTArchitecture:
     d_sae: int
     activation: str = "topk"
     k: int = 16
-    bandwidth: float = 1.0
+    bandwidth: float = 0.1
     log_threshold: bool = False
     ste_to_input: bool = False
     # provenance (not used by the math)
