@@ -122,6 +122,11 @@ class CLTModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.mesh.sharded and gradient_clip_val:  # the norm of the whole CLT, over the shards
             self.mesh.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
+        elif gradient_clip_val and str(self.trainer.precision).startswith("bf16"):
+            # bf16 has no loss scaler, so the gradients are already true: clip them here. (Lightning's
+            # mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16
+            # gradients itself.)
+            torch.nn.utils.clip_grad_norm_(self.clt.parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
