@@ -99,8 +99,9 @@ class CLTConfig:
     auxk_coeff: float = 1 / 32  # α of AuxK (topk, batchtopk)
     auxk_k: int = 512  # k_aux
     dead_after_tokens: int = 10_000_000  # a feature is dead after this many tokens without firing
-    # decode path: "auto" (Triton on CUDA, else torch sparse when ≤ 10% active, else dense),
-    # "triton" (fused sparse kernels), "sparse" (torch embedding-bag), "dense" (matmuls)
+    # decode path: "auto" (Triton on CUDA, else sparse when ≤ 25% active with the CPU kernel, ≤ 10%
+    # without, else dense), "triton" (fused sparse kernels), "sparse" (the C kernel on CPU in fp32,
+    # else torch embedding-bag), "dense" (matmuls)
     decode: str = "auto"
     # Feature-sharded model parallelism (clt/parallel.py): each rank holds a slice of every layer's
     # features (encoder rows, decoder rows, thresholds); TopK/BatchTopK select globally, decoder
