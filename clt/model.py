@@ -237,7 +237,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec,i^s‖ over all target layers, in normalised units: [L, F]."""
-        return torch.stack([w.pow(2).sum(dim=(1, 2)).sqrt() for w in self.W_dec])
+        # (vector_norm: one pass over the decoder each way; pow/sum/sqrt made three forward, more back)
+        return torch.stack([torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) for w in self.W_dec])
 
     # -- normalisation folding -------------------------------------------------------------------
     @torch.no_grad()
