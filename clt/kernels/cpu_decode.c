@@ -1,5 +1,6 @@
-/* The CLT's sparse cross-layer decode on CPU, forward and backward (clt/kernels/cpu.py builds and
- * calls it). fp32, row-major, every tensor contiguous:
+/* The CLT's CPU kernels (clt/kernels/cpu.py builds and calls them): the sparse cross-layer decode
+ * forward and backward, the grouping of its entries by feature, and the encoder's weight gradient
+ * from a sparse dh (at the end). fp32, row-major, every tensor contiguous:
  *
  *   W[s]      [F, L - s, d]   the decoder of source layer s
  *   per source layer s, E_s entries sorted by token: cols[s][e], vals[s][e], and offsets[s][i], the
