@@ -15,6 +15,7 @@ from .errors import CLTError, ConfigError  # noqa: F401 (re-exported)
 # The choices of the knobs below and of the commands, defined once.
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 K_ACTIVATIONS = ("topk", "batchtopk")  # the activations with a k (active features per token)
+MOMENTS = ("fp32", "bf16")  # optim.decoder_moments
 DECODE_PATHS = ("auto", "triton", "sparse", "dense")  # clt.decode, the kernels' implementations
 INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
@@ -101,7 +102,9 @@ class CLTConfig:
     dead_after_tokens: int = 10_000_000  # a feature is dead after this many tokens without firing
     # decode path: "auto" (Triton on CUDA, else sparse when ≤ 25% active with the CPU kernel, ≤ 10%
     # without, else dense), "triton" (fused sparse kernels), "sparse" (the C kernel on CPU in fp32,
-    # else torch embedding-bag), "dense" (matmuls)
+    # else torch embedding-bag), "dense" (matmuls; for JumpReLU also the dense activation and
+    # losses: the reference path; every other path trains JumpReLU from its entries,
+    # clt/kernels/jumprelu.py)
     decode: str = "auto"
     # Feature-sharded model parallelism (clt/parallel.py): each rank holds a slice of every layer's
     # features (encoder rows, decoder rows, thresholds); TopK/BatchTopK select globally, decoder
@@ -123,6 +126,9 @@ class OptimConfig:
     # torch's fused Adam (one pass over all parameters and their moments, on CPU and CUDA; the same
     # update as the default foreach implementation up to rounding); false: the foreach one
     fused: bool = True
+    # the decoder's Adam moments: "fp32", or "bf16" (stochastic rounding, exact resume; half the
+    # decoder's optimizer state: L=30, F=18,432 fits one 80 GB GPU; clt/training/optim.py)
+    decoder_moments: str = "fp32"
 
 
 @dataclass
@@ -134,6 +140,9 @@ class TrainerConfig:
     # clt.shard_features; anything with devices × num_nodes > 1 or sharding uses our DDP strategy
     strategy: str = "auto"
     precision: str = "32-true"
+    # fp32 runs on GPU: matmuls with TF32 inputs and fp32 accumulation (torch's "high" fp32 matmul
+    # precision); false: true fp32 GEMMs. Ignored on CPU and under bf16-mixed
+    tf32: bool = True
     max_steps: int = 300
     batch_tokens: int = 512  # tokens per CLT step: the global batch, split over the data-parallel replicas
     log_every: int = 5
@@ -287,6 +296,12 @@ class TrainConfig:
         if c.activation in K_ACTIVATIONS:
             _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
         _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
+        _check(
+            self.optim.decoder_moments in MOMENTS,
+            "optim.decoder_moments",
+            self.optim.decoder_moments,
+            " | ".join(MOMENTS),
+        )
         _check(c.threshold_init > 0, "clt.threshold_init", c.threshold_init, "> 0")
         _check(
             c.decode in DECODE_PATHS,
@@ -405,7 +420,9 @@ def _resumable(key: str) -> bool:
 
 
 def check_resume(saved: dict, current: dict) -> None:
-    """Raise if `current` differs from the run's saved config in anything but resumable keys."""
+    """Raise if `current` differs from the run's saved config in anything but resumable keys. A
+    key the saved config lacks (the run began before the key existed) stands for its default."""
+    saved = _with_defaults(saved, TrainConfig().to_dict())
     bad = [k for k in config_diff(saved, current) if not _resumable(k)]
     if bad:
         detail = ", ".join(f"{k}: run has {_get(saved, k)!r}, now {_get(current, k)!r}" for k in bad)
@@ -414,11 +431,23 @@ def check_resume(saved: dict, current: dict) -> None:
         )
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks taken from `defaults` (nested)."""
+    out = copy.deepcopy(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
+
+
 def resume_config(saved: dict, defaults: dict, current: dict, named: tuple[str, ...] = ()) -> dict:
     """The config of a resumed run: the saved one, plus what the command line changed explicitly
     (keys where `current` differs from `defaults`, and keys or groups named on the command line,
     `named`, even when set to their default: `trainer.devices=1`). Changing a non-resumable key is
-    an error."""
+    an error. A key the saved config lacks (older than the key) stands for its default."""
+    saved = _with_defaults(saved, defaults)
     explicit = config_diff(defaults, current)
     explicit += [
         k

@@ -101,7 +101,8 @@ class LossTerms(NamedTuple):
     preact: torch.Tensor | None  # jumprelu, relu
     auxk: torch.Tensor | None  # topk, batchtopk (zero while no feature is dead)
     h: torch.Tensor  # [N, L, F] pre-activations
-    a: Any  # [N, L, F] activations; TopK: its entries (sparsity.TopKActivations)
+    a: Any  # [N, L, F] activations; TopK, JumpReLU: their entries (sparsity.TopKActivations,
+    # sparsity.SparseActivations)
     sse: torch.Tensor  # [L] this process's batch
     sst: torch.Tensor  # [L] the global batch's
 
@@ -118,16 +119,24 @@ def clt_loss(
         from .parallel import Parallel
 
         mesh = Parallel()
-    h, a = clt.encode_activate(x, entries=True)  # [N, L, F] each (TopK: a by its entries)
-    y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
+    norms = clt.decoder_norms() if c.activation in ("jumprelu", "relu") else None
+    fused = clt.jumprelu_terms(x, norms, c.sparsity_c) if c.activation == "jumprelu" else None
+    sparsity: torch.Tensor | None = None
+    preact: torch.Tensor | None = None
+    if fused is not None:  # JumpReLU by its entries: a, S and P from one pass (kernels.jumprelu)
+        h, a, sparsity, preact = fused
+        y_hat = clt.decode_normalized(a)  # the entries are their own support
+    else:
+        h, a = clt.encode_activate(x, entries=True)  # [N, L, F] each (TopK: a by its entries)
+        y_hat = clt.decode_normalized(a, support=clt.gradient_support(h, a))  # [N, L, d], normalised
+        if norms is not None:
+            sparsity = tanh_sparsity(a, norms, c.sparsity_c)
+            preact = preactivation(h, clt.threshold if c.activation == "jumprelu" else 0.0, norms)
     y_n = y.to(y_hat.dtype) * clt.output_scale[:, None]
     mse, sse, sst = reconstruction(y_hat, y_n, sst=mesh.batch_sst(y_n.detach()))
-    total, sparsity, preact, aux = mse, None, None, None
-    if c.activation in ("jumprelu", "relu"):
-        norms = clt.decoder_norms()
-        sparsity = mesh.sum(tanh_sparsity(a, norms, c.sparsity_c))
-        theta = clt.threshold if c.activation == "jumprelu" else 0.0
-        preact = mesh.sum(preactivation(h, theta, norms))
+    total, aux = mse, None
+    if sparsity is not None and preact is not None:
+        sparsity, preact = mesh.sum(sparsity), mesh.sum(preact)
         total = total + lambda_s * sparsity + c.preact_coeff * preact
     if c.activation in K_ACTIVATIONS:
         aux = torch.zeros((), device=x.device)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import CrossLayerTranscoder
-from .sparsity import TopKActivations
+from .sparsity import SparseActivations, TopKActivations
 from .subject import Subject
 
 
@@ -16,16 +16,16 @@ def fvu_per_layer(sse: torch.Tensor, sst: torch.Tensor) -> torch.Tensor:
     return sse / sst.clamp_min(1e-12)
 
 
-def l0_per_layer(a: torch.Tensor | TopKActivations) -> torch.Tensor:
-    """a: [N, L, F] or TopK's entries -> [L] mean number of active features per token."""
-    if isinstance(a, TopKActivations):
+def l0_per_layer(a: torch.Tensor | TopKActivations | SparseActivations) -> torch.Tensor:
+    """a: [N, L, F] or its entries -> [L] mean number of active features per token."""
+    if isinstance(a, TopKActivations | SparseActivations):
         return a.l0()
     return (a != 0).sum(-1).float().mean(0)
 
 
-def fired(a: torch.Tensor | TopKActivations) -> torch.Tensor:
-    """a: [N, L, F] or TopK's entries -> [L, F] bool: active at some token."""
-    if isinstance(a, TopKActivations):
+def fired(a: torch.Tensor | TopKActivations | SparseActivations) -> torch.Tensor:
+    """a: [N, L, F] or its entries -> [L, F] bool: active at some token."""
+    if isinstance(a, TopKActivations | SparseActivations):
         return a.fired()
     return (a != 0).any(0)
 

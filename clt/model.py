@@ -25,7 +25,28 @@ from torch import nn
 from . import kernels
 from . import sparsity as act
 from .errors import CheckpointError  # noqa: F401 (re-exported)
+from .kernels.jumprelu import jumprelu_encode
 from .kernels.reference import encoder_matmul, sparse_matmul
+
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """w: [F, D] -> ‖w_f‖: [F]; backward ∂w = w · g / ‖w‖ (0 where ‖w‖ = 0) in one pass over w
+    (vector_norm's own backward takes three; pow/sum/sqrt took three forward)."""
+    return _RowNorms.apply(w)
+
+
+class _RowNorms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(w, dim=1)
+        ctx.save_for_backward(w, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        w, norms = ctx.saved_tensors
+        scale = torch.where(norms > 0, g / norms, torch.zeros_like(norms))
+        return w * scale[:, None]
 
 
 @dataclass
@@ -173,6 +194,26 @@ class CrossLayerTranscoder(nn.Module):
         h = self.encode(x)
         return h, (self.activate_entries(h) if entries else self.activate(h))
 
+    def jumprelu_terms(
+        self, x: torch.Tensor, dec_norms: torch.Tensor, c: float
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor] | None:
+        """JumpReLU's training forward from entries (`kernels.jumprelu`): x: [N, L, d] -> (h, a by
+        its entries (`sparsity.SparseActivations`), E_n Σ tanh(c · a · ‖W_dec‖), E_n Σ ReLU(θ − h)
+        · ‖W_dec‖), with the encoder's weight gradient from the entries. None where it does not
+        apply: not JumpReLU, the dense reference path (decode "dense"), or the Triton path (which
+        fuses the activation into its GEMM)."""
+        if (
+            self.arch.activation != "jumprelu"
+            or self.decode_path == "dense"
+            or kernels.use_triton(x, self.decode_path)
+        ):
+            return None
+        x = x.to(self.W_enc.dtype) * self.input_scale[:, None]
+        arch = self.arch
+        return jumprelu_encode(
+            x, self.W_enc, self.b_enc, self.threshold, dec_norms, arch.bandwidth, arch.ste_to_input, c
+        )
+
     def activate_entries(self, h: torch.Tensor) -> Any:
         """`activate` as training uses it: TopK (not feature-sharded) as its entries
         (`sparsity.TopKActivations`), every other activation dense."""
@@ -237,8 +278,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec,i^s‖ over all target layers, in normalised units: [L, F]."""
-        # (vector_norm: one pass over the decoder each way; pow/sum/sqrt made three forward, more back)
-        return torch.stack([torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) for w in self.W_dec])
+        return torch.stack([row_norms(w.reshape(w.shape[0], -1)) for w in self.W_dec])
 
     # -- normalisation folding -------------------------------------------------------------------
     @torch.no_grad()

@@ -207,22 +207,26 @@ class Parallel:
         return (masked * (masked >= t[..., None]).to(h.dtype)).relu() * dead
 
     @torch.no_grad()
-    def clip_grad_norm_(self, named_params, max_norm: float) -> torch.Tensor:
-        """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) CLT: squared norms of the
-        sharded parameters summed over the shards, replicated ones counted once."""
+    def grad_norm(self, named_params) -> torch.Tensor:
+        """The gradient norm of the whole (unsharded) CLT: squared norms of the sharded parameters
+        summed over the shards, replicated ones counted once (one process: the plain norm)."""
         params = [(n, p) for n, p in named_params if p.grad is not None]
         if not params:
             return torch.zeros(())
         dev = params[0][1].grad.device
-        sharded = sum(
-            (p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is not None),
-            torch.zeros((), device=dev),
-        )
-        replicated = sum(
-            (p.grad.float().pow(2).sum() for n, p in params if shard_dim(n) is None),
-            torch.zeros((), device=dev),
-        )
-        total = (self.sum(sharded) + replicated).sqrt()
+        grads: dict[bool, list[torch.Tensor]] = {True: [], False: []}  # by: sharded?
+        for n, p in params:
+            grads[shard_dim(n) is not None].append(p.grad)
+        sq = {
+            k: torch.stack(torch._foreach_norm(g)).float().pow(2).sum() if g else torch.zeros((), device=dev)
+            for k, g in grads.items()
+        }
+        return (self.sum(sq[True]) + sq[False]).sqrt()
+
+    def clip_grad_norm_(self, named_params, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) CLT (`grad_norm`)."""
+        params = [(n, p) for n, p in named_params if p.grad is not None]
+        total = self.grad_norm(params)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for _, p in params:
             p.grad.mul_(coef.to(p.grad.dtype))

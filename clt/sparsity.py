@@ -53,6 +53,51 @@ class TopKActivations(NamedTuple):
         return (self.vals.detach() > 0).sum(-1).float().mean(0)
 
 
+class SparseActivations(NamedTuple):
+    """Activations by their entries, a ragged count per (token, layer) (JumpReLU's training path:
+    the dense [N, L, F] a is never built). Entries run layer by layer, each layer's in (token,
+    feature) order: a[rows[e], layer[e], cols[e]] = vals[e] ≥ 0. An entry may hold 0 (JumpReLU's
+    band: below θ, its ∂a still needed); every position that is not an entry is 0 and needs no ∂a.
+    vals (differentiable), rows, cols, layer: [E]; counts: [L] entries per layer; n: N; d_sae: F."""
+
+    vals: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    layer: torch.Tensor
+    counts: list[int]
+    n: int
+    d_sae: int
+
+    def per_layer(self) -> tuple[tuple, tuple, tuple]:
+        """(rows, cols, vals), each split by source layer (views)."""
+        return self.rows.split(self.counts), self.cols.split(self.counts), self.vals.split(self.counts)
+
+    def dense(self) -> torch.Tensor:
+        """[N, L, F] (differentiable in vals)."""
+        shape = (self.n, len(self.counts), self.d_sae)
+        return self.vals.new_zeros(shape).index_put((self.rows, self.layer, self.cols), self.vals)
+
+    def support(self) -> torch.Tensor:
+        """[N, L, F] bool: the entries' positions (where ∂L/∂a is needed)."""
+        shape = (self.n, len(self.counts), self.d_sae)
+        on = torch.ones_like(self.rows, dtype=torch.bool)
+        return torch.zeros(shape, dtype=torch.bool, device=self.vals.device).index_put(
+            (self.rows, self.layer, self.cols), on
+        )
+
+    def fired(self) -> torch.Tensor:
+        """[L, F] bool: active at some token of the batch."""
+        L, F = len(self.counts), self.d_sae
+        on = (self.vals.detach() > 0).to(torch.int32)
+        count = torch.zeros(L * F, dtype=torch.int32, device=self.vals.device)
+        return (count.index_add_(0, self.layer * F + self.cols, on) > 0).view(L, F)
+
+    def l0(self) -> torch.Tensor:
+        """[L] mean number of active features per token."""
+        on = (self.vals.detach() > 0).float()
+        return torch.zeros(len(self.counts), device=on.device).index_add_(0, self.layer, on) / self.n
+
+
 def topk(h: torch.Tensor, k: int) -> torch.Tensor:
     """h: [N, L, F] -> a: [N, L, F] with the k largest entries per (token, layer) kept, ReLU'd."""
     vals, idx = topk_entries(h, k)

@@ -78,3 +78,18 @@ def test_ramp():
     assert losses.ramp(0, 100, 0.5) == 0.0
     assert losses.ramp(25, 100, 0.5) == 0.5
     assert losses.ramp(80, 100, 0.5) == 1.0
+
+
+def test_row_norms_and_their_gradient_equal_vector_norm():
+    from clt.model import row_norms
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    w[2] = 0  # a zero row: gradient 0, as vector_norm's
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(6, dtype=torch.float64)
+    (row_norms(w1) * g).sum().backward()
+    (torch.linalg.vector_norm(w2, dim=1) * g).sum().backward()
+    torch.testing.assert_close(row_norms(w1), torch.linalg.vector_norm(w2, dim=1))
+    torch.testing.assert_close(w1.grad, w2.grad)
+    assert torch.autograd.gradcheck(row_norms, (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),))

@@ -84,6 +84,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dir, tmp_path):
         "trainer.ckpt_every": 10,
         "trainer.eval_every": 0,
         "clt.activation": "batchtopk",
+        "optim.decoder_moments": "bf16",  # (stochastic rounding: its random bits resume too)
     }
     ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -111,6 +112,8 @@ def test_killed_run_resumes_to_identical_weights(tiny_model_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     final = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert final["global_step"] == 120
+    moments = [s["exp_avg_sq"].dtype for s in final["optimizer_states"][0]["state"].values()]
+    assert torch.bfloat16 in moments and torch.float32 in moments  # the decoder's, the rest
 
 
 def test_config_mismatch_on_resume(tiny_model_dir, tmp_path):

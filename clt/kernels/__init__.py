@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..config import DECODE_PATHS
-from ..sparsity import TopKActivations
+from ..sparsity import SparseActivations, TopKActivations
 from . import cpu
 from .reference import decode_dense, decode_entries, decode_sparse, to_padded
 
@@ -52,32 +52,48 @@ def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
     return wanted
 
 
-def choose(a: torch.Tensor | TopKActivations, impl: str = "auto") -> str:
-    """The decode path `decode` takes for activations `a` ([N, L, F] or TopK's entries)."""
-    if use_triton(a.vals if isinstance(a, TopKActivations) else a, impl):
+Activations = torch.Tensor | TopKActivations | SparseActivations
+
+
+def choose(a: Activations, impl: str = "auto") -> str:
+    """The decode path `decode` takes for activations `a` ([N, L, F] or their entries)."""
+    t = a.vals if isinstance(a, TopKActivations | SparseActivations) else a
+    if use_triton(t, impl):
         return "triton"
     if impl != "auto":
         return impl
     if isinstance(a, TopKActivations):
         density = a.idx.shape[-1] / a.d_sae
+    elif isinstance(a, SparseActivations):
+        density = a.vals.numel() / (a.n * len(a.counts) * a.d_sae)
     else:
         density = float((a != 0).float().mean())
     # the C kernel's sparse decode beats the dense one further: at the demo shape, 10% active,
     # the whole JumpReLU step took 1.2 s sparse against 2.3 s dense
-    limit = 0.25 if cpu.usable(a.vals if isinstance(a, TopKActivations) else a) else 0.1
+    limit = 0.25 if cpu.usable(t) else 0.1
     return "sparse" if density <= limit else "dense"
 
 
 def decode(
-    a: torch.Tensor | TopKActivations,
+    a: Activations,
     W_dec: list[torch.Tensor],
     support: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """a: [N, L, F] or TopK's entries, W_dec[s]: [F, L − s, d] -> Σ_{s ≤ t} a_s W_dec[s][:, t − s]:
+    """a: [N, L, F] or its entries, W_dec[s]: [F, L − s, d] -> Σ_{s ≤ t} a_s W_dec[s][:, t − s]:
     [N, L, d]. `support`: positions whose ∂L/∂a is needed (default: a ≠ 0); sparse paths are exact
-    there. TopK's entries are their own support (an entry whose value is 0 gets its ∂a too)."""
+    there. Entries (TopK's, `SparseActivations`) are their own support (an entry whose value is 0
+    gets its ∂a too)."""
     path = choose(a, impl)
+    if isinstance(a, SparseActivations):
+        if path == "dense":
+            return decode_dense(a.dense(), W_dec)
+        if path == "triton":
+            from .triton_decode import decode_triton
+
+            return decode_triton(*to_padded(a.dense(), a.support()), W_dec)
+        rows_s, cols_s, vals_s = a.per_layer()
+        return decode_entries(rows_s, cols_s, vals_s, W_dec, a.n)
     if isinstance(a, TopKActivations):
         if path == "dense":
             return decode_dense(a.dense(), W_dec)

@@ -91,6 +91,9 @@ def library() -> ctypes.CDLL | None:
     lib.clt_decode_backward_W.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
     lib.clt_group_by_feature.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.clt_encoder_weight_grad.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
+    lib.clt_jumprelu_count.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.clt_jumprelu_entries.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.clt_encoder_weight_grad_entries.argtypes = [i64, i64, i64] + [ptr] * 10 + [i64]
     lib.clt_panel_width.argtypes = [i64, i64, i64]
     lib.clt_panel_width.restype = i64
     return lib
@@ -245,8 +248,57 @@ def encoder_weight_grad(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n, L, F = dh.shape
     d = x.shape[-1]
     dW = dh.new_empty(L, F, d)
-    k = max(1, min(torch.get_num_threads(), L))
-    sets = [torch.arange(j, L, k) for j in range(k)]  # every layer costs the same
+    sets = _layer_sets(L)
     calls = [(n, L, F, d, dh.data_ptr(), x.data_ptr(), dW.data_ptr(), s.data_ptr(), s.numel()) for s in sets]
     _parallel(lib.clt_encoder_weight_grad, calls)
+    return dW
+
+
+def _layer_sets(L: int) -> list[torch.Tensor]:
+    """The layers split across threads round-robin (for work that costs the same per layer)."""
+    k = max(1, min(torch.get_num_threads(), L))
+    return [torch.arange(j, L, k) for j in range(k)]
+
+
+def jumprelu_scan(h: torch.Tensor, theta: torch.Tensor, lo: torch.Tensor):
+    """JumpReLU's pass over h: [n, L, F] (θ, lo = θ − ε/2: [L, F]) -> (rows, cols, hv, counts,
+    R, C): the entries h > lo layer by layer in (token, feature) order (rows, cols: int64, hv: h
+    there; counts: [L] int64 per layer), R = Σ_n ReLU(θ − h) and C = #{n: h < θ}: [L, F]. h is
+    read layer-major ([L, n, F] in memory, e.g. the transpose of a batched GEMM's output)."""
+    lib = _lib()
+    n, L, F = h.shape
+    h = h.transpose(0, 1).contiguous()  # (no copy when h is a layer-major view)
+    theta, lo = theta.contiguous(), lo.contiguous()
+    counts = torch.empty(L, dtype=torch.int64)
+    R, C = h.new_empty(L, F), h.new_empty(L, F)
+    sets = _layer_sets(L)
+    acc = [torch.empty(F, dtype=torch.float64) for _ in sets]
+    ptrs = [t.data_ptr() for t in (h, theta, lo, counts, R, C)]
+    _parallel(
+        lib.clt_jumprelu_count,
+        [(n, L, F, *ptrs, s.data_ptr(), s.numel(), a.data_ptr()) for s, a in zip(sets, acc)],
+    )
+    starts = counts.cumsum(0) - counts
+    total = int(counts.sum())
+    rows, cols = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
+    hv = h.new_empty(total)
+    ptrs = [t.data_ptr() for t in (h, lo, starts, rows, cols, hv)]
+    _parallel(lib.clt_jumprelu_entries, [(n, L, F, *ptrs, s.data_ptr(), s.numel()) for s in sets])
+    return rows, cols, hv, counts, R, C
+
+
+def encoder_weight_grad_entries(x, counts, rows, cols, g, D, xsum) -> torch.Tensor:
+    """x: [n, L, d]; entries layer by layer (counts: [L] int64; rows, cols, g: [E]); D: [L, F];
+    xsum = Σ_n x: [L, d] -> D[l, f] xsum[l] + Σ_{entries of (l, f)} g x[row, l]: [L, F, d]."""
+    lib = _lib()
+    x, rows, cols, g, D, xsum = (t.contiguous() for t in (x, rows, cols, g, D, xsum))
+    counts = counts.contiguous()
+    n, L, d = x.shape
+    F = D.shape[-1]
+    starts = counts.cumsum(0) - counts
+    dW = x.new_empty(L, F, d)
+    ptrs = [t.data_ptr() for t in (x, starts, counts, rows, cols, g, D, xsum, dW)]
+    sets = _layer_sets(L)  # (alive until the calls return: they hold its pointers)
+    calls = [(L, F, d, *ptrs, s.data_ptr(), s.numel()) for s in sets]
+    _parallel(lib.clt_encoder_weight_grad_entries, calls)
     return dW

@@ -16,7 +16,10 @@
  * W[s][:, t - s] is read from memory once, copied into a contiguous panel that every entry then
  * reads from L2. Each call covers a set of target layers: the caller runs one set per thread, so
  * out and dW are written by one thread only (dvals: one partial sum per thread, added by the
- * caller). The order of every sum within a call is fixed. */
+ * caller). The order of every sum within a call is fixed.
+ *
+ * At the end, JumpReLU's kernels (clt/kernels/jumprelu.py): the scan of the pre-activations into
+ * entries and per-feature sums, and the encoder weight gradient from those entries. */
 
 #include <stdint.h>
 #include <string.h>
@@ -234,5 +237,85 @@ void clt_encoder_weight_grad(int64_t n, int64_t L, int64_t F, int64_t d, const f
             for (int64_t f = 0; f < F; f++)
                 if (g[f] != 0.0f) axpy1(dWl + f * d, xr, g[f], d);
         }
+    }
+}
+
+/* JumpReLU's scan of the pre-activations (clt/kernels/jumprelu.py): for each layer l in
+ * layers[0:nl], over h: [L, n, F] (layer-major, as the encoder's batched GEMM writes it) with
+ * theta, lo = theta - bandwidth / 2: [L, F],
+ *   counts[l]  = #{(i, f): h[i, l, f] > lo[l, f]}        (the entries: active, band, h = theta)
+ *   R[l, f]    = sum_i max(theta[l, f] - h[i, l, f], 0)   (the pre-activation loss, per feature)
+ *   C[l, f]    = #{i: h[i, l, f] < theta[l, f]}            (its theta gradient's support)
+ * R and C are summed in double per feature and written as float; acc: F doubles of scratch. */
+void clt_jumprelu_count(int64_t n, int64_t L, int64_t F, const float *h, const float *theta,
+                        const float *lo, int64_t *counts, float *R, float *C, const int64_t *layers,
+                        int64_t nl, double *acc) {
+    for (int64_t j = 0; j < nl; j++) {
+        const int64_t l = layers[j];
+        const float *th = theta + l * F, *lw = lo + l * F;
+        float *Cl = C + l * F;
+        memset(acc, 0, (size_t)F * sizeof(double));
+        memset(Cl, 0, (size_t)F * sizeof(float));
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const float *row = h + (l * n + i) * F;
+            for (int64_t f = 0; f < F; f++) {
+                const float v = row[f], below = th[f] - v;
+                count += v > lw[f];
+                if (below > 0.0f) {
+                    acc[f] += below;
+                    Cl[f] += 1.0f;
+                }
+            }
+        }
+        counts[l] = count;
+        for (int64_t f = 0; f < F; f++) R[l * F + f] = (float)acc[f];
+    }
+}
+
+/* The entries themselves, layer by layer from starts[l] (the running sum of counts), each layer's
+ * in (token, feature) order: rows[e] = i, cols[e] = f, hv[e] = h[i, l, f] for h[i, l, f] > lo[l, f]. */
+void clt_jumprelu_entries(int64_t n, int64_t L, int64_t F, const float *h, const float *lo,
+                          const int64_t *starts, int64_t *rows, int64_t *cols, float *hv,
+                          const int64_t *layers, int64_t nl) {
+    for (int64_t j = 0; j < nl; j++) {
+        const int64_t l = layers[j];
+        const float *lw = lo + l * F;
+        int64_t e = starts[l];
+        for (int64_t i = 0; i < n; i++) {
+            const float *row = h + (l * n + i) * F;
+            for (int64_t f = 0; f < F; f++)
+                if (row[f] > lw[f]) {
+                    rows[e] = i;
+                    cols[e] = f;
+                    hv[e++] = row[f];
+                }
+        }
+    }
+}
+
+/* The encoder's weight gradient from entries plus a per-feature constant (JumpReLU's dh: sparse
+ * on its entries, and -lambda_P ||W_dec|| / n at every token below theta, written as that constant
+ * everywhere plus its correction on the entries):
+ *   dW[l, f] = D[l, f] xsum[l] + sum_{e of layer l, cols[e] = f} g[e] x[rows[e], l]
+ * with xsum[l] = sum_i x[i, l]. x: [n, L, d], D: [L, F], xsum: [L, d], dW: [L, F, d]; layer l's
+ * entries are e in [starts[l], starts[l] + counts[l]). */
+void clt_encoder_weight_grad_entries(int64_t L, int64_t F, int64_t d, const float *x,
+                                     const int64_t *starts, const int64_t *counts,
+                                     const int64_t *rows, const int64_t *cols, const float *g,
+                                     const float *D, const float *xsum, float *dW,
+                                     const int64_t *layers, int64_t nl) {
+    for (int64_t j = 0; j < nl; j++) {
+        const int64_t l = layers[j];
+        float *dWl = dW + l * F * d;
+        const float *xs = xsum + l * d;
+        for (int64_t f = 0; f < F; f++) {
+            float *o = dWl + f * d;
+            const float c = D[l * F + f];
+            for (int64_t k = 0; k < d; k++) o[k] = c * xs[k];
+        }
+        const int64_t end = starts[l] + counts[l];
+        for (int64_t e = starts[l]; e < end; e++)
+            if (g[e] != 0.0f) axpy1(dWl + cols[e] * d, x + (rows[e] * L + l) * d, g[e], d);
     }
 }

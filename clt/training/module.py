@@ -20,6 +20,7 @@ from ..parallel import (
     shard_clt,
     shard_range,
 )
+from .optim import Adam
 
 
 class CLTModule(L.LightningModule):
@@ -120,7 +121,13 @@ class CLTModule(L.LightningModule):
         return t.total, logs
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.mesh.sharded and gradient_clip_val:  # the norm of the whole CLT, over the shards
+        opt = getattr(optimizer, "optimizer", optimizer)  # (Lightning's wrapper, or the optimizer)
+        if gradient_clip_val and self.folds_clipping(opt, gradient_clip_algorithm):
+            # The clip folded into fused Adam: it divides every gradient by grad_scale in its own
+            # pass, so clipping costs one read of the gradients (their norm) and no write.
+            norm = self.mesh.grad_norm(self.clt.named_parameters())
+            opt.grad_scale = ((norm + 1e-6) / gradient_clip_val).clamp(min=1.0).float()
+        elif self.mesh.sharded and gradient_clip_val:  # the norm of the whole CLT, over the shards
             self.mesh.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
         elif gradient_clip_val and str(self.trainer.precision).startswith("bf16"):
             # bf16 has no loss scaler, so the gradients are already true: clip them here. (Lightning's
@@ -130,6 +137,17 @@ class CLTModule(L.LightningModule):
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def folds_clipping(self, opt, algorithm=None) -> bool:
+        """Whether clipping by norm folds into the optimizer: torch's fused Adam (its grad_scale) with
+        no loss scaler of its own (fp32, bf16)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32"
+        return (
+            isinstance(opt, torch.optim.Adam)
+            and bool(opt.defaults.get("fused"))
+            and str(getattr(algorithm, "value", algorithm) or "norm") == "norm"
+            and not precision.startswith("16")
+        )
+
     def on_train_end(self) -> None:
         with torch.no_grad():
             steps_tokens = self.trainer.global_step * self.cfg.trainer.batch_tokens
@@ -138,8 +156,16 @@ class CLTModule(L.LightningModule):
 
     def configure_optimizers(self):
         o, steps = self.cfg.optim, self.cfg.trainer.max_steps
-        opt = torch.optim.Adam(
-            self.clt.parameters(),
+        params: Any = self.clt.parameters()  # one group (the layout of earlier checkpoints)
+        if o.decoder_moments != "fp32":
+            named = list(self.clt.named_parameters())
+            params = [
+                {"params": [p for n, p in named if not n.startswith("W_dec")]},
+                {"params": [p for n, p in named if n.startswith("W_dec")], "moments": o.decoder_moments},
+            ]
+        opt = Adam(
+            params,
+            seed=self.cfg.seed,
             lr=o.lr,
             betas=tuple(o.betas),
             weight_decay=o.weight_decay,

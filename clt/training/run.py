@@ -45,6 +45,13 @@ class ActivationDataModule(L.LightningDataModule):
         return DataLoader(_Batches(self.source, self.module), batch_size=None, num_workers=0)
 
 
+def float32_matmul_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """torch's fp32 matmul precision for this run: "high" (TF32 inputs, fp32 accumulation) for
+    fp32 runs on a CUDA device with trainer.tf32, else "highest" (true fp32)."""
+    fp32 = str(cfg.trainer.precision).startswith("32")
+    return "high" if device.type == "cuda" and fp32 and cfg.trainer.tf32 else "highest"
+
+
 def clt_architecture(cfg: TrainConfig, subject) -> CLTArchitecture:
     """The CLT a config asks for, on the subject model's layers and width."""
     c = cfg.clt
@@ -127,6 +134,7 @@ def run(cfg: TrainConfig) -> dict:
         strategy.feature_shards = (c.feature_shards or trainer.num_devices) if c.shard_features else 1
         mesh_shape(trainer.world_size, strategy.feature_shards, c.d_sae, t.batch_tokens)
 
+    torch.set_float32_matmul_precision(float32_matmul_precision(cfg, strategy.root_device))
     # every process: the subject on its own device, the data, the CLT initialised identically
     subject = load_subject(cfg.model, strategy.root_device)
     source = make_source(cfg, subject)
