@@ -22,6 +22,8 @@ OUTPUT_HOOKS = ("mlp_out",)
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # stored weights (exports), subject models
 SUBJECT_DTYPES = ("auto", *WEIGHT_DTYPES)  # model.dtype
 BUFFER_DTYPES = ("float32", "bfloat16")  # data.buffer_dtype
+BUFFER_DEVICES = ("cpu", "subject")  # data.buffer_device
+PREFETCH = ("auto", "on", "off")  # data.prefetch
 ATTRIBUTION_DTYPES = ("float32", "bfloat16")  # the subject model under attribution and the viewer
 CACHE_DTYPES = ("bfloat16", "int8")  # cache.dtype
 
@@ -60,6 +62,13 @@ class DataConfig:
     batch_windows: int = 8  # windows per subject-model forward pass
     buffer_tokens: int = 16384  # shuffle buffer: tokens mixed across windows and documents
     buffer_dtype: str = "float32"  # activations in the buffer ("float32" or "bfloat16")
+    # where the buffer lives: "cpu", or "subject" (the subject's device: on GPU the activations stay
+    # there, no round trip through host memory; use with buffer_dtype=bfloat16 to halve them)
+    buffer_device: str = "cpu"
+    # generate the next buffer of activations in a background thread while the CLT trains on this
+    # one ("auto": when the subject is on a GPU, where the two overlap; on a CPU they share cores).
+    # The batches are the same either way; two buffers are held at once
+    prefetch: str = "auto"
     eval_docs: int = 8  # documents held out (from the start of the stream) for eval/*
     eval_windows: int = 8  # held-out windows used by each evaluation
     norm_batches: int = 4  # subject forward passes used to estimate the normalisation scalars
@@ -347,6 +356,13 @@ class TrainConfig:
             d.buffer_dtype,
             " | ".join(BUFFER_DTYPES),
         )
+        _check(
+            d.buffer_device in BUFFER_DEVICES,
+            "data.buffer_device",
+            d.buffer_device,
+            " | ".join(BUFFER_DEVICES),
+        )
+        _check(d.prefetch in PREFETCH, "data.prefetch", d.prefetch, " | ".join(PREFETCH))
         _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
         _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ class Subject:
     ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        # held by each forward pass of a thread that shares this subject (the activation prefetch
+        # and the evaluation): their hooks must not fire in each other's passes
+        self.lock = threading.RLock()
         self.name = name or getattr(model.config, "_name_or_path", "")
         self.family_name = model.config.model_type if family == "auto" else family
         self.family = family_of(model, family)

@@ -131,3 +131,44 @@ def test_data_parallel_shards_split_the_training_documents(tmp_path, tokenizer):
     assert all(torch.equal(next(again)[0], w) for w, _ in seq[12:])
     with pytest.raises(DataError, match="replica 2 of 2"):
         WindowStream(cfg, tokenizer, replica=(2, 2))
+
+
+def test_prefetched_batches_are_the_batches_and_resume(subject):
+    """With data.prefetch=on the next block is generated in a background thread: the batches, their
+    positions and a resume from a position are the same as without it."""
+    plain = ActivationSource(subject, small_cfg(prefetch="off"), batch_tokens=32, seed=3)
+    ahead = ActivationSource(subject, small_cfg(prefetch="on"), batch_tokens=32, seed=3)
+    assert ahead.prefetch and not plain.prefetch
+    it, it2 = plain.batches(), ahead.batches()
+    want = [next(it) for _ in range(20)]  # crosses block boundaries (256/32 = 8 per block)
+    got = [next(it2) for _ in range(20)]
+    for (x, y, p), (x2, y2, p2) in zip(want, got):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and p == p2
+    resumed = ahead.batches(want[9][2])
+    for x, y, _ in want[10:14]:
+        x2, y2, _ = next(resumed)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    threads = list(ahead._prefetchers)
+    ahead.close()
+    for p in threads:
+        p._thread.join(timeout=10)
+        assert not p._thread.is_alive()
+
+
+def test_a_failure_in_the_prefetch_thread_reaches_the_trainer(subject):
+    from clt.data.stream import Prefetch
+
+    def items():
+        yield (torch.zeros(1),)
+        raise DataError("the stream broke")
+
+    p = Prefetch(items(), torch.device("cpu"))
+    assert torch.equal(next(p)[0], torch.zeros(1))
+    with pytest.raises(DataError, match="the stream broke"):
+        next(p)
+
+
+def test_buffer_on_the_subject_device(subject):
+    src = ActivationSource(subject, small_cfg(buffer_device="subject", buffer_dtype="bfloat16"), 32)
+    x, y, _ = next(src.batches())
+    assert x.device == subject.device and x.dtype == torch.bfloat16

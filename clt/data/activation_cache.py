@@ -456,6 +456,9 @@ class CachedActivations:
     def split_for_replica(self, replica: int, n_replicas: int, global_batch: int) -> None:
         self.replica, self.n_replicas, self.batch_tokens = replica, n_replicas, global_batch
 
+    def close(self) -> None:
+        """(Nothing runs in the background: shards are read on demand.)"""
+
     # -- shards ------------------------------------------------------------------------------------
     def load_shard(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shard s as (x, y: [n, L, d] in the buffer dtype, tokens [n] int64), checked against the

@@ -5,11 +5,19 @@ The buffer works in blocks: `buffer_tokens` tokens are generated from consecutiv
 documents), permuted with a generator seeded by (seed, block), and cut into batches. A batch's
 position is (block, batch within block, text position at the block's start), so a run resumes
 exactly: regenerate that block from its text position and skip the batches already trained on.
+
+With prefetch (`data.prefetch`), the next block is generated in a background thread while the CLT
+trains on this one (`Prefetch`; on a GPU on its own CUDA stream). The blocks, and so the batches,
+are the same with and without it. The subject is shared with the evaluation, so each forward pass
+holds `Subject.lock`.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +43,75 @@ class DataPosition:
 
 @torch.no_grad()
 def window_activations(
-    subject: Subject, windows: torch.Tensor, dtype: torch.dtype | None = None
+    subject: Subject,
+    windows: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """windows: [B, T] -> x, y: [B·(T−1), L, d] on the CPU (in `dtype`, default the subject's), with
-    the BOS positions dropped."""
-    x, y = subject.capture(windows)
+    """windows: [B, T] -> x, y: [B·(T−1), L, d] on `device` (default the CPU; in `dtype`, default
+    the subject's), with the BOS positions dropped."""
+    with subject.lock:
+        x, y = subject.capture(windows)
     L, d = x.shape[-2:]
     dtype = dtype or x.dtype
-    return x[:, 1:].reshape(-1, L, d).to("cpu", dtype), y[:, 1:].reshape(-1, L, d).to("cpu", dtype)
+    return x[:, 1:].reshape(-1, L, d).to(device, dtype), y[:, 1:].reshape(-1, L, d).to(device, dtype)
+
+
+class Prefetch:
+    """Iterates `items` one item ahead in a background thread: while the consumer works on item i,
+    the thread computes item i + 1 (at most one waits, finished). On a CUDA device the thread runs
+    on its own stream and the consumer's stream waits for each item's event before using it. An
+    exception in the thread is raised by the consumer's next(). `close()` stops the thread."""
+
+    def __init__(self, items: Iterator, device: torch.device):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._device = device
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="clt-prefetch")
+        self._thread.start()
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            cuda = self._device.type == "cuda"
+            stream = torch.cuda.Stream(self._device) if cuda else None
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                for item in items:
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not self._put((item, event, None)):
+                        return
+            self._put((None, None, StopIteration()))
+        except BaseException as e:  # raised in the consumer
+            self._put((None, None, e))
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self):
+        item, event, error = self._queue.get()
+        if error is not None:
+            raise error
+        if event is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(event)
+            for t in item:
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(current)  # (its memory is not reused while this stream uses it)
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class ActivationSource:
@@ -58,10 +127,19 @@ class ActivationSource:
         self.batch_tokens, self.seed = batch_tokens, seed
         self.text = WindowStream(cfg, subject.tokenizer, replica)  # (replica, n_replicas)
         self.dtype = getattr(torch, cfg.buffer_dtype)
+        self.device = subject.device if cfg.buffer_device == "subject" else torch.device("cpu")
+        self.prefetch = cfg.prefetch == "on" or (cfg.prefetch == "auto" and subject.device.type == "cuda")
+        self._prefetchers: list[Prefetch] = []
+
+    def close(self) -> None:
+        """Stop the background generation of every `batches` iterator (the end of training)."""
+        for p in self._prefetchers:
+            p.close()
+        self._prefetchers.clear()
 
     def activations(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """windows: [B, T] -> x, y: [B·(T−1), L, d] with the BOS positions dropped."""
-        return window_activations(self.subject, windows, self.dtype)
+        return window_activations(self.subject, windows, self.dtype, self.device)
 
     def _generate(
         self, windows: Iterator[tuple[torch.Tensor, TextPosition]], n_tokens: int
@@ -104,17 +182,26 @@ class ActivationSource:
         block, skip = pos.block, pos.batch
         text_pos = pos.text or TextPosition()
         windows = self.text.windows(text_pos)
-        while True:
-            x, y, next_text = self._generate(windows, self.cfg.buffer_tokens)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
-            perm = torch.randperm(x.shape[0], generator=g)
-            n_batches = x.shape[0] // self.batch_tokens
-            for j in range(skip, n_batches):
-                idx = perm[j * self.batch_tokens : (j + 1) * self.batch_tokens]
-                after = (
-                    DataPosition(block + 1, 0, next_text)
-                    if j + 1 == n_batches
-                    else DataPosition(block, j + 1, text_pos)
-                )
-                yield x[idx], y[idx], after.to_dict()
-            block, skip, text_pos = block + 1, 0, next_text
+        blocks: Iterator[tuple[torch.Tensor, torch.Tensor, TextPosition]] = (
+            self._generate(windows, self.cfg.buffer_tokens) for _ in iter(int, 1)  # forever
+        )
+        if self.prefetch:
+            blocks = Prefetch(blocks, self.subject.device)
+            self._prefetchers.append(blocks)
+        try:
+            for x, y, next_text in blocks:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+                perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+                n_batches = x.shape[0] // self.batch_tokens
+                for j in range(skip, n_batches):
+                    idx = perm[j * self.batch_tokens : (j + 1) * self.batch_tokens]
+                    after = (
+                        DataPosition(block + 1, 0, next_text)
+                        if j + 1 == n_batches
+                        else DataPosition(block, j + 1, text_pos)
+                    )
+                    yield x[idx], y[idx], after.to_dict()
+                block, skip, text_pos = block + 1, 0, next_text
+        finally:
+            if isinstance(blocks, Prefetch):
+                blocks.close()

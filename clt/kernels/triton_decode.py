@@ -9,9 +9,11 @@ W_dec[s]: [F, L − s, d]. Output: ŷ: [N, L, d] = Σ_{s ≤ t} Σ_j val[n, s, j
   per launch and launches run in order, so the result is deterministic (no atomics).
 - backward, values: ∂L/∂val[n, s, j] = <g[n, s:, :], W_dec[s][idx[n, s, j]]>, one dot product of
   length (L − s)·d per active slot (both operands contiguous).
-- backward, weights: ∂L/∂W_dec[s][f] = Σ_{(n, j): idx = f} val[n, s, j] · g[n, s:, :]. The active
-  slots are sorted by feature (stable), so each program owns one active feature's row and sums its
-  slots in a fixed order: deterministic, no atomics, only active rows are written.
+- backward, weights: ∂L/∂W_dec[s][f] = Σ_{(n, j): idx = f} val[n, s, j] · g[n, s:, :]. The slots
+  are sorted by feature (stable), so each program owns one feature's row and sums its slots in a
+  fixed order: deterministic, no atomics. Each row of the gradient is written once (zeros where the
+  feature did not fire: no separate zero fill), and the feature runs come from a scatter-add, so the
+  backward never waits for the host (no data-dependent shapes).
 Offsets into W_dec are int64 (the full decoder passes 2³¹ elements at real sizes).
 """
 
@@ -65,22 +67,19 @@ def _decode_grad_val(
 
 
 @triton.jit
-def _decode_grad_w(
-    feat_ptr, start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off, BLOCK_R: tl.constexpr
-):
-    i = tl.program_id(0)  # i-th active feature
+def _decode_grad_w(start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off, BLOCK_R: tl.constexpr):
+    f = tl.program_id(0).to(tl.int64)  # feature f: its slots are slot[start[f]:start[f + 1]]
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    f = tl.load(feat_ptr + i).to(tl.int64)
-    lo = tl.load(start_ptr + i)
-    hi = tl.load(start_ptr + i + 1)
+    lo = tl.load(start_ptr + f)
+    hi = tl.load(start_ptr + f + 1)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for e in range(lo, hi):  # this feature's slots, in token order (stable sort)
         slot = tl.load(slot_ptr + e).to(tl.int64)
         v = tl.load(val_ptr + slot).to(tl.float32)
         n = slot // K
         acc += v * tl.load(g_ptr + n * g_row + g_off + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    tl.store(gw_ptr + f * R + offs_r, acc, mask=mask_r)
+    tl.store(gw_ptr + f * R + offs_r, acc, mask=mask_r)  # (0 for a feature that did not fire)
 
 
 BLOCK_D = 64
@@ -128,23 +127,29 @@ class SparseDecode(torch.autograd.Function):
                 )
                 grad_val[:, s] = gv
             if ctx.needs_input_grad[2 + s]:
-                gw = torch.zeros_like(W_dec[s], dtype=torch.float32)
+                F = W_dec[s].shape[0]
+                gw = torch.empty_like(W_dec[s], dtype=torch.float32)  # every row written once
                 flat = idx_s[s].reshape(-1)
-                order = torch.argsort(flat, stable=True)  # slots sorted by feature, token order kept
-                order = order[flat[order] >= 0]  # drop padding
-                if order.numel():
-                    feats, counts = torch.unique_consecutive(flat[order], return_counts=True)
-                    starts = torch.zeros(feats.numel() + 1, dtype=torch.int64, device=g.device)
-                    starts[1:] = counts.cumsum(0)
-                    _decode_grad_w[(feats.numel(), triton.cdiv(R, BLOCK_R))](
-                        feats, starts, order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R
-                    )
+                order = torch.argsort(
+                    flat, stable=True
+                )  # padding (−1) first, then by feature, token order kept
+                _decode_grad_w[(F, triton.cdiv(R, BLOCK_R))](
+                    feature_starts(flat, F), order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R
+                )
                 grad_w.append(gw.to(W_dec[s].dtype))
             else:
                 grad_w.append(None)
         if grad_val is not None:
             grad_val = grad_val.to(saved[L].dtype)
         return (None, grad_val, *grad_w)
+
+
+def feature_starts(flat: torch.Tensor, F: int) -> torch.Tensor:
+    """flat: [E] feature of each slot (−1: padding) -> [F + 1]: in the slots sorted by feature
+    (padding first), feature f's run is [starts[f], starts[f + 1]). No host sync (no data-dependent
+    shape: a scatter-add into F + 1 buckets, then a running sum)."""
+    buckets = torch.zeros(F + 1, dtype=torch.int64, device=flat.device)
+    return buckets.scatter_add_(0, flat + 1, torch.ones_like(flat)).cumsum(0)
 
 
 def decode_triton(idx: torch.Tensor, val: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:

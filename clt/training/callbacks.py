@@ -81,7 +81,8 @@ class Evaluate(L.Callback):
     def _run(self, trainer, module: CLTModule):
         if self.windows.numel() == 0:
             return
-        self.last = spliced_eval(self.subject, module.clt, self.windows)
+        with self.subject.lock:  # (the activation prefetch shares the subject)
+            self.last = spliced_eval(self.subject, module.clt, self.windows)
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=trainer.global_step)
 

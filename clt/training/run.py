@@ -149,9 +149,12 @@ def run(cfg: TrainConfig) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
-    trainer.fit(
-        module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None
-    )
+    try:
+        trainer.fit(
+            module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None
+        )
+    finally:
+        source.close()  # (the activation prefetch, if any)
     if requeue.requeued:
         return {"run_dir": str(run_dir), "requeued": True}
     if not trainer.is_global_zero:
@@ -163,7 +166,10 @@ def run(cfg: TrainConfig) -> dict:
             from ..io import load_clt
 
             clt = load_clt(run_dir / "clt", device=strategy.root_device)
-        report = final_report(clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0)
+        with subject.lock:  # (a prefetch thread may be finishing its last forward pass)
+            report = final_report(
+                clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0
+            )
     if cfg.hub.repo_id:  # the native CLT, its circuit-tracer export and a model card with the report
         from ..push import push_to_hub
 
