@@ -149,8 +149,11 @@ def step_time(args, device: str) -> dict:
 def components(args, device: str, mach: dict) -> dict:
     """Each part of the step: seconds, its bound, and the fraction of the bound reached."""
     from clt import kernels
+    from clt.kernels import cpu
+    from clt.kernels.jumprelu import scan as jumprelu_scan
+    from clt.kernels.reference import encoder_weight_grad
     from clt.metrics import l0_per_layer
-    from clt.sparsity import TopKActivations
+    from clt.sparsity import SparseActivations, TopKActivations
 
     m, x, y = make_module(args, device)
     clt = m.clt
@@ -174,14 +177,23 @@ def components(args, device: str, mach: dict) -> dict:
     )
     with torch.no_grad():
         h = clt.encode(x)
-    part("selection", lambda: clt.activate_entries(h), 0, 4 * 2 * N * L * F)
-    with torch.no_grad():  # as training selects: TopK as its entries, the others dense
-        a = clt.activate_entries(h)
-        entries = isinstance(a, TopKActivations)
-        support = clt.gradient_support(h, a.dense() if entries else a)
+        fused = clt.jumprelu_terms(x, clt.decoder_norms(), m.cfg.clt.sparsity_c)  # JumpReLU's entries
+    if fused is not None:  # JumpReLU as training runs it: one scan of h into its entries
+        theta = clt.threshold.detach()
+        lo = theta - clt.arch.bandwidth / 2
+        part("selection", lambda: jumprelu_scan(h, theta, lo), 0, 4 * N * L * F)
+    else:
+        part("selection", lambda: clt.activate_entries(h), 0, 4 * 2 * N * L * F)
+    with torch.no_grad():  # as training selects: TopK and JumpReLU as their entries, the others dense
+        a = fused[1] if fused is not None else clt.activate_entries(h)
+        entries = isinstance(a, TopKActivations | SparseActivations)
+        support = None if entries else clt.gradient_support(h, a)
         out["l0"] = float(l0_per_layer(a).mean())  # active features per token and layer
-        dense = a.dense() if entries else a
-        out["gradient_support"] = float(((dense != 0) if support is None else support).float().mean())
+        if isinstance(a, SparseActivations):
+            out["gradient_support"] = a.vals.numel() / (N * L * F)
+        else:
+            dense = a.dense() if entries else a
+            out["gradient_support"] = float(((dense != 0) if support is None else support).float().mean())
     W = list(clt.W_dec)
     part(
         "decode_forward",
@@ -189,8 +201,11 @@ def components(args, device: str, mach: dict) -> dict:
         2 * rows,
         4 * (n_dec + N * L * d),
     )
-    if entries:
+    if isinstance(a, TopKActivations):
         a_g = TopKActivations(a.vals.detach().requires_grad_(), a.idx, a.d_sae)
+        leaf = a_g.vals
+    elif isinstance(a, SparseActivations):
+        a_g = a._replace(vals=a.vals.detach().requires_grad_())
         leaf = a_g.vals
     else:
         a_g = leaf = a.detach().requires_grad_()
@@ -204,9 +219,11 @@ def components(args, device: str, mach: dict) -> dict:
     bound = max(4 * rows / rate, 4 * 2 * n_dec / bw)  # ∂a and ∂W_dec; read W, write its gradient
     out["decode_backward"] = {"ms": 1e3 * sec, "bound_ms": 1e3 * bound, "of_bound": bound / sec}
     gh = torch.zeros_like(h).scatter(-1, h.topk(k, -1).indices, 1.0)  # k non-zero ∂h per token
-    part(
+    on_gpu = device == "cuda" and kernels.triton_available()
+    sparse_grad = (device == "cpu" and cpu.usable(gh, xn)) or on_gpu
+    part(  # as training takes it (the sparse kernel where it serves)
         "encoder_weight_grad",
-        lambda: torch.einsum("nlf,nld->lfd", gh, xn),
+        lambda: encoder_weight_grad(gh, xn) if sparse_grad else torch.einsum("nlf,nld->lfd", gh, xn),
         2 * N * L * k * d,  # what the math needs: k of F pre-activations per token carry gradient
         4 * (N * L * d + L * F * d),
     )
@@ -214,13 +231,14 @@ def components(args, device: str, mach: dict) -> dict:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = m.configure_optimizers()["optimizer"]
+    opt.grad_scale = torch.ones((), device=device)  # the clip folded into the step, as in training
     n_par = sum(p.numel() for p in params)
     part("optimizer", opt.step, 0, 4 * 7 * n_par)  # read p, g, m, v; write p, m, v (fp32)
-    part(
+    part(  # the clip's norm (its scaling is folded into the optimizer step)
         "grad_norm",
-        lambda: torch.nn.utils.clip_grad_norm_(params, 1e9),
+        lambda: m.mesh.grad_norm(clt.named_parameters()),
         0,
-        4 * 3 * n_par,  # read the gradients for the norm, then read + write them to scale
+        4 * n_par,  # read the gradients once
     )
     return out
 
@@ -259,6 +277,17 @@ def baseline(rev: str, args) -> dict:
             return step_in_subprocess(wt, args)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=REPO, check=False)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def _env() -> dict:
@@ -306,7 +335,7 @@ def main() -> None:
         f"peak memory {mine['peak_bytes'] / 2**20:,.0f} MiB over the state before the first step"
     )
     result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({_cpu_name()})",
         "threads": torch.get_num_threads(),
         "shape": shape,
         "machine": mach,

@@ -178,18 +178,34 @@ _bag_weight_grad = torch.ops.aten._embedding_bag_per_sample_weights_backward
 
 
 def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
-    """x: [N, L, d], W_enc: [L, F, d] -> [N, L, F] = einsum("nld,lfd->nlf"). On CPU in fp32 (no
-    autocast) its backward takes W_enc's gradient from the non-zero ∂h only when at most 10% of
-    them are non-zero (TopK, BatchTopK, JumpReLU with a narrow band: the selected pairs, the band),
-    by the C kernel; otherwise, and everywhere else, the dense GEMM."""
-    if (
-        x.device.type == "cpu"
-        and W_enc.requires_grad
-        and not torch.is_autocast_enabled("cpu")
-        and cpu.usable(x, W_enc)
-    ):
+    """x: [N, L, d], W_enc: [L, F, d] -> [N, L, F] = einsum("nld,lfd->nlf"). Its backward takes
+    W_enc's gradient from the non-zero ∂h only when at most 10% of them are non-zero (TopK,
+    BatchTopK: the selected pairs and AuxK's): on CPU in fp32 (no autocast) by the C kernel, on
+    CUDA by the Triton kernel (`triton_encode.encoder_weight_grad_triton`); otherwise, and
+    everywhere else, the dense GEMM."""
+    if not W_enc.requires_grad or torch.is_autocast_enabled(x.device.type):
+        return torch.einsum("nld,lfd->nlf", x, W_enc)
+    if (x.device.type == "cpu" and cpu.usable(x, W_enc)) or (x.is_cuda and _triton()):
         return _SparseGradEncoder.apply(x, W_enc)
     return torch.einsum("nld,lfd->nlf", x, W_enc)
+
+
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def encoder_weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_n g[n, l, f] x[n, l]: [L, F, d] from the non-zero g only (C kernel on CPU, Triton on CUDA or
+    under TRITON_INTERPRET=1 for CPU tensors without the C kernel)."""
+    if g.is_cuda or not cpu.usable(g, x):
+        from .triton_encode import encoder_weight_grad_triton
+
+        return encoder_weight_grad_triton(g, x).to(x.dtype)
+    return cpu.encoder_weight_grad(g, x)
 
 
 class _SparseGradEncoder(torch.autograd.Function):
@@ -208,7 +224,7 @@ class _SparseGradEncoder(torch.autograd.Function):
         gW = None
         if ctx.needs_input_grad[1]:
             if torch.count_nonzero(g) <= 0.1 * g.numel():
-                gW = cpu.encoder_weight_grad(g, x)
+                gW = encoder_weight_grad(g, x)
             else:
                 gW = torch.einsum("nlf,nld->lfd", g, x)
         return gx, gW

@@ -129,3 +129,40 @@ def encode_triton(
     kind = {"none": NONE, "relu": RELU, "jumprelu": JUMPRELU}[activation]
     h, a = FusedEncode.apply(x, W_enc, b_enc, theta, kind, bandwidth, ste_to_input)
     return h, (h if kind == NONE else a)
+
+
+@triton.jit
+def _weight_grad_kernel(start_ptr, tok_ptr, g_ptr, x_ptr, dw_ptr, L, F, D, BLOCK_D: tl.constexpr):
+    key = tl.program_id(0).to(tl.int64)  # (layer, feature) = divmod(key, F)
+    layer = key // F
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    lo = tl.load(start_ptr + key)
+    hi = tl.load(start_ptr + key + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for e in range(lo, hi):  # this (layer, feature)'s non-zero ∂h, in token order
+        n = tl.load(tok_ptr + e).to(tl.int64)
+        v = tl.load(g_ptr + e).to(tl.float32)
+        acc += v * tl.load(x_ptr + (n * L + layer) * D + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + key * D + offs, acc, mask=mask)  # (0 where no token had a non-zero ∂h)
+
+
+def encoder_weight_grad_triton(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dh: [N, L, F] (mostly zeros), x: [N, L, d] -> ∂W_enc = Σ_n dh[n, l, f] x[n, l]: [L, F, d]
+    (fp32), reading x only at the non-zero dh: their (layer, feature) keys sorted stably, one
+    program per (layer, feature, block of d) sums its run in token order (deterministic, no
+    atomics; every row written once)."""
+    n, L, F = dh.shape
+    d = x.shape[-1]
+    tok, lay, feat = dh.nonzero(as_tuple=True)  # (token-major)
+    key = lay * F + feat
+    order = torch.argsort(key, stable=True)
+    starts = torch.zeros(L * F + 1, dtype=torch.int64, device=dh.device)
+    starts[1:] = torch.bincount(key, minlength=L * F).cumsum(0)
+    g = dh[tok, lay, feat][order].contiguous()
+    dW = torch.empty(L, F, d, device=dh.device, dtype=torch.float32)
+    BLOCK_D = 64
+    _weight_grad_kernel[(L * F, triton.cdiv(d, BLOCK_D))](
+        starts, tok[order].contiguous(), g, x.contiguous(), dW, L, F, d, BLOCK_D=BLOCK_D
+    )
+    return dW
