@@ -293,3 +293,38 @@ def test_encoder_weight_grad_kernel_matches_dense(ragged):
     torch.testing.assert_close(got, torch.einsum("nlf,nld->lfd", dh, x), rtol=1e-5, atol=1e-5)
     assert (got[:, 5] == 0).all()
     assert torch.equal(encoder_weight_grad_triton(dh, x), got)  # deterministic
+
+
+def test_value_gradient_alone_with_frozen_decoder():
+    """∂val without ∂W_dec (a frozen decoder: the token-major kernel) equals the fused pass's ∂val
+    and the dense reference's."""
+    a = sparse_acts(20, 3, 37, 4, ragged=True)
+    W = [(torch.randn(37, 3 - s, 40) * 0.1).to(DEVICE) for s in range(3)]
+    g = torch.randn(20, 3, 40, device=DEVICE)
+    grads = []
+    for frozen in (True, False):
+        Ws = [w.clone().requires_grad_(not frozen) for w in W]
+        aa = a.clone().to(DEVICE).requires_grad_(True)
+        (decode_triton(*to_padded(aa), Ws) * g).sum().backward()
+        grads.append(aa.grad * (a != 0).to(DEVICE))
+    aa = a.clone().double().requires_grad_(True)
+    (decode_dense(aa, [w.double() for w in W]) * g.double()).sum().backward()
+    for got in grads:
+        torch.testing.assert_close(got, (aa.grad * (a != 0)).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_weight_grad_from_entries_with_a_constant():
+    """JumpReLU's form: a constant ∂h per (layer, feature) at every token plus the entries."""
+    from clt.kernels.triton_encode import weight_grad_entries_triton
+
+    n, L, F, d = 18, 3, 11, 20
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, L, d, generator=g).to(DEVICE)
+    dh = torch.zeros(n, L, F).to(DEVICE)
+    sel = torch.rand(n, L, F, generator=g).to(DEVICE) < 0.2
+    dh[sel] = torch.randn(int(sel.sum()), generator=g).to(DEVICE)
+    const = torch.randn(L, F, generator=g).to(DEVICE)
+    tok, lay, feat = sel.nonzero(as_tuple=True)
+    got = weight_grad_entries_triton(x, tok, lay, feat, dh[tok, lay, feat], F, const=const)
+    want = torch.einsum("nlf,nld->lfd", dh + const, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -183,7 +183,8 @@ class ActivationSource:
         text_pos = pos.text or TextPosition()
         windows = self.text.windows(text_pos)
         blocks: Iterator[tuple[torch.Tensor, torch.Tensor, TextPosition]] = (
-            self._generate(windows, self.cfg.buffer_tokens) for _ in iter(int, 1)  # forever
+            self._generate(windows, self.cfg.buffer_tokens)
+            for _ in iter(int, 1)  # forever
         )
         if self.prefetch:
             blocks = Prefetch(blocks, self.subject.device)

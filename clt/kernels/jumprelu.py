@@ -25,7 +25,10 @@ the tokens, R = Σ_n ReLU(θ − h) and C = #{n: h < θ}:
 (K the rectangle kernel 1[|u| < 1/2]; λ_S, λ_P: the gradients arriving at S and P). These are the
 dense path's gradients (`sparsity._JumpReLU`, `loss.tanh_sparsity`, `loss.preactivation`) exactly;
 tests compare them. The scan and the weight gradient run in the C kernel (`kernels.cpu`) on CPU in
-fp32, in torch elsewhere (sparse matmuls, no [E, d] tensor).
+fp32; elsewhere the scan in torch and the weight gradient in Triton on CUDA
+(`triton_encode.weight_grad_entries_triton`), else torch (sparse matmuls; no [E, d] tensor). On a
+GPU with Triton JumpReLU takes the fused Triton encode by default (`clt.decode=auto`); this path
+with `clt.decode=sparse`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ import torch
 
 from ..sparsity import SparseActivations
 from . import cpu
+
+
+def triton_available() -> bool:
+    from . import triton_available as available
+
+    return available()
 
 
 def jumprelu_encode(
@@ -75,6 +84,11 @@ def weight_grad(x, counts, rows, cols, g, D) -> torch.Tensor:
     if cpu.usable(x, g, D):
         return cpu.encoder_weight_grad_entries(x, counts.cpu(), rows, cols, g, D, xsum)
     n, L, d = x.shape
+    if x.is_cuda and triton_available():
+        from .triton_encode import weight_grad_entries_triton
+
+        layer = torch.repeat_interleave(torch.arange(L, device=x.device), counts)
+        return weight_grad_entries_triton(x, rows, layer, cols, g, D.shape[1], const=D)
     gW = D[:, :, None] * xsum[:, None, :]
     for lay, (r, f, gv) in enumerate(zip(*(t.split(counts.tolist()) for t in (rows, cols, g)))):
         if r.numel():

@@ -7,13 +7,15 @@ W_dec[s]: [F, L − s, d]. Output: ŷ: [N, L, d] = Σ_{s ≤ t} Σ_j val[n, s, j
 - forward: one launch per source layer s; a program owns (token n, target t, a block of d) and
   sums its K decoder rows; accumulation in fp32; every output element is written by one program
   per launch and launches run in order, so the result is deterministic (no atomics).
-- backward, values: ∂L/∂val[n, s, j] = <g[n, s:, :], W_dec[s][idx[n, s, j]]>, one dot product of
-  length (L − s)·d per active slot (both operands contiguous).
-- backward, weights: ∂L/∂W_dec[s][f] = Σ_{(n, j): idx = f} val[n, s, j] · g[n, s:, :]. The slots
-  are sorted by feature (stable), so each program owns one feature's row and sums its slots in a
-  fixed order: deterministic, no atomics. Each row of the gradient is written once (zeros where the
-  feature did not fire: no separate zero fill), and the feature runs come from a scatter-add, so the
-  backward never waits for the host (no data-dependent shapes).
+- backward, weights and values in one feature-major pass: ∂L/∂W_dec[s][f] = Σ_{(n, j): idx = f}
+  val[n, s, j] · g[n, s:, :] and ∂L/∂val[n, s, j] = <g[n, s:, :], W_dec[s][idx[n, s, j]]>. The slots
+  are sorted by feature (stable); a program owns one block of one feature's row, reads that block of
+  W once, and for each of the feature's slots in a fixed order adds val · g into ∂W and writes the
+  block's partial dot product of ∂val (summed over blocks afterwards): deterministic, no atomics,
+  each decoder row read once per step rather than once per slot. Each row of ∂W is written once
+  (zeros where the feature did not fire: no separate zero fill), and the feature runs come from a
+  scatter-add, so the backward never waits for the host (no data-dependent shapes). Without a
+  weight gradient, ∂val alone: one dot product of length (L − s)·d per slot.
 Offsets into W_dec are int64 (the full decoder passes 2³¹ elements at real sizes).
 """
 
@@ -67,10 +69,28 @@ def _decode_grad_val(
 
 
 @triton.jit
-def _decode_grad_w(start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_off, BLOCK_R: tl.constexpr):
-    f = tl.program_id(0).to(tl.int64)  # feature f: its slots are slot[start[f]:start[f + 1]]
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _decode_grad_fused(
+    start_ptr,
+    slot_ptr,
+    val_ptr,
+    w_ptr,
+    g_ptr,
+    gw_ptr,
+    part_ptr,
+    K,
+    R,
+    NB,
+    g_row,
+    g_off,
+    BLOCK_R: tl.constexpr,
+):
+    # one feature row's block: W_dec[s][f, block] read once; for each of the feature's slots, val · g
+    # into ∂W and the block's partial ⟨g, W⟩ of ∂val (summed over the blocks afterwards)
+    f = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    w = tl.load(w_ptr + f * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     lo = tl.load(start_ptr + f)
     hi = tl.load(start_ptr + f + 1)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -78,7 +98,9 @@ def _decode_grad_w(start_ptr, slot_ptr, val_ptr, g_ptr, gw_ptr, K, R, g_row, g_o
         slot = tl.load(slot_ptr + e).to(tl.int64)
         v = tl.load(val_ptr + slot).to(tl.float32)
         n = slot // K
-        acc += v * tl.load(g_ptr + n * g_row + g_off + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + n * g_row + g_off + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        acc += v * g
+        tl.store(part_ptr + e * NB + rb, tl.sum(w * g, axis=0))
     tl.store(gw_ptr + f * R + offs_r, acc, mask=mask_r)  # (0 for a feature that did not fire)
 
 
@@ -120,28 +142,44 @@ class SparseDecode(torch.autograd.Function):
         grad_w: list[torch.Tensor | None] = []
         for s in range(L):
             R = (L - s) * d
+            if ctx.needs_input_grad[2 + s]:  # ∂W and ∂val in one feature-major pass
+                gw, gv = _grad_w_and_val(idx_s[s], val_s[s], W_dec[s], g, s, grad_val is not None)
+                grad_w.append(gw.to(W_dec[s].dtype))
+                if grad_val is not None and gv is not None:
+                    grad_val[:, s] = gv
+                continue
+            grad_w.append(None)
             if grad_val is not None:
                 gv = torch.empty(n, K, device=g.device, dtype=torch.float32)
                 _decode_grad_val[(n, triton.cdiv(K, BLOCK_K))](
                     idx_s[s], gv, W_dec[s], g, K, R, L * d, s * d, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R
                 )
                 grad_val[:, s] = gv
-            if ctx.needs_input_grad[2 + s]:
-                F = W_dec[s].shape[0]
-                gw = torch.empty_like(W_dec[s], dtype=torch.float32)  # every row written once
-                flat = idx_s[s].reshape(-1)
-                order = torch.argsort(
-                    flat, stable=True
-                )  # padding (−1) first, then by feature, token order kept
-                _decode_grad_w[(F, triton.cdiv(R, BLOCK_R))](
-                    feature_starts(flat, F), order, val_s[s], g, gw, K, R, L * d, s * d, BLOCK_R=BLOCK_R
-                )
-                grad_w.append(gw.to(W_dec[s].dtype))
-            else:
-                grad_w.append(None)
         if grad_val is not None:
             grad_val = grad_val.to(saved[L].dtype)
         return (None, grad_val, *grad_w)
+
+
+def _grad_w_and_val(idx, val, W, g, s: int, need_val: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Source layer s: idx, val: [n, K]; W: [F, L − s, d]; g: [n, L, d] -> (∂W [F, L − s, d] fp32,
+    ∂val [n, K] fp32 or None). One program per (feature, block of its (L − s)·d row) reads that
+    block of W once for all its slots (the token-major ∂val kernel read it once per slot)."""
+    n, K = idx.shape
+    L, d = g.shape[1], g.shape[2]
+    F, R = W.shape[0], W[0].numel()
+    nb = triton.cdiv(R, BLOCK_R)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # padding (−1) first, then by feature, token order kept
+    gw = torch.empty_like(W, dtype=torch.float32)  # every row written once
+    part = torch.zeros(flat.numel(), nb, device=g.device, dtype=torch.float32)  # [sorted slot, block]
+    _decode_grad_fused[(F, nb)](
+        feature_starts(flat, F), order, val, W, g, gw, part, K, R, nb, L * d, s * d, BLOCK_R=BLOCK_R
+    )
+    if not need_val:
+        return gw, None
+    gv = torch.empty(flat.numel(), device=g.device, dtype=torch.float32)
+    gv[order] = part.sum(1)  # (padding slots: 0)
+    return gw, gv.view(n, K)
 
 
 def feature_starts(flat: torch.Tensor, F: int) -> torch.Tensor:

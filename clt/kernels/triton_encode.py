@@ -132,7 +132,20 @@ def encode_triton(
 
 
 @triton.jit
-def _weight_grad_kernel(start_ptr, tok_ptr, g_ptr, x_ptr, dw_ptr, L, F, D, BLOCK_D: tl.constexpr):
+def _weight_grad_kernel(
+    start_ptr,
+    tok_ptr,
+    g_ptr,
+    x_ptr,
+    dw_ptr,
+    c_ptr,
+    xsum_ptr,
+    L,
+    F,
+    D,
+    HAS_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     key = tl.program_id(0).to(tl.int64)  # (layer, feature) = divmod(key, F)
     layer = key // F
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -140,6 +153,8 @@ def _weight_grad_kernel(start_ptr, tok_ptr, g_ptr, x_ptr, dw_ptr, L, F, D, BLOCK
     lo = tl.load(start_ptr + key)
     hi = tl.load(start_ptr + key + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_C:  # a per-(layer, feature) constant ∂h at every token: c · Σ_n x[n, layer]
+        acc += tl.load(c_ptr + key) * tl.load(xsum_ptr + layer * D + offs, mask=mask, other=0.0)
     for e in range(lo, hi):  # this (layer, feature)'s non-zero ∂h, in token order
         n = tl.load(tok_ptr + e).to(tl.int64)
         v = tl.load(g_ptr + e).to(tl.float32)
@@ -149,20 +164,50 @@ def _weight_grad_kernel(start_ptr, tok_ptr, g_ptr, x_ptr, dw_ptr, L, F, D, BLOCK
 
 def encoder_weight_grad_triton(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dh: [N, L, F] (mostly zeros), x: [N, L, d] -> ∂W_enc = Σ_n dh[n, l, f] x[n, l]: [L, F, d]
-    (fp32), reading x only at the non-zero dh: their (layer, feature) keys sorted stably, one
-    program per (layer, feature, block of d) sums its run in token order (deterministic, no
-    atomics; every row written once)."""
-    n, L, F = dh.shape
-    d = x.shape[-1]
+    (fp32), reading x only at the non-zero dh."""
     tok, lay, feat = dh.nonzero(as_tuple=True)  # (token-major)
+    return weight_grad_entries_triton(x, tok, lay, feat, dh[tok, lay, feat], dh.shape[-1])
+
+
+def weight_grad_entries_triton(
+    x: torch.Tensor,
+    tok: torch.Tensor,
+    lay: torch.Tensor,
+    feat: torch.Tensor,
+    g: torch.Tensor,
+    F: int,
+    const: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """∂W_enc[l, f] = const[l, f] Σ_n x[n, l] + Σ_{e: (lay, feat)_e = (l, f)} g_e x[tok_e, l]: [L, F, d]
+    (fp32). The entries' (layer, feature) keys sorted stably, one program per (layer, feature,
+    block of d) sums its run in token order (deterministic, no atomics; every row written once).
+    `const`: [L, F] or None (JumpReLU's pre-activation gradient, the same at every token)."""
+    n, L, d = x.shape
     key = lay * F + feat
     order = torch.argsort(key, stable=True)
-    starts = torch.zeros(L * F + 1, dtype=torch.int64, device=dh.device)
-    starts[1:] = torch.bincount(key, minlength=L * F).cumsum(0)
-    g = dh[tok, lay, feat][order].contiguous()
-    dW = torch.empty(L, F, d, device=dh.device, dtype=torch.float32)
+    starts = torch.zeros(L * F + 1, dtype=torch.int64, device=x.device)
+    starts[1:] = (
+        torch.zeros(L * F, dtype=torch.int64, device=x.device)
+        .scatter_add_(0, key, torch.ones_like(key))
+        .cumsum(0)
+    )
+    dW = torch.empty(L, F, d, device=x.device, dtype=torch.float32)
+    xf = x.float().contiguous()
+    c = const.float().contiguous() if const is not None else dW
+    xsum = xf.sum(0) if const is not None else dW
     BLOCK_D = 64
     _weight_grad_kernel[(L * F, triton.cdiv(d, BLOCK_D))](
-        starts, tok[order].contiguous(), g, x.contiguous(), dW, L, F, d, BLOCK_D=BLOCK_D
+        starts,
+        tok[order].contiguous(),
+        g[order].float().contiguous(),
+        xf,
+        dW,
+        c,
+        xsum,
+        L,
+        F,
+        d,
+        HAS_C=const is not None,
+        BLOCK_D=BLOCK_D,
     )
     return dW
