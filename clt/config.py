@@ -21,8 +21,8 @@ INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # stored weights (exports), subject models
 SUBJECT_DTYPES = ("auto", *WEIGHT_DTYPES)  # model.dtype
-BUFFER_DTYPES = ("float32", "bfloat16")  # data.buffer_dtype
-BUFFER_DEVICES = ("cpu", "subject")  # data.buffer_device
+BUFFER_DTYPES = ("auto", "float32", "bfloat16")  # data.buffer_dtype
+BUFFER_DEVICES = ("auto", "cpu", "subject")  # data.buffer_device
 PREFETCH = ("auto", "on", "off")  # data.prefetch
 ATTRIBUTION_DTYPES = ("float32", "bfloat16")  # the subject model under attribution and the viewer
 CACHE_DTYPES = ("bfloat16", "int8")  # cache.dtype
@@ -61,10 +61,13 @@ class DataConfig:
     context_size: int = 128  # tokens per window, BOS included
     batch_windows: int = 8  # windows per subject-model forward pass
     buffer_tokens: int = 16384  # shuffle buffer: tokens mixed across windows and documents
-    buffer_dtype: str = "float32"  # activations in the buffer ("float32" or "bfloat16")
-    # where the buffer lives: "cpu", or "subject" (the subject's device: on GPU the activations stay
-    # there, no round trip through host memory; use with buffer_dtype=bfloat16 to halve them)
-    buffer_device: str = "cpu"
+    # activations in the buffer: "float32", "bfloat16", or "auto": the subject's own dtype when it
+    # runs on a GPU (bf16 there: lossless, the activations are its numbers), float32 on a CPU
+    buffer_dtype: str = "auto"
+    # where the buffer lives: "cpu", "subject" (the subject's device: on a GPU the activations stay
+    # there, no round trip through host memory), or "auto": the GPU when the subject is on one and
+    # the buffers (two with prefetch) take at most 1/8 of its memory, else the CPU
+    buffer_device: str = "auto"
     # generate the next buffer of activations in a background thread while the CLT trains on this
     # one ("auto": when the subject is on a GPU, where the two overlap; on a CPU they share cores).
     # The batches are the same either way; two buffers are held at once

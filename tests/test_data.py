@@ -172,3 +172,23 @@ def test_buffer_on_the_subject_device(subject):
     src = ActivationSource(subject, small_cfg(buffer_device="subject", buffer_dtype="bfloat16"), 32)
     x, y, _ = next(src.batches())
     assert x.device == subject.device and x.dtype == torch.bfloat16
+
+
+def test_buffer_placement_auto(monkeypatch):
+    """data.buffer_dtype/buffer_device=auto: a GPU subject keeps its bf16 activations on the GPU when
+    the buffers fit an eighth of its memory, else in host memory; a CPU subject: float32 on the CPU."""
+    from types import SimpleNamespace
+
+    from clt.data.stream import buffer_placement
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, n_layers=30, d_model=576)
+    held = 131072 * 2 * 2 * 30 * 576 * 2  # tokens × 2 buffers × (x, y) × L × d × bf16 bytes: 18 GB
+    for memory, where in ((80e9, "cpu"), (8 * held, "cuda")):
+        props = SimpleNamespace(total_memory=memory)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev, p=props: p)
+        dtype, device = buffer_placement(gpu, small_cfg(buffer_tokens=131072), prefetch=True)
+        assert dtype == torch.bfloat16 and device.type == where
+    cpu_subject = SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16, n_layers=2, d_model=16)
+    assert buffer_placement(cpu_subject, small_cfg(), prefetch=False) == (torch.float32, torch.device("cpu"))
+    explicit = small_cfg(buffer_dtype="bfloat16", buffer_device="cpu")
+    assert buffer_placement(gpu, explicit, prefetch=True) == (torch.bfloat16, torch.device("cpu"))

@@ -437,7 +437,7 @@ class CachedActivations:
             check_compatible(m, model, subject, str(self.root))
         self.subject, self.cfg, self.seed = subject, cfg, seed
         self.batch_tokens, self.replica, self.n_replicas = batch_tokens, 0, 1
-        self.dtype = getattr(torch, cfg.buffer_dtype)
+        self.dtype = getattr(torch, "float32" if cfg.buffer_dtype == "auto" else cfg.buffer_dtype)
         self.per, self.sw, self.n_windows = m["window_tokens"], m["shard_windows"], m["n_windows"]
         if m["tokens"] < batch_tokens:
             raise CacheError(

@@ -114,6 +114,24 @@ class Prefetch:
         self._stop.set()
 
 
+def buffer_placement(subject: Subject, cfg: DataConfig, prefetch: bool) -> tuple[torch.dtype, torch.device]:
+    """The buffer's dtype and device (`data.buffer_dtype`, `data.buffer_device`; "auto" as
+    documented there)."""
+    gpu = subject.device.type == "cuda"
+    if cfg.buffer_dtype == "auto":
+        dtype = subject.dtype if gpu else torch.float32
+    else:
+        dtype = getattr(torch, cfg.buffer_dtype)
+    device = torch.device("cpu")
+    if cfg.buffer_device == "subject":
+        device = subject.device
+    elif cfg.buffer_device == "auto" and gpu:
+        held = cfg.buffer_tokens * (2 if prefetch else 1) * 2 * subject.n_layers * subject.d_model
+        total = torch.cuda.get_device_properties(subject.device).total_memory
+        device = subject.device if held * dtype.itemsize <= total / 8 else device
+    return dtype, device
+
+
 class ActivationSource:
     def __init__(
         self,
@@ -126,9 +144,9 @@ class ActivationSource:
         self.subject, self.cfg = subject, cfg
         self.batch_tokens, self.seed = batch_tokens, seed
         self.text = WindowStream(cfg, subject.tokenizer, replica)  # (replica, n_replicas)
-        self.dtype = getattr(torch, cfg.buffer_dtype)
-        self.device = subject.device if cfg.buffer_device == "subject" else torch.device("cpu")
-        self.prefetch = cfg.prefetch == "on" or (cfg.prefetch == "auto" and subject.device.type == "cuda")
+        gpu = subject.device.type == "cuda"
+        self.prefetch = cfg.prefetch == "on" or (cfg.prefetch == "auto" and gpu)
+        self.dtype, self.device = buffer_placement(subject, cfg, self.prefetch)
         self._prefetchers: list[Prefetch] = []
 
     def close(self) -> None:
