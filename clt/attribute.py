@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
             name_or_path=name, dtype=args.dtype, input_hook=arch.input_hook, output_hook=arch.output_hook
         ),
         device,
+        key="--model" if args.model else "the CLT's subject model (--model to change it)",
     )
     scan, store = store_location(str(args.checkpoint), args.features)
     if args.cards and store is None:

@@ -67,6 +67,38 @@ class BadGraph(ViewerError):
     status = 422
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` is meant as a local path rather than a Hub id (`name` or `org/name`)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_unavailable(key: str, name: str, kind: str, error: BaseException | None = None) -> str:
+    """The one-line message for a Hub `kind` ("model" | "dataset") named `name` (by the setting
+    `key`) that is neither a local path nor loadable: what is missing and what to do."""
+    import os
+
+    from huggingface_hub import constants
+
+    chain, e = [], error
+    while e is not None:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    offline = constants.HF_HUB_OFFLINE or (kind == "dataset" and os.environ.get("HF_DATASETS_OFFLINE") == "1")
+    if any(n in ("RepositoryNotFoundError", "DatasetNotFoundError", "GatedRepoError") for n in chain):
+        return (
+            f"{key}={name!r}: no such {kind} on the Hugging Face Hub (or it is private or gated: "
+            "log in with `hf auth login`), and no local path of that name"
+        )
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hub cannot be reached from here"
+    cache = constants.HF_HUB_CACHE
+    return (
+        f"{key}={name!r}: not a local path, not in the Hugging Face cache ({cache}), and {why}; "
+        f"download it where there is network (`hf download {name}"
+        + (" --repo-type dataset" if kind == "dataset" else "")
+        + "`) into that cache (or set HF_HOME to one), or give a local path"
+    )
+
+
 def command(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap an entry point: its result as an exit status (None = 0), and a `CLTError` as the one
     line `error: <message>` on stderr and status 2. Any other exception is a bug and keeps its

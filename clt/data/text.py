@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
-from ..errors import DataError  # noqa: F401 (re-exported)
+from ..errors import DataError, hub_unavailable, looks_like_path  # noqa: F401 (re-exported)
 
 # name -> (hub path, config name, text column)
 PRESETS: dict[str, tuple[str, str | None, str]] = {
@@ -61,11 +61,23 @@ def load_text_dataset(cfg: DataConfig):
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         return ds, column
+    if looks_like_path(cfg.dataset):
+        raise DataError(
+            f"data.dataset={cfg.dataset!r}: no such file or directory (a local dataset is a file or a "
+            f"directory of {sorted(_LOCAL_BUILDERS)} files; a Hub dataset is named like 'org/name')"
+        )
     hub, name = cfg.dataset, cfg.name
     if cfg.dataset in PRESETS:
         hub, preset_name, column = PRESETS[cfg.dataset]
         name = name or preset_name
-    ds = datasets.load_dataset(hub, name, split=cfg.split, streaming=cfg.streaming)
+    try:
+        ds = datasets.load_dataset(hub, name, split=cfg.split, streaming=cfg.streaming)
+    except (ConnectionError, OSError) as e:  # offline, no network, no such dataset
+        raise DataError(hub_unavailable("data.dataset", hub, "dataset", e)) from e
+    except Exception as e:
+        if type(e).__name__ != "DatasetNotFoundError":
+            raise
+        raise DataError(hub_unavailable("data.dataset", hub, "dataset", e)) from e
     return ds, column
 
 
