@@ -161,6 +161,9 @@ class TrainerConfig:
     ckpt_every: int = 100  # Lightning state (exact resume) + native CLT format
     eval_every: int = 100  # eval/* on held-out windows (0 disables)
     num_threads: int = 0  # torch CPU threads (0 = torch default)
+    # a step whose loss or gradient norm is not finite is skipped (weights, optimizer state, counters
+    # and the step count unchanged; listed in run_dir/health.jsonl); this many in a row stop the run
+    max_bad_steps: int = 10
     # Under Slurm: on SIGUSR1/SIGUSR2 (sbatch --signal=USR1@90, preemption), checkpoint at the end of
     # the current step, `scontrol requeue` the job and exit; the requeued job resumes from run_dir.
     requeue: bool = True
@@ -368,6 +371,13 @@ class TrainConfig:
         _check(d.prefetch in PREFETCH, "data.prefetch", d.prefetch, " | ".join(PREFETCH))
         _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
+        _check(t.max_bad_steps > 0, "trainer.max_bad_steps", t.max_bad_steps, "> 0")
+        _check(
+            not str(t.precision).startswith("16"),
+            "trainer.precision",
+            t.precision,
+            "32-true or bf16-mixed (fp16's loss scaler is not supported)",
+        )
         _check(t.batch_tokens > 0, "trainer.batch_tokens", t.batch_tokens, "> 0")
         _check(t.ckpt_every > 0, "trainer.ckpt_every", t.ckpt_every, "> 0")
         _check(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "≥ 1")

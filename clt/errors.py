@@ -36,6 +36,11 @@ class CheckpointError(CLTError, RuntimeError):
     """A checkpoint that cannot be read or does not match (format, shapes, the wrong CLT)."""
 
 
+class TrainingError(CLTError, RuntimeError):
+    """Training cannot go on: too many non-finite steps in a row, non-finite weights, a checkpoint
+    that cannot be written. The message names the step and the last good checkpoint."""
+
+
 class ShardingError(CLTError, ValueError):
     """A feature-sharded layout that does not fit (F not divisible by the shards, missing shards)."""
 

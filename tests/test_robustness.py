@@ -1,11 +1,20 @@
 """Long runs meet faults (issue: NaNs, flaky streams, full disks, torn checkpoints, two writers,
 signals, missing things). Each test injects the fault and asserts what the trainer does exactly."""
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_overrides, train_cli
+import torch
+from conftest import REPO, compose, tiny_overrides, train_cli
+
+import clt.loss as clt_loss_module
+from clt.data import stream
+from clt.errors import TrainingError
+from clt.model import CrossLayerTranscoder
+from clt.training import run
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -22,7 +31,10 @@ def _one_line_error(out, *needles):
 @pytest.mark.parametrize(
     "override,needles",
     [
-        ({"model.name_or_path": "/no/such/model"}, ["model.name_or_path='/no/such/model'", "no such directory"]),
+        (
+            {"model.name_or_path": "/no/such/model"},
+            ["model.name_or_path='/no/such/model'", "no such directory"],
+        ),
         (
             {"model.name_or_path": "someorg/not-cached"},
             ["model.name_or_path='someorg/not-cached'", "not in the Hugging Face cache", "HF_HUB_OFFLINE=1"],
@@ -31,7 +43,10 @@ def _one_line_error(out, *needles):
             {"data.dataset": "someorg/no-dataset"},
             ["data.dataset='someorg/no-dataset'", "HF_HUB_OFFLINE=1", "--repo-type dataset"],
         ),
-        ({"data.dataset": "./no/such/corpus"}, ["data.dataset='./no/such/corpus'", "no such file or directory"]),
+        (
+            {"data.dataset": "./no/such/corpus"},
+            ["data.dataset='./no/such/corpus'", "no such file or directory"],
+        ),
     ],
     ids=["local-model", "hub-model", "hub-dataset", "local-dataset"],
 )
@@ -48,8 +63,112 @@ def test_attribute_with_a_missing_model_is_a_user_error(viewer_folder, tmp_path,
     env = OFFLINE | {"HF_HOME": str(tmp_path / "empty-cache")}
     cmd = [sys.executable, "-m", "clt.attribute", str(clt_dir), "hello", "--model", model]
     cmd += ["--out", str(tmp_path / "graphs")]
-    import os
-
     out = subprocess.run(cmd, cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=300)
     _one_line_error(out, f"--model={model!r}")
     assert not (tmp_path / "graphs").exists()
+
+
+# -- the non-finite guard ---------------------------------------------------------------------------
+
+QUIET = {"trainer.eval_every": 0, "trainer.ckpt_every": 100, "trainer.max_steps": 12}
+
+
+class _NaNGrad(torch.autograd.Function):
+    """0 forward, NaN backward: a finite loss whose gradient is not finite."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.shape = w.shape
+        return w.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full(ctx.shape, float("nan"))
+
+
+def _faulty_loss(monkeypatch, at: set[int], kind: str = "loss"):
+    """clt_loss with a fault on the calls (training steps) numbered in `at` (0-based)."""
+    real, calls = clt_loss_module.clt_loss, {"n": 0}
+
+    def faulty(clt, *a, **k):
+        t = real(clt, *a, **k)
+        n, calls["n"] = calls["n"], calls["n"] + 1
+        if n not in at:
+            return t
+        if kind == "loss":
+            return t._replace(total=t.total * float("nan"))
+        return t._replace(total=t.total + _NaNGrad.apply(clt.W_enc))
+
+    monkeypatch.setattr(clt_loss_module, "clt_loss", faulty)
+
+
+def _without_batches(monkeypatch, drop: set[int]):
+    """The training stream with the batches numbered in `drop` left out."""
+    real = stream.ActivationSource.batches
+
+    def batches(self, start=None, tokens=False):
+        for i, b in enumerate(real(self, start, tokens)):
+            if i not in drop:
+                yield b
+
+    monkeypatch.setattr(stream.ActivationSource, "batches", batches)
+
+
+def _weights(run_dir):
+    return dict(CrossLayerTranscoder.from_pretrained(run_dir / "clt").state_dict())
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_a_non_finite_step_is_skipped_exactly(tiny_model_dir, tmp_path, monkeypatch, kind):
+    """A NaN loss (or a finite loss with a NaN gradient) at batch 7: that step is skipped, and the
+    final weights equal those of a run trained on the same batches without batch 7."""
+    with monkeypatch.context() as mp:
+        _faulty_loss(mp, {7}, kind)
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "faulty", **QUIET)))
+    with monkeypatch.context() as mp:
+        _without_batches(mp, {7})
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "clean", **QUIET)))
+    a, b = _weights(tmp_path / "faulty"), _weights(tmp_path / "clean")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    health = [json.loads(line) for line in (tmp_path / "faulty" / "health.jsonl").read_text().splitlines()]
+    assert len(health) == 1 and health[0]["step"] == 8
+    assert health[0]["reason"] == ("non-finite loss" if kind == "loss" else "non-finite gradient norm")
+    assert len(health[0]["tokens"]) == 128  # the batch's token ids (trainer.batch_tokens)
+    state = torch.load(tmp_path / "faulty" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 12 and state["clt_skipped_steps"] == 1
+    assert not (tmp_path / "clean" / "health.jsonl").exists()
+
+
+def test_too_many_bad_steps_in_a_row_stop_naming_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    extra = QUIET | {"trainer.ckpt_every": 2, "trainer.max_bad_steps": 3}
+    _faulty_loss(monkeypatch, set(range(5, 100)))  # every batch from the 6th on
+    with pytest.raises(TrainingError) as e:
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))
+    msg = str(e.value)
+    assert "3 steps in a row" in msg and "the last at step 6" in msg
+    assert f"{tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} (step 4)" in msg
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4  # (step 5 was taken but not checkpointed: cadence 2)
+    assert len((tmp_path / "run" / "health.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_non_finite_weight_is_never_checkpointed(tiny_model_dir, tmp_path, monkeypatch):
+    from clt.training.module import CLTModule
+
+    real = CLTModule.optimizer_step
+
+    def poisoned(self, *a, **k):
+        real(self, *a, **k)
+        if self.trainer.global_step == 7:  # step 8's update overflowed (the count moves after the hook)
+            with torch.no_grad():
+                self.clt.W_enc[0, 0, 0] = float("inf")
+
+    monkeypatch.setattr(CLTModule, "optimizer_step", poisoned)
+    extra = QUIET | {"trainer.ckpt_every": 4}
+    with pytest.raises(TrainingError, match=r"step 8: non-finite weights \(W_enc\); not checkpointed"):
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values())

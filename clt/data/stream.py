@@ -161,9 +161,10 @@ class ActivationSource:
 
     def _generate(
         self, windows: Iterator[tuple[torch.Tensor, TextPosition]], n_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor, TextPosition]:
-        """Generate at least n_tokens tokens of activations from the window iterator."""
-        xs, ys, got, pos = [], [], 0, None
+    ) -> tuple[torch.Tensor, torch.Tensor, TextPosition, torch.Tensor]:
+        """Generate at least n_tokens tokens of activations from the window iterator: (x, y, the
+        text position after them, their token ids)."""
+        xs, ys, toks, got, pos = [], [], [], 0, None
         per_window = self.cfg.context_size - 1
         while got < n_tokens:
             batch = []
@@ -171,18 +172,20 @@ class ActivationSource:
             for _ in range(want):
                 w, pos = next(windows)
                 batch.append(w)
-            x, y = self.activations(torch.stack(batch))
+            windows_ids = torch.stack(batch)
+            x, y = self.activations(windows_ids)
             xs.append(x)
             ys.append(y)
+            toks.append(windows_ids[:, 1:].reshape(-1))
             got += x.shape[0]
         assert pos is not None
-        return torch.cat(xs), torch.cat(ys), pos
+        return torch.cat(xs), torch.cat(ys), pos, torch.cat(toks)
 
     def first_activations(self, n_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations of the first `n_batches` forward passes of the training stream (for the
         normalisation scalars and the initialisation)."""
         n = n_batches * self.cfg.batch_windows * (self.cfg.context_size - 1)
-        x, y, _ = self._generate(self.text.windows(TextPosition()), n)
+        x, y, _, _ = self._generate(self.text.windows(TextPosition()), n)
         return x, y
 
     def split_for_replica(self, replica: int, n_replicas: int, global_batch: int) -> None:
@@ -194,13 +197,14 @@ class ActivationSource:
     def eval_windows(self) -> torch.Tensor:
         return self.text.eval_windows()
 
-    def batches(self, start: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-        """Yield (x, y: [batch_tokens, L, d], position after this batch as a dict) forever."""
+    def batches(self, start: dict | None = None, tokens: bool = False) -> Iterator[tuple]:
+        """Yield (x, y: [batch_tokens, L, d], position after this batch as a dict) forever (with
+        `tokens`, the batch's token ids [batch_tokens] before the position)."""
         pos = DataPosition.from_dict(start) if start else DataPosition(text=TextPosition())
         block, skip = pos.block, pos.batch
         text_pos = pos.text or TextPosition()
         windows = self.text.windows(text_pos)
-        blocks: Iterator[tuple[torch.Tensor, torch.Tensor, TextPosition]] = (
+        blocks: Iterator[tuple[torch.Tensor, torch.Tensor, TextPosition, torch.Tensor]] = (
             self._generate(windows, self.cfg.buffer_tokens)
             for _ in iter(int, 1)  # forever
         )
@@ -208,7 +212,7 @@ class ActivationSource:
             blocks = Prefetch(blocks, self.subject.device)
             self._prefetchers.append(blocks)
         try:
-            for x, y, next_text in blocks:
+            for x, y, next_text, tok in blocks:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
                 perm = torch.randperm(x.shape[0], generator=g).to(x.device)
                 n_batches = x.shape[0] // self.batch_tokens
@@ -219,7 +223,10 @@ class ActivationSource:
                         if j + 1 == n_batches
                         else DataPosition(block, j + 1, text_pos)
                     )
-                    yield x[idx], y[idx], after.to_dict()
+                    if tokens:
+                        yield x[idx], y[idx], tok[idx.cpu()], after.to_dict()
+                    else:
+                        yield x[idx], y[idx], after.to_dict()
                 block, skip, text_pos = block + 1, 0, next_text
         finally:
             if isinstance(blocks, Prefetch):

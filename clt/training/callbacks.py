@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from ..errors import TrainingError
 from ..io import save_sharded
 from ..metrics import spliced_eval
 from ..parallel import remove_other_shardings
@@ -77,10 +78,12 @@ class Evaluate(L.Callback):
     def __init__(self, subject, windows: torch.Tensor, every: int):
         self.subject, self.windows, self.every = subject, windows, every
         self.last: dict[str, float] = {}
+        self.step = -1  # the step last evaluated
 
     def _run(self, trainer, module: CLTModule):
         if self.windows.numel() == 0:
             return
+        self.step = trainer.global_step
         with self.subject.lock:  # (the activation prefetch shares the subject)
             self.last = spliced_eval(self.subject, module.clt, self.windows)
         for logger in trainer.loggers:
@@ -91,7 +94,7 @@ class Evaluate(L.Callback):
             self._run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0:
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self.step:
             self._run(trainer, pl_module)
 
 
@@ -107,6 +110,14 @@ class Checkpoints(L.Callback):
         self.saved_step = -1
 
     def save(self, trainer, module: CLTModule):
+        bad = [n for n, p in module.clt.named_parameters() if not bool(torch.isfinite(p).all())]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):  # never checkpoint NaN/Inf
+            last = module.last_checkpoint
+            where = f"{last[0]} (step {last[1]})" if last else "none (no checkpoint was written yet)"
+            raise TrainingError(
+                f"step {trainer.global_step}: non-finite weights ({', '.join(bad) or 'on another rank'}); "
+                f"not checkpointed. The last good checkpoint is {where}"
+            )
         if trainer.is_global_zero:
             self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("clt_ckpt_dir")
@@ -131,9 +142,11 @@ class Checkpoints(L.Callback):
                 for name in ("config.json", "model.safetensors"):
                     (self.native / name).unlink(missing_ok=True)
         self.saved_step = trainer.global_step
+        module.last_checkpoint = (self.ckpt, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every == 0:
+        # (after a skipped batch the step count has not moved: no second checkpoint of the same step)
+        if trainer.global_step % self.every == 0 and trainer.global_step != self.saved_step:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):

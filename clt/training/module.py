@@ -5,6 +5,7 @@ exact resume (data position and RNG in the checkpoint)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,7 @@ import torch
 from .. import loss as losses
 from ..config import TrainConfig
 from ..data import DataPosition, TextPosition
+from ..errors import TrainingError
 from ..metrics import fired, fvu_per_layer, l0_per_layer
 from ..model import CLTArchitecture, CrossLayerTranscoder
 from ..parallel import (
@@ -41,6 +43,12 @@ class CLTModule(L.LightningModule):
         self.data_position: dict | None = None  # position after the last batch trained on
         self.restored_position: dict | None = None  # position read from a checkpoint
         self.silent_fraction: float | None = None  # features that never fired (set at the end of fit)
+        # the non-finite guard (`optimizer_step`): skipped steps in all, in a row, and why this one
+        self.skipped_steps, self.bad_in_a_row = 0, 0
+        self._skip: dict | None = None
+        self._grad_norm: torch.Tensor | None = None  # this step's, for the clip
+        self.run_dir: Path | None = None  # where health.jsonl goes (set by `run`)
+        self.last_checkpoint: tuple[Path, int] | None = None  # (path, step), set by the Checkpoints callback
 
     def setup(self, stage: str) -> None:
         """Take this process's place on the mesh (CLTStrategy): keep its feature shard of the full
@@ -76,18 +84,88 @@ class CLTModule(L.LightningModule):
 
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        x, y, position = batch  # x, y: [N, L, d]
-        total, logs = self.loss(x, y)
+        x, y, position = batch[0], batch[1], batch[-1]  # x, y: [N, L, d] (batch[2]: token ids)
+        tokens = batch[2] if len(batch) == 4 else None
+        before, self.data_position = self.data_position, position  # (the batch is consumed either way)
+        total, logs, advance = self._loss(x, y)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total.detach())), all=True):
+            self._skip = {"reason": "non-finite loss", "loss": float(total), "position": before}
+            self._skip["tokens"] = tokens.tolist() if tokens is not None else None
+            return None  # no backward; `optimizer_step` skips the step
         logs["details/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        logs["health/skipped_steps"] = float(self.skipped_steps)
         bar = ("metrics/fvu", "metrics/l0")
         for k, v in logs.items():
             self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False)
-        self.data_position = position
+        self._skip = {"reason": None, "position": before, "tokens": tokens, "advance": advance}
         return total
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The non-finite guard around Lightning's step: run training_step and backward (the
+        closure), then skip the update when the loss or the gradient norm is not finite (on any
+        rank): weights, optimizer state, dead-feature counters, BatchTopK threshold and the step
+        count stay as they were, and the learning-rate schedule (a function of the step count) does
+        not move; the batch is listed in run_dir/health.jsonl. `trainer.max_bad_steps` in a row stop
+        the run with an error naming the last good checkpoint."""
+        loss = optimizer_closure() if optimizer_closure is not None else None
+        skip = self._skip or {"reason": "non-finite loss", "position": None, "tokens": None}
+        if loss is not None:
+            self._grad_norm = norm = self.mesh.grad_norm(self.clt.named_parameters())
+            ok = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True)
+            if ok:
+                self.bad_in_a_row = 0
+                skip["advance"]()  # the dead-feature counters and the BatchTopK threshold
+                optimizer.step()  # the precision plugin's step: the clip (configure_gradient_clipping), Adam
+                return
+            skip = skip | {"reason": "non-finite gradient norm", "grad_norm": float(norm)}
+            if isinstance(skip.get("tokens"), torch.Tensor):
+                skip["tokens"] = skip["tokens"].tolist()
+        optimizer.zero_grad(set_to_none=True)
+        self._skipped(skip)
+
+    def _skipped(self, skip: dict) -> None:
+        """Count and record a skipped step; stop after `trainer.max_bad_steps` in a row."""
+        import json
+        import sys
+
+        step = self.trainer.global_step
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        # this optimizer step does not count: undo what Lightning's loop is about to record
+        progress = self.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+        for p in (progress.total, progress.current):
+            p.ready -= 1
+            p.completed -= 1
+        if self.trainer.is_global_zero:
+            record = {"step": step + 1, **{k: v for k, v in skip.items() if k not in ("tokens", "advance")}}
+            record["tokens"] = skip.get("tokens")
+            where = ""
+            if self.run_dir is not None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.run_dir / "health.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                where = f" (its tokens: {self.run_dir / 'health.jsonl'})"
+            print(f"warning: step {step + 1}: {skip['reason']}; the batch is skipped{where}", file=sys.stderr)
+        if self.bad_in_a_row >= self.cfg.trainer.max_bad_steps:
+            last = self.last_checkpoint
+            where = f"{last[0]} (step {last[1]})" if last else "none (no checkpoint was written yet)"
+            raise TrainingError(
+                f"{self.bad_in_a_row} steps in a row were skipped for a non-finite loss or gradient "
+                f"(the last at step {step + 1}: {skip['reason']}); stopping. The last good checkpoint is "
+                f"{where}. Lower optim.lr, check the data (health.jsonl lists the batches), or raise "
+                "trainer.max_bad_steps"
+            )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x, y: [N, L, d] -> (total loss, metrics). Also advances the dead-feature counters and
         the BatchTopK inference threshold."""
+        total, logs, advance = self._loss(x, y)
+        advance()
+        return total, logs
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor):
+        """(total loss, metrics, advance): `advance()` moves the dead-feature counters and the
+        BatchTopK inference threshold on by this batch (training calls it for finite steps only)."""
         c, clt, mesh = self.cfg.clt, self.clt, self.mesh
         lam = c.sparsity_coeff * losses.ramp(
             self.global_step, self.cfg.trainer.max_steps, c.sparsity_warmup_frac
@@ -106,9 +184,13 @@ class CLTModule(L.LightningModule):
 
         with torch.no_grad():
             on = self.mesh.data_sum(fired(a).to(torch.int32)) > 0  # anywhere in the global batch
-            self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(on, 0)
-            if c.activation == "batchtopk":
-                clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
+
+            @torch.no_grad()
+            def advance() -> None:
+                self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(on, 0)
+                if c.activation == "batchtopk":
+                    clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
+
             sse = self.mesh.data_mean(sse)
             fvu, l0 = fvu_per_layer(sse, sst), self.mesh.data_mean(self.mesh.sum(l0_per_layer(a)))
             logs |= {
@@ -118,14 +200,17 @@ class CLTModule(L.LightningModule):
             }
             logs |= {f"metrics/fvu/layer_{i}": v for i, v in enumerate(fvu)}
             logs |= {f"metrics/l0/layer_{i}": v for i, v in enumerate(l0)}
-        return t.total, logs
+        return t.total, logs, advance
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         opt = getattr(optimizer, "optimizer", optimizer)  # (Lightning's wrapper, or the optimizer)
         if gradient_clip_val and self.folds_clipping(opt, gradient_clip_algorithm):
             # The clip folded into fused Adam: it divides every gradient by grad_scale in its own
-            # pass, so clipping costs one read of the gradients (their norm) and no write.
-            norm = self.mesh.grad_norm(self.clt.named_parameters())
+            # pass, so clipping costs one read of the gradients (their norm, which the non-finite
+            # guard has taken already) and no write.
+            norm, self._grad_norm = self._grad_norm, None
+            if norm is None:
+                norm = self.mesh.grad_norm(self.clt.named_parameters())
             opt.grad_scale = ((norm + 1e-6) / gradient_clip_val).clamp(min=1.0).float()
         elif self.mesh.sharded and gradient_clip_val:  # the norm of the whole CLT, over the shards
             self.mesh.clip_grad_norm_(self.clt.named_parameters(), gradient_clip_val)
@@ -180,7 +265,9 @@ class CLTModule(L.LightningModule):
                 return max(0.0, (steps - step) / max(1, steps - decay_start))
             return 1.0
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        # a function of the optimizer steps taken (Lightning steps the scheduler after every batch,
+        # also after one the non-finite guard skipped, which must not move the schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: schedule(self.global_step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- exact resume: data position and RNG travel with Lightning's checkpoint --------------------
@@ -192,12 +279,14 @@ class CLTModule(L.LightningModule):
         checkpoint["clt_data_positions"] = positions
         checkpoint["clt_rng"] = torch.get_rng_state()
         checkpoint["clt_config"] = self.cfg.to_dict()
+        checkpoint["clt_skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         positions = checkpoint.get("clt_data_positions", [checkpoint.get("clt_data_position")])
         self.restored_position = resume_position(positions, self.mesh.n_replicas, self.replica)
         if "clt_rng" in checkpoint:
             torch.set_rng_state(checkpoint["clt_rng"])
+        self.skipped_steps = checkpoint.get("clt_skipped_steps", 0)
 
 
 def resume_position(positions: list[dict | None], replicas: int, replica: int) -> dict | None:

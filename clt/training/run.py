@@ -27,7 +27,7 @@ class _Batches(IterableDataset):
         self.source, self.module = source, module
 
     def __iter__(self):
-        return self.source.batches(self.module.restored_position)
+        return self.source.batches(self.module.restored_position, tokens=True)  # (tokens: health.jsonl)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -140,6 +140,7 @@ def run(cfg: TrainConfig) -> dict:
     source = make_source(cfg, subject)
     arch = clt_architecture(cfg, subject)
     module = CLTModule(cfg, arch)
+    module.run_dir = run_dir
     evaluate.subject, evaluate.windows = subject, source.eval_windows()  # checks the dataset early
     if not resuming:
         x, y = source.first_activations(cfg.data.norm_batches)  # the same documents on every rank
