@@ -76,11 +76,15 @@ def main(cfg: DictConfig) -> None:
 
 
 @command
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> int:
+    """0, or 128 + the signal's number when SIGINT/SIGTERM stopped the run (with a checkpoint)."""
+    import signal
+
     from clt.training import run
 
     pin_run_dir(cfg)
-    run(resolve(cfg))
+    stopped = run(resolve(cfg)).get("stopped")
+    return 128 + getattr(signal, stopped, signal.SIGTERM) if stopped else 0
 
 
 if __name__ == "__main__":

@@ -172,3 +172,70 @@ def test_a_non_finite_weight_is_never_checkpointed(tiny_model_dir, tmp_path, mon
     assert state["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values())
+
+
+# -- signals -----------------------------------------------------------------------------------------
+def _start(tiny_model_dir, run_dir, **extra):
+    """train.py in the background; its stdout and stderr go to files beside run_dir (`_output`)."""
+    args = [sys.executable, str(REPO / "train.py"), *tiny_overrides(tiny_model_dir, run_dir, **extra)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    out, err = (open(run_dir.parent / f"{run_dir.name}.{s}", "w") for s in ("out", "err"))
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err)
+
+
+def _output(run_dir) -> tuple[str, str]:
+    out, err = ((run_dir.parent / f"{run_dir.name}.{s}").read_text() for s in ("out", "err"))
+    return out, err
+
+
+def _wait_for_training(proc, run_dir, timeout=300):
+    import time
+
+    metrics = run_dir / "logs" / "version_0" / "metrics.csv"
+    deadline = time.time() + timeout
+    while not metrics.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, _output(run_dir)[1][-3000:]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_a_signal_checkpoints_at_the_step_end_and_resume_is_exact(tiny_model_dir, tmp_path, sig):
+    import signal
+
+    extra = {"trainer.max_steps": 150, "trainer.ckpt_every": 1000, "trainer.eval_every": 0}
+    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = _start(tiny_model_dir, tmp_path / "run", **extra)
+    _wait_for_training(proc, tmp_path / "run")
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=300)
+    out, err = _output(tmp_path / "run")
+    assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
+    assert "Traceback" not in err
+    step = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < step < 150
+    assert f"{sig}: checkpoint at step {step}" in out
+    resumed = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_second_sigint_exits_at_once(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    extra = {"trainer.max_steps": 400, "trainer.ckpt_every": 1000, "trainer.eval_every": 0}
+    proc = _start(tiny_model_dir, tmp_path / "run", **extra)
+    _wait_for_training(proc, tmp_path / "run")
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 30
+    while "stopping after this step" not in _output(tmp_path / "run")[1] and time.time() < deadline:
+        time.sleep(0.01)  # (two signals before the handler runs count as one)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    proc.wait(timeout=60)
+    _, err = _output(tmp_path / "run")
+    assert proc.returncode == 130 and time.time() - t0 < 10
+    assert "second SIGINT: exiting now" in err

@@ -214,3 +214,68 @@ class Requeue(L.Callback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+
+class Interrupt(L.Callback):
+    """SIGINT (Ctrl-C) and SIGTERM (`kill`, `scancel`, the end of a Slurm time limit): the handler
+    only raises a flag; at the end of the current step the ranks agree, save the checkpoint, and
+    training stops cleanly (`stopped`: the signal's name; the run exits with 128 + its number). A
+    second SIGINT exits at once (the last checkpoint stands; checkpoints are written atomically)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+        self.flag: str | None = None
+        self.stopped: str | None = None
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        import os
+        import signal
+        import sys
+
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.flag == "SIGINT":
+            print("\nsecond SIGINT: exiting now (the last checkpoint stands)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if self.flag is None:
+            again = " (Ctrl-C again to exit now)" if name == "SIGINT" else ""
+            print(
+                f"\n{name}: stopping after this step, with a checkpoint{again}", file=sys.stderr, flush=True
+            )
+            self.flag = name
+
+    def install(self) -> None:
+        import signal
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (an embedding application): no signal handling
+                return
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(self.flag is not None, all=False):
+            return
+        if self.checkpoints.saved_step != trainer.global_step:
+            self.checkpoints.save(trainer, pl_module)
+        self.stopped = self.flag or "a signal on another rank"
+        if trainer.is_global_zero:
+            print(
+                f"{self.stopped}: checkpoint at step {trainer.global_step} in {self.checkpoints.ckpt}; "
+                "the same command resumes",
+                flush=True,
+            )
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        self.restore()
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

@@ -17,7 +17,7 @@ from ..model import CLTArchitecture
 from ..parallel import (
     mesh_shape,
 )
-from .callbacks import Checkpoints, Evaluate, Requeue, StepProgressBar, Throughput
+from .callbacks import Checkpoints, Evaluate, Interrupt, Requeue, StepProgressBar, Throughput
 from .module import CLTModule
 from .strategy import CLTStrategy, _cluster_plugins, make_strategy
 
@@ -104,6 +104,7 @@ def run(cfg: TrainConfig) -> dict:
     evaluate = Evaluate(None, torch.empty(0, dtype=torch.long), t.eval_every)
     checkpoints = Checkpoints(run_dir, t.ckpt_every)
     requeue = Requeue(checkpoints)
+    interrupt = Interrupt(checkpoints)
     import sys
 
     bar = StepProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)  # Slurm logs: not every step
@@ -111,6 +112,8 @@ def run(cfg: TrainConfig) -> dict:
     if t.requeue:
         requeue.install()
         callbacks.append(requeue)
+    interrupt.install()
+    callbacks.append(interrupt)
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -150,14 +153,21 @@ def run(cfg: TrainConfig) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         trainer.fit(
             module, datamodule=ActivationDataModule(source, module), ckpt_path=str(ckpt) if resuming else None
         )
+    except SIGTERMException:  # Lightning's own stop after SIGTERM, once `interrupt` has checkpointed
+        interrupt.stopped = interrupt.stopped or "SIGTERM"
     finally:
         source.close()  # (the activation prefetch, if any)
+        interrupt.restore()
     if requeue.requeued:
         return {"run_dir": str(run_dir), "requeued": True}
+    if interrupt.stopped:
+        return {"run_dir": str(run_dir), "stopped": interrupt.stopped, "step": trainer.global_step}
     if not trainer.is_global_zero:
         return {"run_dir": str(run_dir)}
     report = {"run_dir": str(run_dir)}
