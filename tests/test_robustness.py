@@ -239,3 +239,68 @@ def test_a_second_sigint_exits_at_once(tiny_model_dir, tmp_path):
     _, err = _output(tmp_path / "run")
     assert proc.returncode == 130 and time.time() - t0 < 10
     assert "second SIGINT: exiting now" in err
+
+
+# -- one trainer per run directory ---------------------------------------------------------------------
+def _foreign_lock(run_dir, pid, host=None, slurm_job=None, age=0.0):
+    import socket
+    import time
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = {
+        "host": host or socket.gethostname(),
+        "pid": pid,
+        "slurm_job": slurm_job,
+        "started": time.time(),
+    }
+    (run_dir / ".lock").write_text(json.dumps(holder))
+    if age:
+        os.utime(run_dir / ".lock", (time.time() - age, time.time() - age))
+
+
+def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch, capsys):
+    from clt.config import ConfigError
+    from clt.training.lock import STALE_AFTER, RunLock
+
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        _foreign_lock(tmp_path / "a", live.pid)
+        with pytest.raises(
+            ConfigError, match=rf"pid {live.pid} on .*is being trained by another|pid {live.pid}"
+        ):
+            RunLock(tmp_path / "a").acquire()
+        _foreign_lock(tmp_path / "b", 12345, host="another-node")  # fresh, on a host we cannot ask
+        with pytest.raises(ConfigError, match="another-node"):
+            RunLock(tmp_path / "b").acquire()
+        for name, kw in {
+            "c": {"pid": dead.pid},  # same host, the process is gone
+            "d": {"pid": 12345, "host": "another-node", "age": STALE_AFTER + 60},  # not refreshed
+            "e": {"pid": live.pid, "slurm_job": "4242"},  # this job's earlier run (requeued)
+        }.items():
+            _foreign_lock(tmp_path / name, **kw)
+            monkeypatch.setenv("SLURM_JOB_ID", "4242")
+            with RunLock(tmp_path / name) as lock:
+                held = json.loads((tmp_path / name / ".lock").read_text())
+                assert held["pid"] == os.getpid() and lock._ours()
+            assert "taking over the lock" in capsys.readouterr().err
+            assert not (tmp_path / name / ".lock").exists()  # released
+    finally:
+        live.kill()
+
+
+def test_a_second_trainer_on_a_run_dir_exits_2_naming_the_holder(tiny_model_dir, tmp_path):
+    import signal
+
+    extra = {"trainer.max_steps": 2000, "trainer.ckpt_every": 10000, "trainer.eval_every": 0}
+    first = _start(tiny_model_dir, tmp_path / "run", **extra)
+    try:
+        _wait_for_training(first, tmp_path / "run")
+        second = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra))
+        _one_line_error(second, "is being trained by another process", f"pid {first.pid} on ")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM  # the first run was not disturbed
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -72,7 +72,17 @@ def clt_architecture(cfg: TrainConfig, subject) -> CLTArchitecture:
 
 def run(cfg: TrainConfig) -> dict:
     """Train a CLT as configured; resume when `run_dir` (or `resume`) holds a checkpoint.
-    Returns the final report (per-layer FVU/L0, eval/*, paths)."""
+    Returns the final report (per-layer FVU/L0, eval/*, paths). The first process holds run_dir's
+    lock throughout (`lock.RunLock`: a second trainer on the same run_dir stops with an error)."""
+    from .lock import RunLock, first_process
+
+    if not first_process():
+        return _run(cfg)
+    with RunLock(cfg.resume or cfg.run_dir):
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> dict:
     import json
 
     from ..config import ConfigError, check_resume
