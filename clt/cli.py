@@ -95,6 +95,22 @@ def view_main(argv: list[str]) -> int:
     return view(argv)
 
 
+def verify_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="clt verify",
+        description="Check a run directory's checkpoints against their checksums: each one ok or "
+        "DAMAGED (and why). Exit 0: all intact; 1: a resume would fall back to an older one; "
+        "2: nothing to resume from.",
+    )
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from .training.checkpoints import verify
+
+    return verify(Path(args.run_dir))
+
+
 COMMANDS = {
     "train": train_main,
     "cache": cache_main,
@@ -104,6 +120,7 @@ COMMANDS = {
     "features": features_main,
     "serve": serve_main,
     "view": view_main,
+    "verify": verify_main,
 }
 
 
@@ -113,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
         print(
             "usage: clt "
-            "{train,cache,attribute,features,serve,view,export-circuit-tracer,import-circuit-tracer,push} "
+            "{train,cache,attribute,features,serve,view,verify,export-circuit-tracer,import-circuit-tracer,"
+            "push} "
             "…  (each with --help)\n"
             "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
             "  cache                  generate an activation cache (same as python -m clt.cache)\n"
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "  features               feature cards of a CLT (same as python -m clt.features)\n"
             "  serve                  the local interactive viewer of a folder of graphs\n"
             "  view                   one self-contained HTML file of a graph (--export)\n"
+            "  verify                 check a run directory's checkpoints against their checksums\n"
             "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
             "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
             "  push                   upload a trained CLT to the Hugging Face Hub (same as python -m "

@@ -159,6 +159,8 @@ class TrainerConfig:
     batch_tokens: int = 512  # tokens per CLT step: the global batch, split over the data-parallel replicas
     log_every: int = 5
     ckpt_every: int = 100  # Lightning state (exact resume) + native CLT format
+    # checkpoints kept (each checksummed; a resume takes the newest intact one, clt/training/checkpoints.py)
+    keep_checkpoints: int = 2
     eval_every: int = 100  # eval/* on held-out windows (0 disables)
     num_threads: int = 0  # torch CPU threads (0 = torch default)
     # a step whose loss or gradient norm is not finite is skipped (weights, optimizer state, counters
@@ -372,6 +374,7 @@ class TrainConfig:
         _check(d.cache_order in ("global", "stream"), "data.cache_order", d.cache_order, "global | stream")
         _check(t.max_steps > 0, "trainer.max_steps", t.max_steps, "> 0")
         _check(t.max_bad_steps > 0, "trainer.max_bad_steps", t.max_bad_steps, "> 0")
+        _check(t.keep_checkpoints > 0, "trainer.keep_checkpoints", t.keep_checkpoints, "≥ 1")
         _check(
             not str(t.precision).startswith("16"),
             "trainer.precision",

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import WEIGHT_DTYPES
 from .errors import CheckpointError, ShardingError
-from .files import atomic_directory
+from .files import atomic_directory, sha256
 from .hub import hub_download, looks_like_repo_id
 from .model import CLTArchitecture, CrossLayerTranscoder
 from .parallel import shard_clt, unshard_clt
@@ -178,7 +178,36 @@ def save_native(clt: CrossLayerTranscoder, directory: str | os.PathLike, summary
             "summary": summary or {},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        sums = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256(tmp / n)} for n in NATIVE_FILES}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     return directory
+
+
+NATIVE_FILES = ("config.json", "model.safetensors")
+CHECKSUMS = "checksums.json"  # each native file's size and sha256, written with them
+
+
+def verify_native(directory: str | os.PathLike, full: bool = True) -> str | None:
+    """Why a native (or sharded) checkpoint directory cannot be trusted, None when its files
+    match their checksums (`full=False`: sizes only, no hashing). A directory from before
+    checksums is checked for its files only."""
+    directory = Path(directory)
+    shards = sorted(directory.glob("shard-*-of-*"))
+    for d in shards or [directory]:
+        for n in NATIVE_FILES:
+            if not (d / n).exists():
+                return f"{d / n} is missing"
+        try:
+            sums = json.loads((d / CHECKSUMS).read_text()) if (d / CHECKSUMS).exists() else {}
+        except ValueError as e:
+            return f"unreadable {d / CHECKSUMS} ({e})"
+        for n, want in sums.items():
+            size = (d / n).stat().st_size
+            if size != want["bytes"]:
+                return f"{d / n} has {size:,} bytes, its checksum file says {want['bytes']:,} (truncated?)"
+            if full and sha256(d / n) != want["sha256"]:
+                return f"{d / n} does not match its sha256 (damaged on disk)"
+    return None
 
 
 def load_native(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
@@ -248,10 +277,25 @@ def load_sharded(
 # The one loader
 
 
+def _run_dir_native(directory: Path) -> Path:
+    """A run dir's native CLT: `clt/`, or `clt.previous/` (the save before it) with a warning when
+    `clt/` is missing or fails its checksums' sizes (a save cut short, a damaged disk)."""
+    import sys
+
+    native, previous = directory / "clt", directory / "clt.previous"
+    if not previous.exists():
+        return native
+    why = verify_native(native, full=False) if native.exists() else f"{native} is missing"
+    if why is None:
+        return native
+    print(f"warning: {why}; loading the previous save, {previous}", file=sys.stderr)
+    return previous
+
+
 def checkpoint_format(directory: Path) -> tuple[str, Path]:
     """("native" | "sharded" | "circuit-tracer", the checkpoint's own directory) of a checkpoint
-    dir or a run dir (whose checkpoint is `clt/`)."""
-    for d in (directory, directory / "clt"):
+    dir or a run dir (whose checkpoint is `clt/`, else `clt.previous/`)."""
+    for d in (directory, _run_dir_native(directory)):
         if (d / "model.safetensors").exists():
             return "native", d
         if (d / "config.yaml").exists() and not (d / "config.json").exists():

@@ -304,3 +304,84 @@ def test_a_second_trainer_on_a_run_dir_exits_2_naming_the_holder(tiny_model_dir,
         first.wait(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM  # the first run was not disturbed
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+# -- checkpoints you can trust ------------------------------------------------------------------------
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(len(data) // 2)
+    else:  # one bit flipped in the middle
+        with open(path, "r+b") as f:
+            f.seek(len(data) // 2)
+            f.write(bytes([data[len(data) // 2] ^ 0x10]))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tiny_model_dir, tmp_path, how):
+    ck = {"trainer.ckpt_every": 4, "trainer.eval_every": 0}
+    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **ck, **{"trainer.max_steps": 16}))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    first = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 12}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    d = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in d.glob("step-*")) == [
+        "step-0000008.ckpt",
+        "step-0000008.sha256",
+        "step-0000012.ckpt",
+        "step-0000012.sha256",
+    ]  # the newest trainer.keep_checkpoints = 2
+    assert os.path.samefile(d / "last.ckpt", d / "step-0000012.ckpt")
+    _damage(d / "last.ckpt", how)  # (last.ckpt is the newest checkpoint's file)
+    verify = subprocess.run(
+        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 1 and "DAMAGED" in verify.stdout and "step 8" in verify.stdout
+    resumed = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 16}))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "cannot be trusted" in resumed.stderr and "resuming from step 8 instead" in resumed.stderr
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # from step 8 to 16: the uninterrupted run's weights
+    assert (d / "step-0000012.ckpt.damaged").exists()  # set aside, not deleted
+    ok = subprocess.run(
+        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")], cwd=REPO, capture_output=True
+    )
+    assert ok.returncode == 0
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tiny_model_dir, tmp_path):
+    ck = {"trainer.ckpt_every": 4, "trainer.eval_every": 0, "trainer.max_steps": 8}
+    assert train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)).returncode == 0
+    for p in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"):
+        _damage(p, "truncated")
+    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **(ck | {"trainer.max_steps": 12})))
+    _one_line_error(out, "no intact checkpoint", "nothing to resume from")
+    verify = subprocess.run(
+        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")], cwd=REPO, capture_output=True
+    )
+    assert verify.returncode == 2
+
+
+def test_a_damaged_native_clt_falls_back_to_the_previous_save(tmp_path, capsys):
+    from clt.io import load_clt, verify_native
+    from clt.model import CLTArchitecture
+
+    run_dir = tmp_path / "run"
+    torch.manual_seed(0)
+    old = CrossLayerTranscoder(CLTArchitecture(n_layers=2, d_model=8, d_sae=16, activation="topk", k=2))
+    old.save_pretrained(run_dir / "clt.previous")
+    new = CrossLayerTranscoder(CLTArchitecture(n_layers=2, d_model=8, d_sae=16, activation="topk", k=2))
+    new.save_pretrained(run_dir / "clt")
+    assert verify_native(run_dir / "clt") is None
+    torch.testing.assert_close(load_clt(run_dir).W_enc, new.W_enc)
+    _damage(run_dir / "clt" / "model.safetensors", "truncated")
+    assert "truncated" in verify_native(run_dir / "clt")
+    torch.testing.assert_close(load_clt(run_dir).W_enc, old.W_enc)
+    assert "loading the previous save" in capsys.readouterr().err
+    _damage(run_dir / "clt.previous" / "model.safetensors", "bit-flipped")
+    assert "sha256" in verify_native(run_dir / "clt.previous")

@@ -3,6 +3,7 @@ requeue on a preemption signal."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -100,16 +101,23 @@ class Evaluate(L.Callback):
 
 class Checkpoints(L.Callback):
     """Every `every` steps and at the end of training: Lightning's training state (weights,
-    optimizer, schedule, step, data position, RNG; written atomically) to
-    `<run_dir>/checkpoints/last.ckpt` for exact resume, and the CLT in the native format
-    (config.json + model.safetensors, atomically) to `<run_dir>/clt`. Feature-sharded: one of each
-    per shard (`last.shard-SSS-of-WWW.ckpt`, `clt/shard-SSS-of-WWW/`), written by the first replica."""
+    optimizer, schedule, step, data position, RNG) for exact resume, checksummed and rotated
+    (`checkpoints.py`: `checkpoints/step-S.ckpt` + its manifest, `last.ckpt` linked to the newest,
+    the newest `keep` kept), and the CLT in the native format (config.json + model.safetensors +
+    checksums, atomically) to `<run_dir>/clt`, the save before it kept as `clt.previous`.
+    Feature-sharded: one of each per shard (`step-S.shard-SSS-of-WWW.ckpt`, `clt/shard-SSS-of-WWW/`),
+    written by the first replica."""
 
-    def __init__(self, run_dir: Path, every: int):
-        self.ckpt, self.native, self.every = run_dir / "checkpoints" / "last.ckpt", run_dir / "clt", every
+    def __init__(self, run_dir: Path, every: int, keep: int = 2):
+        self.dir, self.native, self.every, self.keep = run_dir / "checkpoints", run_dir / "clt", every, keep
+        self.ckpt = self.dir / "last.ckpt"
         self.saved_step = -1
 
     def save(self, trainer, module: CLTModule):
+        import shutil
+
+        from . import checkpoints as ck
+
         bad = [n for n, p in module.clt.named_parameters() if not bool(torch.isfinite(p).all())]
         if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):  # never checkpoint NaN/Inf
             last = module.last_checkpoint
@@ -118,31 +126,32 @@ class Checkpoints(L.Callback):
                 f"step {trainer.global_step}: non-finite weights ({', '.join(bad) or 'on another rank'}); "
                 f"not checkpointed. The last good checkpoint is {where}"
             )
+        step = trainer.global_step
         if trainer.is_global_zero:
-            self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("clt_ckpt_dir")
-        trainer.save_checkpoint(self.ckpt, weights_only=False)
-        summary = {
-            "step": trainer.global_step,
-            "tokens": trainer.global_step * module.cfg.trainer.batch_tokens,
-        }
+        trainer.save_checkpoint(self.dir / f"{ck.stem(step)}.ckpt", weights_only=False)
+        trainer.strategy.barrier("clt_ckpt_written")
+        if trainer.is_global_zero:  # every file complete: the manifest makes the checkpoint exist
+            ck.write_manifest(self.dir, step)
+            ck.publish_last(self.dir, step)
+            ck.rotate(self.dir, self.keep, step)
+        summary = {"step": step, "tokens": step * module.cfg.trainer.batch_tokens}
+        previous = self.native.with_name(self.native.name + ".previous")
+        if trainer.is_global_zero and self.native.exists():  # the save before this one stays
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(self.native, previous)
+        trainer.strategy.barrier("clt_native_rotated")
         if module.mesh.sharded:
             if module.replica == 0:
                 save_sharded(module.clt, self.native, summary=summary)
             trainer.strategy.barrier("clt_native_shards")
         elif trainer.is_global_zero:
             module.clt.save_pretrained(self.native, summary=summary)
-        if trainer.is_global_zero:  # what an earlier mesh (or an unsharded run) wrote is superseded
-            n_shards = module.mesh.n_shards
-            remove_other_shardings(
-                self.ckpt.parent.glob(f"{self.ckpt.stem}.shard-*-of-*{self.ckpt.suffix}"), n_shards
-            )
-            remove_other_shardings(self.native.glob("shard-*-of-*"), n_shards)
-            if module.mesh.sharded:
-                for name in ("config.json", "model.safetensors"):
-                    (self.native / name).unlink(missing_ok=True)
-        self.saved_step = trainer.global_step
-        module.last_checkpoint = (self.ckpt, trainer.global_step)
+        if trainer.is_global_zero and module.mesh.sharded:
+            remove_other_shardings(self.native.glob("shard-*-of-*"), module.mesh.n_shards)
+        self.saved_step = step
+        module.last_checkpoint = (self.dir / f"{ck.stem(step)}.ckpt", step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # (after a skipped batch the step count has not moved: no second checkpoint of the same step)

@@ -88,12 +88,14 @@ def _run(cfg: TrainConfig) -> dict:
     from ..config import ConfigError, check_resume
     from ..report import final_report
     from ..subject import load_subject
+    from .checkpoints import resume_checkpoint
 
     run_dir = Path(cfg.resume or cfg.run_dir)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume and not ckpt.exists():
-        raise ConfigError(f"resume={cfg.resume!r}: no checkpoint at {ckpt}")
-    resuming = ckpt.exists()
+    found = resume_checkpoint(run_dir)  # the newest intact one (a damaged newer one: a warning)
+    if cfg.resume and found is None:
+        raise ConfigError(f"resume={cfg.resume!r}: no checkpoint in {run_dir / 'checkpoints'}")
+    resuming = found is not None
+    ckpt = found if found is not None else run_dir / "checkpoints" / "last.ckpt"
     if resuming:
         saved_path = run_dir / "config.json"
         if not saved_path.exists():
@@ -112,7 +114,7 @@ def _run(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     t, c = cfg.trainer, cfg.clt
     evaluate = Evaluate(None, torch.empty(0, dtype=torch.long), t.eval_every)
-    checkpoints = Checkpoints(run_dir, t.ckpt_every)
+    checkpoints = Checkpoints(run_dir, t.ckpt_every, t.keep_checkpoints)
     requeue = Requeue(checkpoints)
     interrupt = Interrupt(checkpoints)
     import sys
