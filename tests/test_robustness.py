@@ -385,3 +385,38 @@ def test_a_damaged_native_clt_falls_back_to_the_previous_save(tmp_path, capsys):
     assert "loading the previous save" in capsys.readouterr().err
     _damage(run_dir / "clt.previous" / "model.safetensors", "bit-flipped")
     assert "sha256" in verify_native(run_dir / "clt.previous")
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_is_exact(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import errno
+
+    import lightning
+
+    ck = {"trainer.ckpt_every": 4, "trainer.eval_every": 0, "trainer.max_steps": 12}
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "ref", **ck)))
+    real = lightning.Trainer.save_checkpoint
+
+    def full(self, filepath, *a, **k):
+        if "step-0000008" in str(filepath):
+            open(filepath, "wb").write(b"partial")  # the disk fills up mid-write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, filepath, *a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(lightning.Trainer, "save_checkpoint", full)
+        with pytest.raises(TrainingError) as e:
+            run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)))
+    msg = str(e.value)
+    assert "step 8: writing the checkpoint to" in msg and "the disk is full" in msg
+    assert "MiB are free" in msg and "resume from step 4" in msg
+    d = tmp_path / "run" / "checkpoints"
+    assert not list(d.glob("step-0000008*"))  # the partial file is gone
+    state = torch.load(d / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4  # the previous checkpoint loads
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)))  # space freed: resume
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

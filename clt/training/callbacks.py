@@ -114,8 +114,6 @@ class Checkpoints(L.Callback):
         self.saved_step = -1
 
     def save(self, trainer, module: CLTModule):
-        import shutil
-
         from . import checkpoints as ck
 
         bad = [n for n, p in module.clt.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -130,12 +128,53 @@ class Checkpoints(L.Callback):
         if trainer.is_global_zero:
             self.dir.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("clt_ckpt_dir")
-        trainer.save_checkpoint(self.dir / f"{ck.stem(step)}.ckpt", weights_only=False)
-        trainer.strategy.barrier("clt_ckpt_written")
-        if trainer.is_global_zero:  # every file complete: the manifest makes the checkpoint exist
-            ck.write_manifest(self.dir, step)
-            ck.publish_last(self.dir, step)
-            ck.rotate(self.dir, self.keep, step)
+        try:
+            trainer.save_checkpoint(self.dir / f"{ck.stem(step)}.ckpt", weights_only=False)
+            trainer.strategy.barrier("clt_ckpt_written")
+            if trainer.is_global_zero:  # every file complete: the manifest makes the checkpoint exist
+                ck.write_manifest(self.dir, step)
+                ck.publish_last(self.dir, step)
+                ck.rotate(self.dir, self.keep, step)
+        except OSError as e:
+            raise self._write_failed(e, step, module) from e
+        module.last_checkpoint = (self.dir / f"{ck.stem(step)}.ckpt", step)
+        try:
+            self._save_native(trainer, module, step)
+        except OSError as e:
+            raise self._write_failed(e, step, module, native=True) from e
+        self.saved_step = step
+
+    def _write_failed(self, e: OSError, step: int, module: CLTModule, native: bool = False) -> TrainingError:
+        """The error for a checkpoint that could not be written: the partial files removed, what
+        failed, the space needed and free, and the checkpoint a resume starts from."""
+        import errno
+        import shutil
+
+        from . import checkpoints as ck
+
+        if not native:
+            for p in ck.files_of(self.dir, ck.stem(step)) + [self.dir / f"{ck.stem(step)}.sha256"]:
+                p.unlink(missing_ok=True)  # (no manifest: it never counted; the space back)
+        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
+        where = self.native if native else self.dir
+        sizes = [p.stat().st_size for s in ck.steps(self.dir)[:1] for p in ck.files_of(self.dir, ck.stem(s))]
+        free = shutil.disk_usage(where.parent if not where.exists() else where).free
+        need = (
+            f"a checkpoint takes about {sum(sizes) / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free; "
+            if sizes
+            else ""
+        )
+        last = module.last_checkpoint
+        resume = f"step {last[1]} ({last[0]})" if last else "the start (no checkpoint was written yet)"
+        return TrainingError(
+            f"step {step}: writing the {'native CLT' if native else 'checkpoint'} to {where} failed: {what}. "
+            f"{need}the last checkpoint is intact: free space (or fix the error) and run the same "
+            f"command again to resume from {resume}"
+        )
+
+    def _save_native(self, trainer, module: CLTModule, step: int) -> None:
+        import shutil
+
         summary = {"step": step, "tokens": step * module.cfg.trainer.batch_tokens}
         previous = self.native.with_name(self.native.name + ".previous")
         if trainer.is_global_zero and self.native.exists():  # the save before this one stays
@@ -150,8 +189,6 @@ class Checkpoints(L.Callback):
             module.clt.save_pretrained(self.native, summary=summary)
         if trainer.is_global_zero and module.mesh.sharded:
             remove_other_shardings(self.native.glob("shard-*-of-*"), module.mesh.n_shards)
-        self.saved_step = step
-        module.last_checkpoint = (self.dir / f"{ck.stem(step)}.ckpt", step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # (after a skipped batch the step count has not moved: no second checkpoint of the same step)
