@@ -29,7 +29,12 @@ def test_feature_sharded_training_equals_one_process_and_resumes_anywhere(tiny_m
     # 2 shards of d_sae=64: every rank holds 32 features of each layer; 20 steps, checkpoint at 10, 20
     _run(tiny_model_dir, tmp_path / "sharded", **TWO, **{"clt.shard_features": "true"})
     ckpts = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "last.shard-000-of-002.ckpt", "last.shard-001-of-002.ckpt"]
+    assert [n for n in ckpts if n.startswith("last")] == [
+        "last.ckpt",
+        "last.shard-000-of-002.ckpt",
+        "last.shard-001-of-002.ckpt",
+    ]
+    assert {"step-0000020.sha256", "step-0000020.shard-001-of-002.ckpt", "step-0000010.ckpt"} <= set(ckpts)
     assert sorted(p.name for p in (tmp_path / "sharded" / "clt").iterdir()) == [
         "shard-000-of-002",
         "shard-001-of-002",
@@ -50,7 +55,9 @@ def test_feature_sharded_training_equals_one_process_and_resumes_anywhere(tiny_m
     )
     _run(tiny_model_dir, tmp_path / "single", **{"trainer.max_steps": 30})
     _assert_same_clt(tmp_path / "sharded" / "clt", tmp_path / "single" / "clt")
-    assert sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir()) == ["last.ckpt"]
+    ckpts = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir())
+    assert [n for n in ckpts if n.startswith("last")] == ["last.ckpt"]  # the 1-process save
+    assert "step-0000030.ckpt" in ckpts and not any(n.startswith("step-0000030.shard") for n in ckpts)
 
 
 def test_data_parallel_checkpoints_every_replica_and_resumes_with_another_world(tiny_model_dir, tmp_path):

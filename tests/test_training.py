@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, compose, tiny_overrides, train_cli
 
 from clt.config import ConfigError, load_config
+from clt.errors import CheckpointError
 from clt.model import CrossLayerTranscoder
 from clt.report import read_metrics
 from clt.training import run
@@ -144,8 +145,15 @@ def test_resume_with_only_the_run_dir(tiny_model_dir, tmp_path):
 def test_unreadable_training_checkpoint(tiny_model_dir, tmp_path):
     first = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 10}))
     assert first.returncode == 0, first.stderr[-3000:]
-    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"garbage")
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"garbage")  # (the newest, step 10)
     cfg = compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **{"trainer.max_steps": 20}))
+    with pytest.raises(
+        CheckpointError, match="no intact checkpoint .*step 10: step-0000010.ckpt has 7 bytes"
+    ):
+        run(cfg)
+    # a checkpoint from before manifests that does not load is still a clear error
+    for p in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        p.unlink()
     with pytest.raises(ConfigError, match="unreadable checkpoint"):
         run(cfg)
 
