@@ -589,3 +589,57 @@ def test_past_the_retry_budget_the_run_stops_checkpointed_and_resumes_exactly(
     a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# -- chaos ----------------------------------------------------------------------------------------------
+def _chaos(tiny_model_dir, tmp_path, kills: int, seed: int) -> int:
+    """A CPU run killed with SIGKILL `kills` times, each at a random moment or the instant a
+    checkpoint file appears before its manifest (mid-write), restarted each time; its final
+    weights must equal an uninterrupted run's bit for bit. Returns the kills that landed mid-write."""
+    import random
+    import signal
+    import time
+
+    extra = {
+        "trainer.max_steps": 40,
+        "trainer.ckpt_every": 3,
+        "trainer.eval_every": 0,
+        "trainer.log_every": 1,
+    }
+    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    rng, mid_write, run_dir = random.Random(seed), 0, tmp_path / "run"
+    d = run_dir / "checkpoints"
+    for i in range(kills):
+        proc = _start(tiny_model_dir, run_dir, **extra)
+        at_checkpoint = i % 2 == 1
+        seen = {p.name for p in d.glob("step-*.ckpt")} if d.exists() else set()
+        deadline = time.time() + (60 if at_checkpoint else rng.uniform(4.0, 14.0))
+        while time.time() < deadline and proc.poll() is None:
+            if at_checkpoint and d.exists():
+                fresh = [p for p in d.glob("step-*.ckpt") if p.name not in seen]
+                if fresh:
+                    mid_write += not (d / fresh[0].name.replace(".ckpt", ".sha256")).exists()
+                    break
+            time.sleep(0.001)
+        if proc.poll() is not None:  # it finished before this kill: nothing left to interrupt
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = train_cli(tiny_overrides(tiny_model_dir, run_dir, **extra))
+    assert final.returncode == 0, final.stderr[-3000:]
+    a, b = _weights(tmp_path / "ref"), _weights(run_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = torch.load(d / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 40
+    return mid_write
+
+
+@pytest.mark.slow
+def test_chaos_ten_random_kills_end_bit_identical(tiny_model_dir, tmp_path):
+    _chaos(tiny_model_dir, tmp_path, kills=10, seed=0)
+
+
+def test_chaos_two_kills_end_bit_identical(tiny_model_dir, tmp_path):
+    _chaos(tiny_model_dir, tmp_path, kills=2, seed=1)
