@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomic
 from .metrics import reconstruction_stats, spliced_eval
 from .model import CrossLayerTranscoder
 
@@ -151,6 +152,6 @@ def final_report(
     }
     clt.save_pretrained(run_dir / "clt", summary=summary)
     report["checkpoint"] = str(run_dir / "clt")
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     print(f"\nloss curve: {report['loss_curve']}\nCLT checkpoint: {report['checkpoint']}")
     return report

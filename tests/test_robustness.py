@@ -643,3 +643,30 @@ def test_chaos_ten_random_kills_end_bit_identical(tiny_model_dir, tmp_path):
 
 def test_chaos_two_kills_end_bit_identical(tiny_model_dir, tmp_path):
     _chaos(tiny_model_dir, tmp_path, kills=2, seed=1)
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_run_and_says_so(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import errno
+
+    import clt.report
+
+    extra = {"trainer.eval_every": 0, "trainer.max_steps": 8, "report": True}
+    real = clt.report.final_report
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(clt.report, "final_report", full)
+        with pytest.raises(
+            TrainingError, match=r"writing the report to .* the disk is full .*step 8\) is intact"
+        ):
+            run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))
+    before = _weights(tmp_path / "run")
+    assert clt.report.final_report is real
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))  # space freed: the report
+    assert (tmp_path / "run" / "report.json").exists()
+    after = _weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained twice

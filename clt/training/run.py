@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import TrainConfig
 from ..data import ActivationSource
+from ..errors import TrainingError
 from ..files import write_atomic
 from ..model import CLTArchitecture
 from ..parallel import (
@@ -189,10 +190,22 @@ def _run(cfg: TrainConfig) -> dict:
             from ..io import load_clt
 
             clt = load_clt(run_dir / "clt", device=strategy.root_device)
-        with subject.lock:  # (a prefetch thread may be finishing its last forward pass)
-            report = final_report(
-                clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0
-            )
+        try:
+            with subject.lock:  # (a prefetch thread may be finishing its last forward pass)
+                report = final_report(
+                    clt, source, subject, evaluate.windows, run_dir, module.silent_fraction or 0.0
+                )
+        except OSError as e:  # a full disk, an I/O error: the training itself is safe
+            import errno
+            import shutil
+
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            free = shutil.disk_usage(run_dir).free / 2**20
+            raise TrainingError(
+                f"writing the report to {run_dir} failed: {'the disk is full' if full else e} "
+                f"({free:,.0f} MiB free). Training finished and its checkpoint (step {trainer.global_step}) "
+                "is intact: free space and run the same command again to write the report"
+            ) from e
     if cfg.hub.repo_id:  # the native CLT, its circuit-tracer export and a model card with the report
         from ..push import push_to_hub
 
