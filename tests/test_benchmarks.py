@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation", [pytest.param("topk", marks=pytest.mark.slow), "jumprelu"])
 def test_roofline_runs_on_a_tiny_shape(tmp_path, activation):
     out = tmp_path / "roofline.jsonl"
     shape = ["--layers", "3", "--d", "16", "--d-sae", "64", "--k", "4", "--tokens", "64", "--reps", "1"]

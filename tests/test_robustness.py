@@ -203,8 +203,7 @@ def test_a_signal_checkpoints_at_the_step_end_and_resume_is_exact(tiny_model_dir
     import signal
 
     extra = {"trainer.max_steps": 150, "trainer.ckpt_every": 1000, "trainer.eval_every": 0}
-    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra)))
     proc = _start(tiny_model_dir, tmp_path / "run", **extra)
     _wait_for_training(proc, tmp_path / "run")
     proc.send_signal(getattr(signal, sig))
@@ -215,8 +214,7 @@ def test_a_signal_checkpoints_at_the_step_end_and_resume_is_exact(tiny_model_dir
     step = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert 0 < step < 150
     assert f"{sig}: checkpoint at step {step}" in out
-    resumed = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **extra)))  # resumed
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -318,13 +316,17 @@ def _damage(path, how):
             f.write(bytes([data[len(data) // 2] ^ 0x10]))
 
 
-@pytest.mark.parametrize("how", ["truncated", pytest.param("bit-flipped", marks=pytest.mark.slow)])
-def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tiny_model_dir, tmp_path, how):
+def _verify(run_dir) -> int:
+    from clt.cli import main
+
+    return main(["verify", str(run_dir)])
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tiny_model_dir, tmp_path, how, capsys):
     ck = {"trainer.ckpt_every": 4, "trainer.eval_every": 0}
-    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **ck, **{"trainer.max_steps": 16}))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    first = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 12}))
-    assert first.returncode == 0, first.stderr[-3000:]
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "ref", **ck, **{"trainer.max_steps": 16})))
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 12})))
     d = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in d.glob("step-*")) == [
         "step-0000008.ckpt",
@@ -334,37 +336,30 @@ def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tiny_model_dir,
     ]  # the newest trainer.keep_checkpoints = 2
     assert os.path.samefile(d / "last.ckpt", d / "step-0000012.ckpt")
     _damage(d / "last.ckpt", how)  # (last.ckpt is the newest checkpoint's file)
-    verify = subprocess.run(
-        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert verify.returncode == 1 and "DAMAGED" in verify.stdout and "step 8" in verify.stdout
-    resumed = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 16}))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "cannot be trusted" in resumed.stderr and "resuming from step 8 instead" in resumed.stderr
+    capsys.readouterr()
+    assert _verify(tmp_path / "run") == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "a resume would start from step 8" in out
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck, **{"trainer.max_steps": 16})))
+    err = capsys.readouterr().err
+    assert "cannot be trusted" in err and "resuming from step 8 instead" in err
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k  # from step 8 to 16: the uninterrupted run's weights
     assert (d / "step-0000012.ckpt.damaged").exists()  # set aside, not deleted
-    ok = subprocess.run(
-        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")], cwd=REPO, capture_output=True
-    )
-    assert ok.returncode == 0
+    assert _verify(tmp_path / "run") == 0
 
 
-def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tiny_model_dir, tmp_path):
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tiny_model_dir, tmp_path, capsys):
     ck = {"trainer.ckpt_every": 4, "trainer.eval_every": 0, "trainer.max_steps": 8}
-    assert train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)).returncode == 0
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **ck)))
     for p in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"):
         _damage(p, "truncated")
-    out = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "run", **(ck | {"trainer.max_steps": 12})))
-    _one_line_error(out, "no intact checkpoint", "nothing to resume from")
-    verify = subprocess.run(
-        [sys.executable, "-m", "clt", "verify", str(tmp_path / "run")], cwd=REPO, capture_output=True
-    )
-    assert verify.returncode == 2
+    from clt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*nothing to resume from"):
+        run(compose(tiny_overrides(tiny_model_dir, tmp_path / "run", **(ck | {"trainer.max_steps": 12}))))
+    assert _verify(tmp_path / "run") == 2
 
 
 def test_a_damaged_native_clt_falls_back_to_the_previous_save(tmp_path, capsys):
@@ -606,8 +601,7 @@ def _chaos(tiny_model_dir, tmp_path, kills: int, seed: int) -> int:
         "trainer.eval_every": 0,
         "trainer.log_every": 1,
     }
-    ref = train_cli(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    run(compose(tiny_overrides(tiny_model_dir, tmp_path / "ref", **extra)))
     rng, mid_write, run_dir = random.Random(seed), 0, tmp_path / "run"
     d = run_dir / "checkpoints"
     for i in range(kills):
@@ -626,8 +620,7 @@ def _chaos(tiny_model_dir, tmp_path, kills: int, seed: int) -> int:
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = train_cli(tiny_overrides(tiny_model_dir, run_dir, **extra))
-    assert final.returncode == 0, final.stderr[-3000:]
+    run(compose(tiny_overrides(tiny_model_dir, run_dir, **extra)))  # the last restart, to the end
     a, b = _weights(tmp_path / "ref"), _weights(run_dir)
     for k in a:
         assert torch.equal(a[k], b[k]), k
