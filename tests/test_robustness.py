@@ -499,21 +499,20 @@ STREAM = {
 }
 
 
-def test_a_flaky_stream_gives_exactly_the_batches_of_an_unfaulted_run(
-    tiny_model_dir, tmp_path, corpus, capsys
-):
-    """Runs of resets mid-body (fsspec reads again itself), 503 answers and stalls past the read
-    timeout (these reach our retries) at points spread over the run: the same weights."""
+def _unfaulted_run(tiny_model_dir, run_dir, corpus: bytes) -> int:
+    """A run reading `corpus` from a server without faults -> the GETs it made."""
     clean = FlakyServer(corpus)
     try:
-        run(
-            compose(
-                tiny_overrides(tiny_model_dir, tmp_path / "clean", **STREAM, **{"data.dataset": clean.url})
-            )
-        )
-        n = clean.gets
+        run(compose(tiny_overrides(tiny_model_dir, run_dir, **STREAM, **{"data.dataset": clean.url})))
+        return clean.gets
     finally:
         clean.close()
+
+
+def test_a_flaky_stream_gives_exactly_the_batches_of_an_unfaulted_run(tiny_model_dir, tmp_path, corpus):
+    """Runs of resets mid-body (fsspec reads again itself), 503 answers and stalls past the read
+    timeout (these reach our retries) at points spread over the run: the same weights."""
+    n = _unfaulted_run(tiny_model_dir, tmp_path / "clean", corpus)
     flaky = FlakyServer(corpus)
     assert n >= 4  # (the corpus is read several times: held-out windows, normalisation, training)
     # pairs of faults, two good reads apart (so a retry can get through)
@@ -558,16 +557,7 @@ def test_our_retries_read_on_from_the_same_document(corpus, capsys):
 def test_past_the_retry_budget_the_run_stops_checkpointed_and_resumes_exactly(
     tiny_model_dir, tmp_path, small_corpus
 ):
-    clean = FlakyServer(small_corpus)
-    try:
-        run(
-            compose(
-                tiny_overrides(tiny_model_dir, tmp_path / "clean", **STREAM, **{"data.dataset": clean.url})
-            )
-        )
-        n_gets = clean.gets
-    finally:
-        clean.close()
+    n_gets = _unfaulted_run(tiny_model_dir, tmp_path / "clean", small_corpus)
     down = FlakyServer(small_corpus)
     assert n_gets >= 5  # (it was read again at each pass)
     down.fail_from = n_gets - 1  # the server goes down for good before the last read of the run

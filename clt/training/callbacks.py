@@ -222,6 +222,28 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def install_handlers(names, handler) -> dict:
+    """`handler` for the signals named, from now on -> {signal: the handler it replaced} (empty
+    outside the main thread, e.g. in an embedding application: no signal handling there)."""
+    import signal
+
+    previous = {}
+    for name in names:
+        sig = getattr(signal, name)
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:
+            return previous
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 class Requeue(L.Callback):
     """Slurm preemption: on SIGUSR1 or SIGUSR2 (`sbatch --signal=USR1@90`, submitit's USR2) the
     handler only raises a flag; at the end of the current step the ranks agree, save the checkpoint,
@@ -240,14 +262,7 @@ class Requeue(L.Callback):
     def install(self) -> None:
         """Catch the signals from now on (before the subject loads: a signal during set-up is acted
         on at the end of the first step)."""
-        import signal
-
-        for name in self.SIGNALS:
-            sig = getattr(signal, name)
-            try:
-                self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (an embedding application): no preemption handling
-                return
+        self.previous = install_handlers(self.SIGNALS, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.strategy.reduce_boolean_decision(self.flag, all=False):
@@ -268,10 +283,7 @@ class Requeue(L.Callback):
         self.requeued, trainer.should_stop = True, True
 
     def on_train_end(self, trainer, pl_module):
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(self.previous)
         self.previous = {}
 
 
@@ -306,14 +318,7 @@ class Interrupt(L.Callback):
             self.flag = name
 
     def install(self) -> None:
-        import signal
-
-        for name in self.SIGNALS:
-            sig = getattr(signal, name)
-            try:
-                self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (an embedding application): no signal handling
-                return
+        self.previous = install_handlers(self.SIGNALS, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.strategy.reduce_boolean_decision(self.flag is not None, all=False):
@@ -333,8 +338,5 @@ class Interrupt(L.Callback):
         self.restore()
 
     def restore(self) -> None:
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(self.previous)
         self.previous = {}
