@@ -1,5 +1,5 @@
 """The `clt` command, one front door: `clt train …` (Hydra overrides, the same as `python train.py`),
-`clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`,
+`clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`, `clt heads …`,
 `clt export-circuit-tracer …`, `clt import-circuit-tracer …`, `clt push …` (also `python -m clt …`).
 Each runs inside `clt.errors.command`: a user error is one line and exit status 2."""
 
@@ -111,6 +111,12 @@ def verify_main(argv: list[str]) -> int:
     return verify(Path(args.run_dir))
 
 
+def heads_main(argv: list[str]) -> int:
+    from .circuits.report import main as heads
+
+    return heads(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "cache": cache_main,
@@ -121,6 +127,7 @@ COMMANDS = {
     "serve": serve_main,
     "view": view_main,
     "verify": verify_main,
+    "heads": heads_main,
 }
 
 
@@ -130,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
         print(
             "usage: clt "
-            "{train,cache,attribute,features,serve,view,verify,export-circuit-tracer,import-circuit-tracer,"
-            "push} "
+            "{train,cache,attribute,features,serve,view,heads,verify,export-circuit-tracer,"
+            "import-circuit-tracer,push} "
             "…  (each with --help)\n"
             "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
             "  cache                  generate an activation cache (same as python -m clt.cache)\n"
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "  features               feature cards of a CLT (same as python -m clt.features)\n"
             "  serve                  the local interactive viewer of a folder of graphs\n"
             "  view                   one self-contained HTML file of a graph (--export)\n"
+            "  heads                  score every attention head of a model (induction, composition…)\n"
             "  verify                 check a run directory's checkpoints against their checksums\n"
             "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
             "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"

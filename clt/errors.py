@@ -49,6 +49,11 @@ class AttributionError(CLTError, ValueError):
     """Bad input to attribution: prompt, thresholds, or a CLT that does not fit the model."""
 
 
+class CircuitError(CLTError, ValueError):
+    """A head or layer that does not exist, a model whose attention weights cannot be read, a task
+    prompt whose answer is not one token."""
+
+
 class FeatureError(CLTError, ValueError):
     """Feature cards that cannot be computed, read or written: the message says what and why."""
 

@@ -33,6 +33,9 @@ BUNDLED = {
 class Family:
     layers: str  # attribute path from the CausalLM to the list of decoder layers
     hooks: dict[str, tuple[str, str]]  # hook name -> (module path inside a layer, "input" | "output")
+    # the attention block inside a layer (`clt.circuits.heads` reads its weights): the attention
+    # module, the norm before it (its input is resid_pre) and the norm after it (Gemma 2) or ""
+    attention: tuple[str, str, str] = ("self_attn", "input_layernorm", "")
 
 
 _LLAMA = Family(
@@ -56,6 +59,7 @@ FAMILIES: dict[str, Family] = {
             "mlp_in": ("mlp", "input"),
             "mlp_out": ("post_feedforward_layernorm", "output"),
         },
+        ("self_attn", "input_layernorm", "post_attention_layernorm"),
     ),
     "gpt2": Family(
         "transformer.h",
@@ -64,6 +68,7 @@ FAMILIES: dict[str, Family] = {
             "mlp_in": ("mlp", "input"),
             "mlp_out": ("mlp", "output"),
         },
+        ("attn", "ln_1", ""),
     ),
     # GPT-NeoX/Pythia: with parallel residual the MLP's norm reads the layer's input (resid_pre).
     "gpt_neox": Family(
@@ -73,6 +78,7 @@ FAMILIES: dict[str, Family] = {
             "mlp_in": ("mlp", "input"),
             "mlp_out": ("mlp", "output"),
         },
+        ("attention", "input_layernorm", ""),
     ),
 }
 
