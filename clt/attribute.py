@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="features printed per logit")
     p.add_argument("--no-plot", action="store_true", help="skip graph.png")
     p.add_argument(
+        "--attention",
+        action="store_true",
+        help="also split cross-position edges into per-head loadings and attribute the heads' "
+        "scores (QK attribution); the viewer shows them",
+    )
+    p.add_argument(
         "--cards",
         action="store_true",
         help="compute the feature cards of the pruned graph's features (those the store lacks) "
@@ -155,6 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
         scan=scan,
+        attention=args.attention,
     )
     graph.info["clt"] = str(args.checkpoint)
     graph.info["clt_checksum"] = clt_checksum(clt)  # the viewer refuses interventions with another CLT

@@ -222,6 +222,7 @@ def attribute(
     verbose: bool = True,
     scan: str = "",
     progress=None,
+    attention: bool = False,
 ) -> Graph:
     """The attribution graph of `prompt` through `clt` spliced into `model` (a ReplacementModel,
     a Subject or a transformers causal LM; pass `tokenizer` with a bare model).
@@ -231,7 +232,10 @@ def attribute(
     Edges: direct effects in the frozen replacement model (see `clt.attribution.graph`). At most
     `max_feature_nodes` feature rows are computed (None: all), most influential first; the columns
     of features never visited are dropped. Memory grows with `batch_size`. `progress(done, total)`,
-    when given, is called after every batch of rows (the viewer's progress indicator)."""
+    when given, is called after every batch of rows (the viewer's progress indicator).
+    attention=True also splits the cross-position edges of the pruned graph (default thresholds)
+    into per-head loadings and attributes the scores of the heads carrying them
+    (`graph.attention`, see `clt.attribution.qk`)."""
     if max_n_logits < 1:
         raise AttributionError(f"max_n_logits must be ≥ 1, got {max_n_logits}")
     if not 0 < desired_logit_prob <= 1:
@@ -329,7 +333,7 @@ def attribute(
 
     tok = rm.subject.tokenizer
     decode = (lambda i: tok.decode([int(i)])) if tok is not None else (lambda i: str(int(i)))
-    return Graph(
+    graph = Graph(
         prompt=prompt if isinstance(prompt, str) else "",
         input_tokens=ctx.ids.cpu(),
         token_strings=[decode(i) for i in ctx.ids],
@@ -356,6 +360,12 @@ def attribute(
             "visited_fraction": n_visit / max(n_active, 1),
         },
     )
+    if attention:
+        from .graph import prune
+        from .qk import attention_summary
+
+        graph.attention = attention_summary(rm, graph, ctx, prune(graph))
+    return graph
 
 
 def dense_rows(

@@ -55,6 +55,9 @@ class Graph:
     scan: str = ""  # names the CLT (checkpoint or repo) for the viewer
     model_name: str = ""
     info: dict = field(default_factory=dict)
+    # attribute(..., attention=True): head loadings of the pruned graph's cross-position edges and
+    # QK attributions of the heads carrying them (clt.attribution.qk.attention_summary); else None
+    attention: dict | None = None
 
     # -- layout ----------------------------------------------------------------------------------
     @property

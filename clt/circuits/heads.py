@@ -225,6 +225,14 @@ def _raw_weights(family: str, attn: Any, d: int, H: int, H_kv: int, D: int):
     )  # fmt: skip
 
 
+def _out_proj(family: str, attn: Any) -> nn.Module:
+    if family == "gpt2":
+        return attn.c_proj
+    if family == "gpt_neox":
+        return attn.dense
+    return attn.o_proj
+
+
 def _sliding_window(family: str, attn: nn.Module) -> int | None:
     if family == "mistral":  # one window for every layer, read from the config at call time
         return getattr(attn.config, "sliding_window", None) or None
@@ -251,7 +259,10 @@ class Heads:
         H = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
         H_kv = int(getattr(cfg, "num_key_value_heads", None) or H)
         self.d_model, self.n_heads, self.n_kv = d, H, H_kv
-        self.attn_modules: list[nn.Module] = []
+        self.attn_modules: list[nn.Module] = []  # per layer: the attention module
+        self.out_projs: list[nn.Module] = []  # its output projection (input: the heads' z, [.., H·D])
+        self.pre_norms: list[nn.Module] = []  # the norm before it (its input is resid_pre)
+        self.post_norms: list[nn.Module | None] = []  # Gemma 2's norm after it
         self.heads: list[LayerHeads] = []
         for m, layer in enumerate(self.layers):
             try:
@@ -262,8 +273,12 @@ class Heads:
                     f"cannot read the attention of layer {m} of this {self.family} model: {e}"
                 ) from e
             D = int(getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or d // H)
+            post = _getattr_path(layer, post_path) if post_path else None
             self.attn_modules.append(attn)
-            self.heads.append(self._fold(m, attn, norm, post_path and _getattr_path(layer, post_path), D))
+            self.pre_norms.append(norm)
+            self.post_norms.append(post)
+            self.out_projs.append(_out_proj(self.family, attn))
+            self.heads.append(self._fold(m, attn, norm, post, D))
         self.head_dim = self.heads[0].head_dim if self.heads else 0
         base = getattr(model, model.base_model_prefix)
         self._rotary = getattr(base, "rotary_emb", None)

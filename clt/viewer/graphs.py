@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,7 +202,61 @@ class LoadedGraph:
                 for j in nz[order].tolist()
             ]
 
-        return {"id": node_id, "inputs": top(A[i]), "outputs": top(A[:, i])}
+        out: dict[str, Any] = {"id": node_id, "inputs": top(A[i]), "outputs": top(A[:, i])}
+        att = self.attention(i, k)
+        if att is not None:
+            out["attention"] = att
+        return out
+
+    def _source_name(self, label: list) -> str:
+        """A QK attribution source label (clt.attribution.qk) as text."""
+        kind, *rest = label
+        tok = self.graph.token_strings
+        if kind == "feature":
+            layer, pos, feat = rest
+            return f"L{layer}/#{feat} @{pos}"
+        if kind == "error":
+            return f"error L{rest[0]} @{rest[1]}"
+        if kind == "token":
+            return f"token @{rest[0]} {tok[rest[0]]!r}"
+        if kind == "head":
+            return f"head L{rest[0]}.H{rest[1]} out @{rest[2]}"
+        if kind == "constant":
+            return f"constants @{rest[0]}"
+        return f"{rest[0]} bias"
+
+    def attention(self, i: int, k: int = 10) -> dict | None:
+        """For a graph made with attention=True: the heads that carry node i's cross-position inputs
+        (their loadings, strongest first, as a share of the edge) and why those heads attend there
+        (QK attribution: the strongest query-source × key-source pairs). None without the data."""
+        att = self.graph.attention
+        if not att:
+            return None
+        edges, loads, bypass = att["edges"], att["loadings"], att["bypass"]
+        pos = self.nodes[i]["pos"]
+        inputs = []
+        for r in (edges[:, 0] == i).nonzero().flatten().tolist():
+            s = int(edges[r, 1])
+            edge = float(self.graph.adjacency_matrix[i, s])
+            flat = loads[r].flatten()
+            H = loads.shape[-1]
+            best = flat.abs().argsort(descending=True)[:3].tolist()
+            inputs.append({
+                "id": self.nodes[s]["id"], "weight": edge,
+                "heads": [{"layer": j // H, "head": j % H, "loading": float(flat[j]),
+                           "share": float(flat[j]) / edge if edge else 0.0,
+                           "bypass": float(bypass[r, j // H])} for j in best if flat[j] != 0],
+            })  # fmt: skip
+        inputs.sort(key=lambda x: -abs(x["weight"]))
+        keys = {self.nodes[self.node_index(x["id"])]["pos"] for x in inputs}
+        qk = [
+            {**{f: rec[f] for f in ("layer", "head", "query", "key", "score", "attention")},
+             "pairs": [[self._source_name(u), self._source_name(v), w] for u, v, w in rec["top_pairs"][:k]],
+             "query_top": [[self._source_name(u), w] for u, w in rec["query_top"][:k]],
+             "key_top": [[self._source_name(u), w] for u, w in rec["key_top"][:k]]}
+            for rec in att["qk"] if rec["query"] == pos and rec["key"] in keys
+        ]  # fmt: skip
+        return {"inputs": inputs[:k], "qk": qk}
 
     def feature_activations(self, layer: int, feature: int) -> list[float]:
         """The feature's activation at every prompt position (0 where it is not active)."""

@@ -558,6 +558,32 @@ function neighbourList(items, title) {
   return box;
 }
 
+function attentionSection(att) {  // graphs made with --attention: head loadings and QK attribution
+  const box = el("div", { id: "card-attention" });
+  box.appendChild(el("h3", {}, "Cross-position inputs: the heads that carry them"));
+  if (!att.inputs.length) box.appendChild(el("div", { class: "muted" }, "no cross-position inputs in the pruned graph"));
+  for (const it of att.inputs) {
+    const i = S.byId.get(it.id);
+    const name = i !== undefined ? nodeLabel(S.view.nodes[i]) : it.id;
+    const heads = it.heads.map((h) => `L${h.layer}.H${h.head} ${(100 * h.share).toFixed(0)}%`).join(" · ") || "bypass only";
+    box.appendChild(el("div", { class: "nb" }, `${fmt(it.weight, 3)} ${name}: ${heads}`));
+  }
+  for (const r of att.qk) {
+    box.appendChild(el("h3", {}, `Why L${r.layer}.H${r.head} attends @${r.query} → @${r.key} (score ${fmt(r.score, 3)}, attention ${fmt(r.attention, 3)})`));
+    const t = el("table", { class: "qk" });
+    const hr = el("tr");
+    hr.append(el("th", {}, "query side"), el("th", {}, "key side"), el("th", {}, "score part"));
+    t.appendChild(hr);
+    for (const [u, v, w] of r.pairs.slice(0, 6)) {
+      const row = el("tr");
+      row.append(el("td", {}, u), el("td", {}, v), el("td", { class: w >= 0 ? "pos" : "neg" }, fmt(w, 3)));
+      t.appendChild(row);
+    }
+    box.appendChild(t);
+  }
+  return box;
+}
+
 async function showCard(id) {
   const i = S.byId.get(id);
   if (i === undefined) return;
@@ -635,6 +661,7 @@ async function showCard(id) {
   const cols = el("div", { class: "cols" });
   cols.append(neighbourList(nb.inputs, "Inputs in this graph"), neighbourList(nb.outputs, "Outputs in this graph"));
   parts.push(cols);
+  if (nb.attention) parts.push(attentionSection(nb.attention));
   if (n.kind === "feature" && data.card) {
     for (const g of data.card.examples_quantiles) {
       const sec = el("div", { class: "group" });
