@@ -1,6 +1,7 @@
 """The `clt` command, one front door: `clt train …` (Hydra overrides, the same as `python train.py`),
 `clt cache …`, `clt attribute …`, `clt features …`, `clt serve …`, `clt view …`, `clt heads …`,
-`clt export-circuit-tracer …`, `clt import-circuit-tracer …`, `clt push …` (also `python -m clt …`).
+`clt pinpoint …`, `clt export-circuit-tracer …`, `clt import-circuit-tracer …`, `clt push …`
+(also `python -m clt …`).
 Each runs inside `clt.errors.command`: a user error is one line and exit status 2."""
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ def heads_main(argv: list[str]) -> int:
     return heads(argv)
 
 
+def pinpoint_main(argv: list[str]) -> int:
+    from .circuits.command import main as pinpoint
+
+    return pinpoint(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "cache": cache_main,
@@ -128,6 +135,7 @@ COMMANDS = {
     "view": view_main,
     "verify": verify_main,
     "heads": heads_main,
+    "pinpoint": pinpoint_main,
 }
 
 
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
         print(
             "usage: clt "
-            "{train,cache,attribute,features,serve,view,heads,verify,export-circuit-tracer,"
+            "{train,cache,attribute,features,serve,view,heads,pinpoint,verify,export-circuit-tracer,"
             "import-circuit-tracer,push} "
             "…  (each with --help)\n"
             "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "  serve                  the local interactive viewer of a folder of graphs\n"
             "  view                   one self-contained HTML file of a graph (--export)\n"
             "  heads                  score every attention head of a model (induction, composition…)\n"
+            "  pinpoint               trace a task's attention circuit (IOI, …) and prune it\n"
             "  verify                 check a run directory's checkpoints against their checksums\n"
             "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
             "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
