@@ -76,7 +76,7 @@ def plot(circuit: P.Circuit, n_layers: int, path: Path, title: str) -> None:
     xs = [x for x, _ in pos.values()] or [0]
     ys = [y for _, y in pos.values()] or [0]
     fig, ax = plt.subplots(
-        figsize=(max(9, (max(xs) - min(xs)) / 110 + 3), max(6, (max(ys) - min(ys)) / 60 + 2))
+        figsize=(max(12, (max(xs) - min(xs)) / 110 + 3), max(6, (max(ys) - min(ys)) / 100 + 2))
     )
     wmax = max((abs(e["data"]["weight"]) for e in cy["elements"]["edges"]), default=1.0) or 1.0
     colours = {"d": "#2563eb", "s": "#dc2626", "root": "#16a34a"}
