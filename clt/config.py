@@ -299,6 +299,47 @@ class FeaturesJobConfig:
 
 
 @dataclass
+class ToyConfig:
+    """`python toy.py`: an attention-only transformer (conf/toy.yaml), then its heads analysed."""
+
+    layers: int = 2  # attention-only blocks (the Framework paper's toy models have 1 and 2)
+    d_model: int = 128  # residual width
+    heads: int = 4  # heads per layer (head dim = d_model / heads)
+    steps: int = 3000  # optimizer steps of data.batch_windows windows of data.context_size tokens
+    lr: float = 2e-3  # AdamW peak learning rate (linear warm-up, then cosine to 10%)
+    warmup: int = 100  # warm-up steps
+    weight_decay: float = 0.01
+    eval_every: int = 250  # head scores on repeated random tokens every N steps (0: at the end only)
+    repeat_n: int = 50  # length of each random sequence of that evaluation
+    seed: int = 0
+    out: str = "runs/toy"  # model/ (a GPT-2 checkpoint with its MLPs zeroed), heads/, history
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+
+
+@dataclass
+class ToyJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # only its tokenizer is used
+    data: DataConfig = field(default_factory=DataConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+    def validate(self) -> ToyJobConfig:
+        t = self.toy
+        _check(t.layers >= 1, "toy.layers", t.layers, "≥ 1")
+        _check(t.heads >= 1 and t.d_model % t.heads == 0, "toy.heads", t.heads, f"a divisor of {t.d_model}")
+        _check(t.steps >= 1, "toy.steps", t.steps, "≥ 1")
+        _check(t.lr > 0, "toy.lr", t.lr, "> 0")
+        _check(0 <= t.warmup, "toy.warmup", t.warmup, "≥ 0")
+        _check(t.eval_every >= 0, "toy.eval_every", t.eval_every, "≥ 0")
+        _check(t.repeat_n >= 2, "toy.repeat_n", t.repeat_n, "≥ 2")
+        _check(t.device in ("auto", "cpu", "cuda"), "toy.device", t.device, "auto | cpu | cuda")
+        _check(self.data.cache is None, "data.cache", self.data.cache, "unset: the toy model reads text")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -530,6 +571,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=TrainConfig)
     ConfigStore.instance().store(name="cache_schema", node=CacheJobConfig)
     ConfigStore.instance().store(name="features_schema", node=FeaturesJobConfig)
+    ConfigStore.instance().store(name="toy_schema", node=ToyJobConfig)
 
 
 register_schema()

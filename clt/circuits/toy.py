@@ -1,0 +1,139 @@
+"""Attention-only toy transformers (Seed 003, after "A Mathematical Framework for Transformer
+Circuits"): GPT-2 blocks whose MLPs are zero (width 1, zero weights and biases, frozen), so each block
+adds only its attention, trained on text, with their heads scored along the way.
+
+The checkpoint is a plain GPT-2 (`model/`, with the tokenizer), so every tool reads it: `clt heads
+runs/toy-2l/model`, `Heads(model)`, attribution. What a run writes to `toy.out`:
+
+    model/          the trained model and tokenizer
+    history.jsonl   per evaluation: step, tokens, train loss, best induction and previous-token
+                    scores, next-token loss on the first and second copy of repeated random tokens
+    history.png     those curves against tokens seen
+    heads/          `clt heads` on the final model (heads.md, scores, heatmaps)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ToyJobConfig
+from ..files import atomic_directory
+
+
+def build(cfg, vocab_size: int, context: int, bos: int, eos: int) -> Any:
+    """A GPT-2 with `cfg.layers` attention-only blocks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=context, n_embd=cfg.d_model, n_layer=cfg.layers, n_head=cfg.heads,
+        n_inner=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=bos, eos_token_id=eos,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    for block in model.transformer.h:  # the MLP adds exactly zero: c_proj(gelu(0)) with zero weights
+        for p in block.mlp.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+    return model
+
+
+def _lr(step: int, cfg) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def evaluate(model, cfg) -> dict:
+    from .patterns import head_scores
+
+    model.eval()
+    s = head_scores(model, n=cfg.repeat_n, batch=4, seed=1234)
+    model.train()
+    return {
+        "induction": float(s.induction.max()),
+        "induction_head": [int(i) for i in divmod(int(s.induction.argmax()), s.induction.shape[1])],
+        "previous": float(s.previous.max()),
+        "loss_first_copy": s.loss_first,
+        "loss_second_copy": s.loss_second,
+    }
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tok = [h["tokens"] / 1e6 for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(tok, [h["induction"] for h in history], label="best induction score")
+    a.plot(tok, [h["previous"] for h in history], label="best previous-token score")
+    a.set_xlabel("training tokens (millions)")
+    a.set_ylim(0, 1)
+    a.legend()
+    b.plot(tok, [h["loss_first_copy"] for h in history], label="first copy (no context)")
+    b.plot(tok, [h["loss_second_copy"] for h in history], label="second copy (in-context)")
+    b.plot(tok, [h["train_loss"] for h in history], label="training text", alpha=0.6)
+    b.set_xlabel("training tokens (millions)")
+    b.set_ylabel("next-token loss (nats)")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
+    from transformers import AutoTokenizer
+
+    from ..data.text import TextPosition, WindowStream
+    from ..subject import _bundled_dir
+    from .report import analyse, write
+
+    cfg, data = job.toy, job.data
+    torch.manual_seed(cfg.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    name = job.model.name_or_path
+    tok = AutoTokenizer.from_pretrained(_bundled_dir(name, job.model) if name.startswith("bundled:") else name)
+    stream = WindowStream(data, tok)
+    model = build(cfg, len(tok), data.context_size, stream.bos, stream.sep).to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))  # fmt: skip
+    windows = stream.windows(TextPosition())
+    history: list[dict] = []
+    out = Path(cfg.out)
+    tokens, t0, loss_avg = 0, time.perf_counter(), None
+    bar = tqdm(range(cfg.steps), desc=f"toy {cfg.layers}-layer", unit="step", disable=not progress)
+    for step in bar:
+        batch = torch.stack([next(windows)[0] for _ in range(data.batch_windows)]).to(device)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += batch.numel()
+        loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
+        last = step == cfg.steps - 1
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            h = {"step": step + 1, "tokens": tokens, "train_loss": loss_avg,
+                 "seconds": round(time.perf_counter() - t0, 1), **evaluate(model, cfg)}  # fmt: skip
+            history.append(h)
+            bar.set_postfix(loss=f"{loss_avg:.2f}", induction=f"{h['induction']:.2f}")
+    model.eval()
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        plot_history(history, tmp / "history.png", f"{cfg.layers}-layer attention-only, d={cfg.d_model}")
+    rep = analyse(model, f"{cfg.layers}-layer attention-only toy", n=cfg.repeat_n)
+    print(write(rep, out / "heads"))
+    return out
