@@ -117,15 +117,39 @@ def hand_heads(d: int = 8) -> list[LayerHeads]:
 
     def layer(m, q, k, v, o):
         z = torch.zeros(3, 2)
-        return LayerHeads(m, torch.stack(q), z, torch.stack(k), z, torch.stack(v), z, torch.stack(o),
-                          torch.zeros(d), 1.0, None, None, False, 1e-6)  # fmt: skip
+        return LayerHeads(
+            m,
+            torch.stack(q),
+            z,
+            torch.stack(k),
+            z,
+            torch.stack(v),
+            z,
+            torch.stack(o),
+            torch.zeros(d),
+            1.0,
+            None,
+            None,
+            False,
+            1e-6,
+        )
 
     rows = lambda *i: torch.stack([e(j, d) for j in i])  # noqa: E731  [2, d]
     cols = lambda *i: torch.stack([e(j, d) for j in i], 1)  # noqa: E731  [d, 2]
-    l0 = layer(0, [rnd(2, d), rnd(2, d), rnd(2, d)], [rnd(2, d), rnd(2, d), rnd(2, d)],
-               [rows(0, 1), rnd(2, d), rnd(2, d)], [cols(2, 3), rnd(d, 2), rnd(d, 2)])  # fmt: skip
-    l1 = layer(1, [rows(4, 5), rows(2, 3), rnd(2, d)], [rows(2, 3), rows(4, 5), rnd(2, d)],
-               [rnd(2, d), rnd(2, d), rows(2, 3)], [rnd(d, 2), rnd(d, 2), cols(6, 7)])  # fmt: skip
+    l0 = layer(
+        0,
+        [rnd(2, d), rnd(2, d), rnd(2, d)],
+        [rnd(2, d), rnd(2, d), rnd(2, d)],
+        [rows(0, 1), rnd(2, d), rnd(2, d)],
+        [cols(2, 3), rnd(d, 2), rnd(d, 2)],
+    )
+    l1 = layer(
+        1,
+        [rows(4, 5), rows(2, 3), rnd(2, d)],
+        [rows(2, 3), rows(4, 5), rnd(2, d)],
+        [rnd(2, d), rnd(2, d), rows(2, 3)],
+        [rnd(d, 2), rnd(d, 2), cols(6, 7)],
+    )
     return [l0, l1]
 
 
@@ -379,3 +403,52 @@ def test_smollm2_has_induction_heads_fed_by_previous_token_heads():
     assert max(float(p.previous.flatten()[int(i)]) for i in sources) > 0.5
     med = float(c.K[c.K > 0].median())
     assert 0.5 * c.baseline < med < 2 * c.baseline
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-only toy models (toy.py)
+
+
+def test_toy_model_is_attention_only_and_trains(tmp_path):
+    from omegaconf import OmegaConf
+
+    from clt.circuits.toy import build, train_toy
+    from clt.config import ConfigError, ToyJobConfig, load_config
+
+    job = load_config(
+        OmegaConf.create(
+            {
+                "data": {"context_size": 32, "batch_windows": 2, "eval_docs": 1},
+                "toy": {
+                    "layers": 2,
+                    "d_model": 32,
+                    "heads": 4,
+                    "steps": 4,
+                    "eval_every": 2,
+                    "repeat_n": 10,
+                    "out": str(tmp_path / "toy"),
+                    "device": "cpu",
+                },
+            }
+        ),
+        ToyJobConfig,
+    )
+    model = build(job.toy, 1000, 32, 1, 2)
+    outs = []
+    hooks = [b.mlp.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.transformer.h]
+    model(input_ids=torch.randint(0, 1000, (2, 16)))
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 2 and all((o == 0).all() for o in outs)  # each block adds only its attention
+    out = train_toy(job, progress=False)
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "induction" in lines[0]
+    for name in ("model/config.json", "history.png", "heads/heads.md", "heads/patterns.png"):
+        assert (out / name).exists()
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all((p == 0).all() for b in trained.transformer.h for p in b.mlp.parameters())
+    assert Heads(trained).n_heads == 4
+    with pytest.raises(ConfigError, match="toy.heads"):
+        load_config(OmegaConf.create({"toy": {"d_model": 30, "heads": 4}}), ToyJobConfig)

@@ -168,6 +168,7 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
         elif head == ["python", "-m", "clt.attribute"]:
             out = tmp_path / "paris"
             extra = ["--cards", "--cards-tokens", "600"] if "--cards" in argv else []
+            extra += ["--attention"] if "--attention" in argv else []
             run(
                 [
                     sys.executable,
@@ -193,6 +194,52 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             ran += 1
         elif argv[:2] == ["clt", "serve"]:
             assert b"capitals" in served_graphs(graphs)
+            ran += 1
+        elif argv[:2] in (["clt", "heads"], ["clt", "pinpoint"]):  # on the tiny model, tiny settings
+            assert argv[2] == "bundled:smollm2-135m-instruct", cmd
+            out = tmp_path / f"{argv[1]}{ran}"
+            tiny = (
+                ["--n", "10", "--batch", "1"]
+                if argv[1] == "heads"
+                else ["--prompts", "2", "--max-firings", "5"]
+            )
+            keep = [a for a in argv[3:] if a.startswith("--task") or a in ("ioi", "gp", "gt-digits")]
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.cli",
+                    argv[1],
+                    str(tiny_model_dir),
+                    *keep,
+                    *tiny,
+                    "--out",
+                    str(out),
+                ]
+            )
+            assert any(out.iterdir())
+            ran += 1
+        elif argv[:2] == ["python", "toy.py"]:
+            over = [a for a in argv[2:] if "=" in a]
+            from omegaconf import OmegaConf
+
+            from clt.config import ToyJobConfig, load_config
+
+            if "data=openwebtext" in cmd:  # needs network: the config is checked, not run
+                load_config(OmegaConf.create({"toy": {}}), ToyJobConfig)
+                checked += 1
+                continue
+            tiny = [
+                "toy.d_model=32",
+                "toy.steps=2",
+                "toy.eval_every=0",
+                "toy.repeat_n=10",
+                "data.context_size=32",
+                "data.batch_windows=2",
+                f"toy.out={tmp_path / f'toy{ran}'}",
+            ]
+            run([sys.executable, "toy.py", *over, *tiny], timeout=600)
+            assert (tmp_path / f"toy{ran}" / "model" / "config.json").exists()
             ran += 1
         elif argv[:2] == ["clt", "view"]:
             out = tmp_path / "paris.html"

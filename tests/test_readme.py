@@ -57,6 +57,33 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
             )
             assert done.returncode == 0, done.stderr[-2000:]
             assert (tmp_path / "paris" / "graph.pt").exists()
+        elif argv[:2] in ([".venv/bin/clt", "heads"], [".venv/bin/clt", "pinpoint"]):  # the tiny model
+            assert argv[2] == "bundled:smollm2-135m-instruct"
+            tiny = (
+                ["--n", "10", "--batch", "1"]
+                if argv[1] == "heads"
+                else ["--prompts", "2", "--max-firings", "5"]
+            )
+            out = tmp_path / argv[1]
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.cli",
+                    argv[1],
+                    str(tiny_model_dir),
+                    *argv[3:],
+                    *tiny,
+                    "--out",
+                    str(out),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert any(out.iterdir())
         elif argv[:2] in ([".venv/bin/python", "train.py"], [".venv/bin/clt", "train"]):
             over = dict(o.split("=", 1) for o in tiny_overrides(tiny_model_dir, tmp_path / "run"))
             over |= dict(a.split("=", 1) for a in argv[2:])

@@ -32,9 +32,18 @@ def build(cfg, vocab_size: int, context: int, bos: int, eos: int) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=context, n_embd=cfg.d_model, n_layer=cfg.layers, n_head=cfg.heads,
-        n_inner=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=bos, eos_token_id=eos,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        n_positions=context,
+        n_embd=cfg.d_model,
+        n_layer=cfg.layers,
+        n_head=cfg.heads,
+        n_inner=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
     model = GPT2LMHeadModel(config)
     for block in model.transformer.h:  # the MLP adds exactly zero: c_proj(gelu(0)) with zero weights
         for p in block.mlp.parameters():
@@ -101,11 +110,16 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     name = job.model.name_or_path
-    tok = AutoTokenizer.from_pretrained(_bundled_dir(name, job.model) if name.startswith("bundled:") else name)
+    path = _bundled_dir(name, job.model) if name.startswith("bundled:") else name
+    tok = AutoTokenizer.from_pretrained(path)
     stream = WindowStream(data, tok)
     model = build(cfg, len(tok), data.context_size, stream.bos, stream.sep).to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))  # fmt: skip
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+    )
     windows = stream.windows(TextPosition())
     history: list[dict] = []
     out = Path(cfg.out)
@@ -124,8 +138,13 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
         loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
         last = step == cfg.steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            h = {"step": step + 1, "tokens": tokens, "train_loss": loss_avg,
-                 "seconds": round(time.perf_counter() - t0, 1), **evaluate(model, cfg)}  # fmt: skip
+            h = {
+                "step": step + 1,
+                "tokens": tokens,
+                "train_loss": loss_avg,
+                "seconds": round(time.perf_counter() - t0, 1),
+                **evaluate(model, cfg),
+            }
             history.append(h)
             bar.set_postfix(loss=f"{loss_avg:.2f}", induction=f"{h['induction']:.2f}")
     model.eval()
