@@ -366,26 +366,14 @@ def head_loadings(
     edges = torch.as_tensor(edges, dtype=torch.long).reshape(-1, 2)
     targets = sorted(set(edges[:, 0].tolist()))
     sources = sorted(set(edges[:, 1].tolist()))
-    g = (
-        torch.cat(
-            [
-                target_gradients(rm, ctx, graph, targets[i : i + chunk], heads)
-                for i in range(0, len(targets), chunk)
-            ]
+
+    def chunked(fn, nodes):  # fn over chunks of nodes, concatenated ([n, L, T, H, D])
+        return torch.cat(
+            [fn(rm, ctx, graph, nodes[i : i + chunk], heads) for i in range(0, len(nodes), chunk)]
         )
-        if targets
-        else None
-    )
-    dz = (
-        torch.cat(
-            [
-                source_deltas(rm, ctx, graph, sources[i : i + chunk], heads)
-                for i in range(0, len(sources), chunk)
-            ]
-        )
-        if sources
-        else None
-    )
+
+    g = chunked(target_gradients, targets) if targets else None
+    dz = chunked(source_deltas, sources) if sources else None
     ti = {t: i for i, t in enumerate(targets)}
     si = {s: i for i, s in enumerate(sources)}
     n, L, H = len(edges), len(heads), heads.n_heads
