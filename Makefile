@@ -39,7 +39,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
-LINTED := clt tests benchmarks slurm train.py
+LINTED := clt tests benchmarks slurm train.py toy.py
 
 lint: $(STAMP)   # the gate CI runs: ruff's rules, its formatter, mypy at its basic level ([tool.mypy])
 	$(VENV)/bin/ruff check $(LINTED)

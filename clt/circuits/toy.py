@@ -46,7 +46,8 @@ def build(cfg, vocab_size: int, context: int, bos: int, eos: int) -> Any:
     )
     model = GPT2LMHeadModel(config)
     for block in model.transformer.h:  # the MLP adds exactly zero: c_proj(gelu(0)) with zero weights
-        for p in block.mlp.parameters():
+        mlp: torch.nn.Module = block.mlp  # type: ignore[assignment]
+        for p in mlp.parameters():
             p.data.zero_()
             p.requires_grad_(False)
     return model
