@@ -409,6 +409,21 @@ def test_smollm2_has_induction_heads_fed_by_previous_token_heads():
 # Attention-only toy models (toy.py)
 
 
+def test_evaluation_ids_are_the_commonest_training_tokens_and_rows_draw_only_from_them():
+    from clt.circuits.toy import common_tokens
+
+    windows = iter([(torch.tensor([5, 5, 5, 7, 7, 1, 9]),), (torch.tensor([7, 5, 1, 1, 1, 3]),)])
+    pool = common_tokens(windows, 2, 3, 12, special=[1])  # counts: 5→4, 7→3, 9→1, 3→1, 1 special
+    assert {5, 7} < set(pool.tolist()) and pool.numel() == 3 and 1 not in pool.tolist()
+    assert common_tokens(iter([(torch.tensor([4, 4, 2]),)]), 1, 10, 12, special=[]).tolist() == [2, 4]
+    pool = torch.tensor([3, 11, 40, 41, 97, 120, 500])
+    ids = repeated_tokens(6, 5, 0, 0, bos=1, seed=0, pool=pool)
+    assert set(ids[:, 1:].flatten().tolist()) <= set(pool.tolist())
+    assert all(len(set(r[1:6].tolist())) == 5 for r in ids) and (ids[:, 1:6] == ids[:, 6:]).all()
+    with pytest.raises(CircuitError, match="cannot draw 8"):
+        repeated_tokens(1, 8, 0, 0, bos=1, pool=pool)
+
+
 def test_toy_model_is_attention_only_and_trains(tmp_path):
     from omegaconf import OmegaConf
 
@@ -445,6 +460,10 @@ def test_toy_model_is_attention_only_and_trains(tmp_path):
     assert len(lines) == 2 and "induction" in lines[0]
     for name in ("model/config.json", "history.png", "heads/heads.md", "heads/patterns.png"):
         assert (out / name).exists()
+    import json
+
+    ids = json.loads((out / "eval_ids.json").read_text())  # the evaluation's ids: common corpus tokens
+    assert len(ids) == 2000 and len(set(ids)) == 2000
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(out / "model")

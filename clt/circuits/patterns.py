@@ -24,12 +24,16 @@ from ..errors import CircuitError
 from .heads import record
 
 
-def repeated_tokens(batch: int, n: int, low: int, high: int, bos: int | None, seed: int = 0) -> torch.Tensor:
-    """[batch, 2n + 1] (or 2n without a BOS): n distinct ids from [low, high) per row, twice."""
-    if high - low < n:
-        raise CircuitError(f"cannot draw {n} distinct tokens from the id range [{low}, {high})")
+def repeated_tokens(
+    batch: int, n: int, low: int, high: int, bos: int | None, seed: int = 0, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[batch, 2n + 1] (or 2n without a BOS): n distinct ids per row, twice. The ids come from
+    [low, high), or from `pool` (a 1-D tensor of distinct ids) when it is given."""
+    pool = torch.arange(low, high) if pool is None else pool.flatten().unique()
+    if pool.numel() < n:
+        raise CircuitError(f"cannot draw {n} distinct tokens from {pool.numel()} ids")
     g = torch.Generator().manual_seed(seed)
-    rows = torch.stack([low + torch.randperm(high - low, generator=g)[:n] for _ in range(batch)])
+    rows = torch.stack([pool[torch.randperm(pool.numel(), generator=g)[:n]] for _ in range(batch)])
     rep = torch.cat([rows, rows], 1)
     if bos is None:
         return rep
@@ -71,16 +75,23 @@ class HeadScores:
 
 @torch.no_grad()
 def head_scores(
-    model: Any, n: int = 50, batch: int = 4, seed: int = 0, low: int | None = None, high: int | None = None
+    model: Any,
+    n: int = 50,
+    batch: int = 4,
+    seed: int = 0,
+    low: int | None = None,
+    high: int | None = None,
+    pool: torch.Tensor | None = None,
 ) -> HeadScores:
     """Run the model on repeated random tokens (module docstring) and score every head. The ids
-    come from the middle of the vocabulary by default (1000..min(10000, V))."""
+    come from the middle of the vocabulary by default (1000..min(10000, V)), or from `pool` (for a
+    model trained on a small corpus: ids it has seen often, so their embeddings are trained)."""
     V = model.get_input_embeddings().weight.shape[0]
     low = min(1000, V // 10) if low is None else low
     high = min(10000, V) if high is None else high
     bos = getattr(model.config, "bos_token_id", None)
     bos = bos if isinstance(bos, int) and 0 <= bos < V else None
-    ids = repeated_tokens(batch, n, low, high, bos, seed)
+    ids = repeated_tokens(batch, n, low, high, bos, seed, pool)
     if bos is None:  # keep the layout BOS + 2n: use the first id as the BOS stand-in
         ids = torch.cat([torch.full((batch, 1), low, dtype=ids.dtype), ids], 1)
     rec = record(model, ids)

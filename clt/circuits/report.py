@@ -41,6 +41,7 @@ def analyse(
     seed: int = 0,
     offset: int = 0,
     family: str = "auto",
+    pool: torch.Tensor | None = None,
 ) -> HeadsReport:
     heads = Heads(model, family)
     print(
@@ -48,7 +49,7 @@ def analyse(
         f"(d={heads.d_model}, D={heads.head_dim})"
     )
     print("  attention on repeated random tokens …", flush=True)
-    pats = head_scores(model, n=n, batch=batch, seed=seed)
+    pats = head_scores(model, n=n, batch=batch, seed=seed, pool=pool)
     print("  OV eigenvalues (copying) …", flush=True)
     copy = copying_scores(heads)
     print("  composition of every head pair …", flush=True)

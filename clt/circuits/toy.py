@@ -60,11 +60,21 @@ def _lr(step: int, cfg) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def evaluate(model, cfg) -> dict:
+def common_tokens(windows, n_windows: int, k: int, vocab: int, special: list[int]) -> torch.Tensor:
+    """The k most common ids in the next n_windows training windows (special tokens left out):
+    the evaluation draws its random tokens from these, whose embeddings the toy model has trained."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for _ in range(n_windows):
+        counts += torch.bincount(next(windows)[0].flatten(), minlength=vocab)
+    counts[special] = 0
+    return counts.argsort(descending=True)[: min(k, int((counts > 0).sum()))].sort().values
+
+
+def evaluate(model, cfg, pool: torch.Tensor | None) -> dict:
     from .patterns import head_scores
 
     model.eval()
-    s = head_scores(model, n=cfg.repeat_n, batch=4, seed=1234)
+    s = head_scores(model, n=cfg.repeat_n, batch=4, seed=1234, pool=pool)
     model.train()
     return {
         "induction": float(s.induction.max()),
@@ -122,6 +132,10 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
         betas=(0.9, 0.95),
     )
     windows = stream.windows(TextPosition())
+    pool = None
+    if cfg.eval_vocab:
+        special = sorted({stream.bos, stream.sep, *tok.all_special_ids})
+        pool = common_tokens(stream.windows(TextPosition()), 2000, cfg.eval_vocab, len(tok), special)
     history: list[dict] = []
     out = Path(cfg.out)
     tokens, t0, loss_avg = 0, time.perf_counter(), None
@@ -144,16 +158,18 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
                 "tokens": tokens,
                 "train_loss": loss_avg,
                 "seconds": round(time.perf_counter() - t0, 1),
-                **evaluate(model, cfg),
+                **evaluate(model, cfg, pool),
             }
             history.append(h)
-            bar.set_postfix(loss=f"{loss_avg:.2f}", induction=f"{h['induction']:.2f}")
+            bar.set_postfix(loss=f"{loss_avg:.2f}", induction=f"{h['induction']:.3f}", previous=f"{h['previous']:.2f}")
     model.eval()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
+        if pool is not None:
+            (tmp / "eval_ids.json").write_text(json.dumps(pool.tolist()))
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_history(history, tmp / "history.png", f"{cfg.layers}-layer attention-only, d={cfg.d_model}")
-    rep = analyse(model, f"{cfg.layers}-layer attention-only toy", n=cfg.repeat_n)
+    rep = analyse(model, f"{cfg.layers}-layer attention-only toy", n=cfg.repeat_n, pool=pool)
     print(write(rep, out / "heads"))
     return out
