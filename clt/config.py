@@ -311,7 +311,7 @@ class ToyConfig:
     weight_decay: float = 0.01
     eval_every: int = 250  # head scores on repeated random tokens every N steps (0: at the end only)
     repeat_n: int = 50  # length of each random sequence of that evaluation
-    eval_vocab: int = 2000  # its ids: the N most common tokens of the first training windows (0: ids 1000..10000)
+    eval_vocab: int = 2000  # its ids: the N commonest tokens of the first windows (0: ids 1000..10000)
     seed: int = 0
     out: str = "runs/toy"  # model/ (a GPT-2 checkpoint with its MLPs zeroed), heads/, history
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -332,7 +332,8 @@ class ToyJobConfig:
         _check(0 <= t.warmup, "toy.warmup", t.warmup, "≥ 0")
         _check(t.eval_every >= 0, "toy.eval_every", t.eval_every, "≥ 0")
         _check(t.repeat_n >= 2, "toy.repeat_n", t.repeat_n, "≥ 2")
-        _check(t.eval_vocab == 0 or t.eval_vocab >= t.repeat_n, "toy.eval_vocab", t.eval_vocab, "0 or ≥ toy.repeat_n")
+        ok_vocab = t.eval_vocab == 0 or t.eval_vocab >= t.repeat_n
+        _check(ok_vocab, "toy.eval_vocab", t.eval_vocab, "0 or ≥ toy.repeat_n")
         _check(t.device in ("auto", "cpu", "cuda"), "toy.device", t.device, "auto | cpu | cuda")
         _check(self.data.cache is None, "data.cache", self.data.cache, "unset: the toy model reads text")
         return self

@@ -161,7 +161,7 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
                 **evaluate(model, cfg, pool),
             }
             history.append(h)
-            bar.set_postfix(loss=f"{loss_avg:.2f}", induction=f"{h['induction']:.3f}", previous=f"{h['previous']:.2f}")
+            bar.set_postfix(loss=f"{loss_avg:.2f}", ind=f"{h['induction']:.3f}", prev=f"{h['previous']:.2f}")
     model.eval()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp / "model")
