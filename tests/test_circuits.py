@@ -471,3 +471,43 @@ def test_toy_model_is_attention_only_and_trains(tmp_path):
     assert Heads(trained).n_heads == 4
     with pytest.raises(ConfigError, match="toy.heads"):
         load_config(OmegaConf.create({"toy": {"d_model": 30, "heads": 4}}), ToyJobConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# clt.norms: one affine form of every norm, shared by attribution, feature cards and circuits
+
+
+def test_norm_affine_finds_each_gain_form_and_refuses_other_norms():
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from clt import norms
+    from clt.errors import FeatureError
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    ln, gem, lla = torch.nn.LayerNorm(16), Gemma2RMSNorm(16), LlamaRMSNorm(16)
+    with torch.no_grad():
+        for m in (ln, gem, lla):
+            m.weight.uniform_(0.2, 1.5)
+        ln.bias.normal_()
+    for m in (ln, gem, lla):
+        gain, bias, centred, eps = norms.norm_affine(m)
+        z = x - x.mean(-1, keepdim=True) if centred else x
+        mine = z * norms.inv_sigma(x, centred, eps) * gain + (0 if bias is None else bias)
+        assert torch.allclose(mine, m(x), atol=1e-5), type(m).__name__
+    assert torch.allclose(norms.norm_affine(gem)[0], 1 + gem.weight)  # Gemma: 1 + w, found by probing
+    assert norms.norm_affine(ln.to(torch.bfloat16))[2]  # a bf16 norm is within its own rounding
+
+    class ScaledRMSNorm(LlamaRMSNorm):  # not a plain norm: the probe sees it
+        def forward(self, h):
+            return 2 * super().forward(h) + 0.1
+
+    with pytest.raises(FeatureError, match="not a plain RMSNorm/LayerNorm"):
+        norms.norm_affine(ScaledRMSNorm(16), FeatureError)
+    with pytest.raises(FeatureError, match="not a RMSNorm or LayerNorm"):
+        norms.norm_affine(torch.nn.Linear(4, 4), FeatureError)
+    for fam in ("gpt2", "llama", "gpt_neox", "gemma2"):
+        model = model_of(fam)
+        base = getattr(model, model.base_model_prefix)
+        want = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(fam, "norm")
+        assert norms.final_norm(model) is getattr(base, want)

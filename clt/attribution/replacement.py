@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import norms
 from ..errors import AttributionError  # noqa: F401 (re-exported)
 from ..model import CrossLayerTranscoder
 from ..subject import Subject
@@ -51,7 +52,6 @@ class Freeze:
     norms: str = "off"
     patterns: dict[int, torch.Tensor] = field(default_factory=dict)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)
-    gains_plus_one: dict[int, bool] = field(default_factory=dict)
 
 
 _ACTIVE: list[Freeze] = [Freeze()]  # the innermost `ReplacementModel._freezing` context
@@ -85,24 +85,17 @@ def _register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)
 
 
-def _norm_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.LayerNorm):
-        return "layer"
-    if type(module).__name__.endswith("RMSNorm"):
-        return "rms"
-    return None
-
-
-def _frozen_norm_forward(module: nn.Module, kind: str, original):
-    """forward(x) for a norm whose denominator can be recorded and replayed. In record mode the
-    output is the module's own; our affine form is checked against it (an unknown norm variant
+def _frozen_norm_forward(module: nn.Module, affine: tuple, original):
+    """forward(x) for a norm whose denominator can be recorded and replayed. `affine` is the
+    module's (gain, bias, centred, eps) from clt.norms; in record mode the output is the module's
+    own, and that affine form is checked against it on the live input (an unknown norm variant
     fails loudly instead of giving wrong edges)."""
-    eps: Any = getattr(module, "variance_epsilon", None)
-    eps = getattr(module, "eps", 1e-6) if eps is None else eps
+    gain, _, centred, eps = affine
+    w = getattr(module, "weight", None)
+    plus_one = w is not None and not torch.equal(gain, w.detach().float())  # Gemma's 1 + w
     key = id(module)
 
-    def affine(z: torch.Tensor, plus_one: bool) -> torch.Tensor:
-        w = getattr(module, "weight", None)
+    def apply(z: torch.Tensor) -> torch.Tensor:  # the live weights (they may move or change later)
         if w is not None:
             z = z * ((1.0 + w.float()) if plus_one else w.float())
         b = getattr(module, "bias", None)
@@ -113,23 +106,19 @@ def _frozen_norm_forward(module: nn.Module, kind: str, original):
         if fz.norms == "off":
             return original(x, *args, **kwargs)
         xf = x.float()
-        z = xf - xf.mean(-1, keepdim=True) if kind == "layer" else xf
+        z = xf - xf.mean(-1, keepdim=True) if centred else xf
         if fz.norms == "record":
             out = original(x, *args, **kwargs)
             scale = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
             fz.scales[key] = scale.detach()
-            errs = [(affine(z * scale, p) - out.float()).abs().max().item() for p in (False, True)]
-            best = min(range(2), key=lambda i: errs[i])
-            # the module rounds to its dtype at its own points: allow a few units of that rounding
-            tol = max(1e-3, 4 * torch.finfo(x.dtype).eps) * (out.float().abs().max().item() + 1.0)
-            if errs[best] > tol:
+            err = (apply(z * scale) - out.float()).abs().max().item()
+            if err > norms.deviation_tolerance(out, x.dtype):
                 raise AttributionError(
                     f"cannot freeze {type(module).__name__}: it is not a plain RMSNorm/LayerNorm "
-                    f"(max deviation {errs[best]:.3g}); this model family is not supported by attribution"
+                    f"(max deviation {err:.3g}); this model family is not supported by attribution"
                 )
-            fz.gains_plus_one[key] = bool(best)
             return out
-        return affine(z * fz.scales[key], fz.gains_plus_one[key]).to(x.dtype)
+        return apply(z * fz.scales[key]).to(x.dtype)
 
     return forward
 
@@ -243,7 +232,11 @@ class ReplacementModel:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.n_layers, self.d_model, self.d_sae = arch.n_layers, arch.d_model, arch.d_sae
         self.mlps = [subject.hook_module(layer, "mlp_in")[0] for layer in range(self.n_layers)]
-        self.norms = [(m, k) for m in self.model.modules() if (k := _norm_kind(m)) is not None]
+        self.norms = [  # every norm with its affine form (gain, bias, centred, eps)
+            (m, norms.norm_affine(m, AttributionError))
+            for m in self.model.modules()
+            if norms.norm_kind(m) is not None
+        ]
         _register_attention()
 
     # -- small pieces ----------------------------------------------------------------------------
@@ -309,9 +302,9 @@ class ReplacementModel:
         patched = []
         try:
             cfg._attn_implementation = ATTN_IMPL
-            for m, kind in self.norms:
+            for m, affine in self.norms:
                 patched.append((m, m.__dict__.get("forward")))
-                m.forward = _frozen_norm_forward(m, kind, type(m).forward.__get__(m))
+                m.forward = _frozen_norm_forward(m, affine, type(m).forward.__get__(m))
             if stub_mlps:  # their outputs are replaced: skip the work (hooks on them still fire)
                 for m in self.mlps:
                     patched.append((m, m.__dict__.get("forward")))

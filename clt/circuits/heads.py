@@ -28,51 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import norms
 from ..errors import CircuitError
+from ..norms import inv_sigma
 from ..subject import FAMILIES, _getattr_path
 
 
 def norm_affine(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool, float]:
-    """A RMSNorm/LayerNorm module -> (gain γ̃ [n], bias β [n] or None, centred, eps). The gain's
-    form (w or 1 + w, as Gemma) is found by running the module on a probe, so a norm of another
-    form is an error, not silently wrong weights."""
-    name = type(module).__name__
-    centred = isinstance(module, nn.LayerNorm)
-    if not centred and not name.endswith("RMSNorm"):
-        raise CircuitError(f"cannot fold {name}: not a RMSNorm or LayerNorm")
-    eps = getattr(module, "variance_epsilon", None)
-    eps = float(getattr(module, "eps", 1e-6) if eps is None else eps)
-    w = getattr(module, "weight", None)
-    n: int = int(w.shape[-1]) if w is not None else int(module.normalized_shape[-1])
-    p = next(module.parameters(), None)
-    probe = torch.randn(3, n, generator=torch.Generator().manual_seed(0))
-    if p is not None:
-        probe = probe.to(p.device, p.dtype)
-    with torch.no_grad():
-        out = module(probe).float()
-    z = probe.float()
-    z = z - z.mean(-1, keepdim=True) if centred else z
-    z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
-    b = getattr(module, "bias", None)
-    b = None if b is None else b.detach().float()
-    best = None
-    for gain in [torch.ones(n)] if w is None else [w.detach().float(), 1.0 + w.detach().float()]:
-        gain = gain.to(z.device)
-        err = ((z * gain + (0 if b is None else b)) - out).abs().max().item()
-        if best is None or err < best[0]:
-            best = (err, gain)
-    assert best is not None
-    if best[0] > 1e-3 * (out.abs().max().item() + 1):
-        raise CircuitError(
-            f"cannot fold {name}: it is not a plain RMSNorm/LayerNorm (deviation {best[0]:.3g})"
-        )
-    return best[1], b, centred, eps
-
-
-def inv_sigma(r: torch.Tensor, centred: bool, eps: float) -> torch.Tensor:
-    """The norm's per-position 1/σ of r: [..., n] -> [..., 1]."""
-    z = r - r.mean(-1, keepdim=True) if centred else r
-    return torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+    """clt.norms.norm_affine (gain, bias, centred, eps) with a CircuitError for a norm it cannot fold."""
+    return norms.norm_affine(module, CircuitError)
 
 
 @dataclass

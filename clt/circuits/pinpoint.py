@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import CircuitError
+from ..norms import final_norm
 from ..subject import FAMILIES, _getattr_path
 from .heads import Heads, inv_sigma
 from .tasks import TaskPrompt
@@ -68,8 +69,10 @@ class Trace:
         attn_out: list = [None] * L
         final: list = [None]
         handles = []
-        base = getattr(model, model.base_model_prefix)
-        self.final_norm = getattr(base, "norm", None) or getattr(base, "ln_f", None) or base.final_layer_norm
+        norm = final_norm(model)
+        if norm is None:
+            raise CircuitError(f"{type(model).__name__} has no final norm before its unembedding")
+        self.final_norm = norm
         mlp_path, where = fam.hooks["mlp_out"]
         try:
             for m, layer in enumerate(heads.layers):
@@ -148,7 +151,7 @@ class Trace:
             bv = lh.b_V.repeat_interleave(H // lh.n_kv, 0)  # [H, D]
             self.attn_bias.append(lh.b_O + torch.einsum("hdD,hD->d", lh.W_O, bv))
         emb = model.get_input_embeddings()(ids.to(dev)).float()
-        wpe = getattr(base, "wpe", None)
+        wpe = getattr(getattr(model, model.base_model_prefix), "wpe", None)
         self.embedding = emb + (wpe.weight[:T].float() if wpe is not None else 0)
 
     # -- components ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CircuitError
+from ..norms import final_norm
 from .heads import Heads, LayerHeads, inv_sigma, norm_affine
 
 
@@ -139,10 +140,7 @@ def unembedding_matrix(heads: Heads) -> torch.Tensor:
     to every token changes nothing): [V, d]. The final σ is a prompt's and is left out."""
     model = heads.model
     W = model.get_output_embeddings().weight.detach().float()
-    base = getattr(model, model.base_model_prefix)
-    norm = (
-        getattr(base, "norm", None) or getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None)
-    )
+    norm = final_norm(model)
     if norm is not None:
         gain, _, centred, _ = norm_affine(norm)
         W = W * gain

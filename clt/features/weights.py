@@ -15,25 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from .. import norms
+from ..errors import FeatureError
 from ..model import CrossLayerTranscoder
 
 
 def final_norm(model: Any) -> tuple[torch.Tensor, bool]:
-    """(γ [d] float32, centres) of the final norm before the unembedding: the last RMSNorm /
-    LayerNorm of the base model (Gemma's RMSNorm scales by 1 + w)."""
-    base = getattr(model, model.base_model_prefix)
-    norms = [m for m in base.modules() if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
-    if not norms:
-        raise ValueError(f"{type(model).__name__} has no final norm to fold into the logit effects")
-    m = norms[-1]
-    d = model.get_output_embeddings().weight.shape[1]
-    w = getattr(m, "weight", None)
-    gamma = torch.ones(d) if w is None else w.detach().float().cpu()
-    if model.config.model_type.startswith("gemma"):
-        gamma = 1.0 + gamma
-    return gamma, isinstance(m, nn.LayerNorm)
+    """(γ̃ [d] float32, centres) of the final norm before the unembedding (clt.norms: its gain's
+    form, w or Gemma's 1 + w, found by probing the module)."""
+    m = norms.final_norm(model)
+    if m is None:
+        raise FeatureError(f"{type(model).__name__} has no final norm to fold into the logit effects")
+    gamma, _, centred, _ = norms.norm_affine(m, FeatureError)
+    return gamma.cpu(), centred
 
 
 def residual_writes(
