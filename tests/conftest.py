@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,15 @@ def tiny_overrides(model_dir, run_dir, **extra) -> list[str]:
     }
     base |= extra
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def circuits_cli(argv: list[str], model_dir, out) -> list[str]:
+    """A README/docs `clt heads|pinpoint bundled:… [--task T …]` command as argv for the tiny model
+    at tiny settings: the command's own options kept, the tiny ones after them (the last wins)."""
+    command, rest = argv[1], argv[3:]
+    # 4 prompts: the random tiny model gets at least one of each task right (2 can all be wrong)
+    tiny = ["--n", "10", "--batch", "1"] if command == "heads" else ["--prompts", "4", "--max-firings", "5"]
+    return [sys.executable, "-m", "clt.cli", command, str(model_dir), *rest, *tiny, "--out", str(out)]
 
 
 def compose(overrides: list[str], config_name: str = "config", schema=None):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cache_cli, compose, served_graphs, tiny_overrides, train_cli
+from conftest import REPO, cache_cli, circuits_cli, compose, served_graphs, tiny_overrides, train_cli
 from hub_server import FakeHub, hub_env
 
 # Commands that cannot run on this machine (a model or data set downloaded at run time, GPUs,
@@ -198,25 +198,7 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
         elif argv[:2] in (["clt", "heads"], ["clt", "pinpoint"]):  # on the tiny model, tiny settings
             assert argv[2] == "bundled:smollm2-135m-instruct", cmd
             out = tmp_path / f"{argv[1]}{ran}"
-            tiny = (
-                ["--n", "10", "--batch", "1"]
-                if argv[1] == "heads"
-                else ["--prompts", "2", "--max-firings", "5"]
-            )
-            keep = [a for a in argv[3:] if a.startswith("--task") or a in ("ioi", "gp", "gt-digits")]
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "clt.cli",
-                    argv[1],
-                    str(tiny_model_dir),
-                    *keep,
-                    *tiny,
-                    "--out",
-                    str(out),
-                ]
-            )
+            run(circuits_cli(argv, tiny_model_dir, out))
             assert any(out.iterdir())
             ran += 1
         elif argv[:2] == ["python", "toy.py"]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import served_graphs, tiny_overrides, train_cli
+from conftest import circuits_cli, served_graphs, tiny_overrides, train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,24 +59,9 @@ def test_every_readme_command_runs(viewer_folder, tiny_model_dir, tmp_path):
             assert (tmp_path / "paris" / "graph.pt").exists()
         elif argv[:2] in ([".venv/bin/clt", "heads"], [".venv/bin/clt", "pinpoint"]):  # the tiny model
             assert argv[2] == "bundled:smollm2-135m-instruct"
-            tiny = (
-                ["--n", "10", "--batch", "1"]
-                if argv[1] == "heads"
-                else ["--prompts", "2", "--max-firings", "5"]
-            )
             out = tmp_path / argv[1]
             done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "clt.cli",
-                    argv[1],
-                    str(tiny_model_dir),
-                    *argv[3:],
-                    *tiny,
-                    "--out",
-                    str(out),
-                ],
+                circuits_cli(argv, tiny_model_dir, out),
                 cwd=REPO,
                 capture_output=True,
                 text=True,
