@@ -407,3 +407,51 @@ def test_paths_from_a_token_to_a_logit_and_pin_this_path(page, srv):
     first.locator(".pin-path").click()
     assert page.page.evaluate("window.cltViewer.S.pinned") == nodes
     assert page.page.locator("#subgraph .sg-node").count() == len(nodes)
+
+
+def test_a_graph_with_attention_shows_the_heads_behind_cross_position_inputs(
+    browser, viewer_folder, tmp_path
+):
+    """`clt attribute --attention`: a node's card lists the heads carrying its cross-position inputs
+    (their share of each edge, from the stored loadings) and why they attend (QK pairs)."""
+    from clt.attribute import main as attribute_main
+    from clt.viewer import serve
+    from clt.viewer.graphs import LoadedGraph
+
+    d = tmp_path / "graphs"
+    args = [str(viewer_folder.clt), "The capital of France is Paris, and the capital of Italy is"]
+    assert (
+        attribute_main(
+            [*args, "--out", str(d), "--slug", "att", "--batch-size", "16", "--no-plot", "--attention"]
+        )
+        == 0
+    )
+    g = Graph.from_pt(d / "att.pt")
+    lg = LoadedGraph("att", g, 0)
+    s = serve(str(d), quiet=True)
+    p = Page(browser)
+    try:
+        open_graph(p, s.url)
+        shown = set(
+            p.page.locator("#nodes [data-node-id]").evaluate_all("(es) => es.map((e) => e.dataset.nodeId)")
+        )
+        targets = [int(t) for t in g.attention["edges"][:, 0].unique()]
+        target = next(t for t in targets if lg.nodes[t]["id"] in shown and lg.attention(t)["qk"])
+        want = lg.attention(target)
+        p.page.click(f"#nodes [data-node-id='{lg.nodes[target]['id']}']")
+        p.page.wait_for_selector("#card-attention", timeout=5000)
+        text = p.page.text_content("#card-attention")  # the h3s are upper-cased by CSS
+        best = want["inputs"][0]
+        h = best["heads"][0]
+        assert f"L{h['layer']}.H{h['head']} {100 * h['share']:.0f}%" in text
+        rec = want["qk"][0]
+        assert f"Why L{rec['layer']}.H{rec['head']} attends @{rec['query']} → @{rec['key']}" in text
+        rows = p.page.locator("#card-attention table.qk").first.locator("tr")
+        assert rows.count() == 1 + min(6, len(rec["pairs"]))
+        assert rows.nth(1).locator("td").first.inner_text() == rec["pairs"][0][0]
+        p.page.locator("#card-attention").scroll_into_view_if_needed()
+        p.shot("card-attention")
+        p.check()
+    finally:
+        p.close()
+        s.shutdown()

@@ -561,6 +561,7 @@ function neighbourList(items, title) {
 function attentionSection(att) {  // graphs made with --attention: head loadings and QK attribution
   const box = el("div", { id: "card-attention" });
   box.appendChild(el("h3", {}, "Cross-position inputs: the heads that carry them"));
+  box.appendChild(el("div", { class: "muted" }, "edge weight, source: each head's share of the edge. Within a layer, its heads' shares and the part that bypasses that layer's attention make 100% (heads of opposite sign cancel)"));
   if (!att.inputs.length) box.appendChild(el("div", { class: "muted" }, "no cross-position inputs in the pruned graph"));
   for (const it of att.inputs) {
     const i = S.byId.get(it.id);
