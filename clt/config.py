@@ -311,6 +311,7 @@ class ToyConfig:
     weight_decay: float = 0.01
     eval_every: int = 250  # head scores on repeated random tokens every N steps (0: at the end only)
     repeat_n: int = 50  # length of each random sequence of that evaluation
+    vocab: int = 0  # 0: the tokenizer's ids; N: BOS/EOS, the commonest tokens, one "other" id (N in all)
     eval_vocab: int = 2000  # its ids: the N commonest tokens of the first windows (0: ids 1000..10000)
     seed: int = 0
     out: str = "runs/toy"  # model/ (a GPT-2 checkpoint with its MLPs zeroed), heads/, history
@@ -332,8 +333,11 @@ class ToyJobConfig:
         _check(0 <= t.warmup, "toy.warmup", t.warmup, "≥ 0")
         _check(t.eval_every >= 0, "toy.eval_every", t.eval_every, "≥ 0")
         _check(t.repeat_n >= 2, "toy.repeat_n", t.repeat_n, "≥ 2")
-        ok_vocab = t.eval_vocab == 0 or t.eval_vocab >= t.repeat_n
-        _check(ok_vocab, "toy.eval_vocab", t.eval_vocab, "0 or ≥ toy.repeat_n")
+        _check(t.vocab == 0 or t.vocab >= 3, "toy.vocab", t.vocab, "0 or ≥ 3")
+        ok_vocab = t.eval_vocab == 0 or t.repeat_n <= t.eval_vocab <= (
+            t.vocab - 3 if t.vocab else t.eval_vocab
+        )
+        _check(ok_vocab, "toy.eval_vocab", t.eval_vocab, "0 or in [toy.repeat_n, toy.vocab − 3]")
         _check(t.device in ("auto", "cpu", "cuda"), "toy.device", t.device, "auto | cpu | cuda")
         _check(self.data.cache is None, "data.cache", self.data.cache, "unset: the toy model reads text")
         return self

@@ -414,8 +414,8 @@ def test_evaluation_ids_are_the_commonest_training_tokens_and_rows_draw_only_fro
 
     windows = iter([(torch.tensor([5, 5, 5, 7, 7, 1, 9]),), (torch.tensor([7, 5, 1, 1, 1, 3]),)])
     pool = common_tokens(windows, 2, 3, 12, special=[1])  # counts: 5→4, 7→3, 9→1, 3→1, 1 special
-    assert {5, 7} < set(pool.tolist()) and pool.numel() == 3 and 1 not in pool.tolist()
-    assert common_tokens(iter([(torch.tensor([4, 4, 2]),)]), 1, 10, 12, special=[]).tolist() == [2, 4]
+    assert pool[:2].tolist() == [5, 7] and pool.numel() == 3 and 1 not in pool.tolist()  # commonest first
+    assert common_tokens(iter([(torch.tensor([4, 4, 2]),)]), 1, 10, 12, special=[]).tolist() == [4, 2]
     pool = torch.tensor([3, 11, 40, 41, 97, 120, 500])
     ids = repeated_tokens(6, 5, 0, 0, bos=1, seed=0, pool=pool)
     assert set(ids[:, 1:].flatten().tolist()) <= set(pool.tolist())
@@ -465,6 +465,18 @@ def test_toy_model_is_attention_only_and_trains(tmp_path):
     ids = json.loads((out / "eval_ids.json").read_text())  # the evaluation's ids: common corpus tokens
     assert len(ids) == 2000 and len(set(ids)) == 2000
     from transformers import AutoModelForCausalLM
+
+    # toy.vocab: its own ids (BOS/EOS, the commonest tokens, "other"), mapped in toy_vocab.json
+    job.toy.vocab, job.toy.eval_vocab, job.toy.out = 300, 100, str(tmp_path / "small")
+    small = train_toy(job, progress=False)
+    kept = json.loads((small / "model" / "toy_vocab.json").read_text())
+    assert len(kept) == 300 and kept[-1] == -1 and len(set(kept)) == 300
+    m = AutoModelForCausalLM.from_pretrained(small / "model")
+    assert m.config.vocab_size == 300 and not (small / "model" / "tokenizer.json").exists()
+    tok_ids = json.loads((out / "eval_ids.json").read_text())[:100]  # the same commonest tokens
+    assert [kept[i] for i in json.loads((small / "eval_ids.json").read_text())] == tok_ids
+    with pytest.raises(ConfigError, match="toy.eval_vocab"):
+        load_config(OmegaConf.create({"toy": {"vocab": 100, "eval_vocab": 2000}}), ToyJobConfig)
 
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
     assert all((p == 0).all() for b in trained.transformer.h for p in b.mlp.parameters())

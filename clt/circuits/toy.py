@@ -61,13 +61,14 @@ def _lr(step: int, cfg) -> float:
 
 
 def common_tokens(windows, n_windows: int, k: int, vocab: int, special: list[int]) -> torch.Tensor:
-    """The k most common ids in the next n_windows training windows (special tokens left out):
-    the evaluation draws its random tokens from these, whose embeddings the toy model has trained."""
+    """The k most common ids in the next n_windows training windows, commonest first (special
+    tokens left out): the evaluation draws its random tokens from these, whose embeddings the toy
+    model has trained; with toy.vocab they are the toy model's whole vocabulary."""
     counts = torch.zeros(vocab, dtype=torch.long)
     for _ in range(n_windows):
         counts += torch.bincount(next(windows)[0].flatten(), minlength=vocab)
     counts[special] = 0
-    return counts.argsort(descending=True)[: min(k, int((counts > 0).sum()))].sort().values
+    return counts.argsort(descending=True, stable=True)[: min(k, int((counts > 0).sum()))]
 
 
 def evaluate(model, cfg, pool: torch.Tensor | None) -> dict:
@@ -124,24 +125,36 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
     path = _bundled_dir(name, job.model) if name.startswith("bundled:") else name
     tok = AutoTokenizer.from_pretrained(path)
     stream = WindowStream(data, tok)
-    model = build(cfg, len(tok), data.context_size, stream.bos, stream.sep).to(device).train()
+    windows = stream.windows(TextPosition())
+    special = sorted({stream.bos, stream.sep, *tok.all_special_ids})
+    common = common_tokens(
+        stream.windows(TextPosition()), 2000, max(cfg.vocab, cfg.eval_vocab), len(tok), special
+    )
+    lut = None  # tokenizer id -> toy id, with toy.vocab
+    if cfg.vocab:  # the BOS/EOS, the commonest tokens, then one id for every other token
+        ends = list(dict.fromkeys([stream.bos, stream.sep]))
+        kept = torch.tensor(ends + common[: cfg.vocab - 1 - len(ends)].tolist())
+        lut = torch.full((len(tok),), cfg.vocab - 1, dtype=torch.long)
+        lut[kept] = torch.arange(len(kept))
+    ids = (lambda x: x) if lut is None else (lambda x: lut[x])
+    vocab = len(tok) if lut is None else cfg.vocab
+    model = build(
+        cfg, vocab, data.context_size, int(ids(torch.tensor(stream.bos))), int(ids(torch.tensor(stream.sep)))
+    )
+    model = model.to(device).train()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         betas=(0.9, 0.95),
     )
-    windows = stream.windows(TextPosition())
-    pool = None
-    if cfg.eval_vocab:
-        special = sorted({stream.bos, stream.sep, *tok.all_special_ids})
-        pool = common_tokens(stream.windows(TextPosition()), 2000, cfg.eval_vocab, len(tok), special)
+    pool = ids(common[: cfg.eval_vocab]) if cfg.eval_vocab else None
     history: list[dict] = []
     out = Path(cfg.out)
     tokens, t0, loss_avg = 0, time.perf_counter(), None
     bar = tqdm(range(cfg.steps), desc=f"toy {cfg.layers}-layer", unit="step", disable=not progress)
     for step in bar:
-        batch = torch.stack([next(windows)[0] for _ in range(data.batch_windows)]).to(device)
+        batch = ids(torch.stack([next(windows)[0] for _ in range(data.batch_windows)])).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         loss = model(input_ids=batch, labels=batch).loss
@@ -165,9 +178,12 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
     model.eval()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp / "model")
-        tok.save_pretrained(tmp / "model")
+        if lut is None:
+            tok.save_pretrained(tmp / "model")
+        else:  # its own ids: toy id i is tokenizer id vocab[i] (the last: every other token)
+            (tmp / "model" / "toy_vocab.json").write_text(json.dumps(kept.tolist() + [-1]))
         if pool is not None:
-            (tmp / "eval_ids.json").write_text(json.dumps(pool.tolist()))
+            (tmp / "eval_ids.json").write_text(json.dumps(pool.tolist()))  # the model's ids
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_history(history, tmp / "history.png", f"{cfg.layers}-layer attention-only, d={cfg.d_model}")
     rep = analyse(model, f"{cfg.layers}-layer attention-only toy", n=cfg.repeat_n, pool=pool)
