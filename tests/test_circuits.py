@@ -473,6 +473,10 @@ def test_toy_model_is_attention_only_and_trains(tmp_path):
     assert len(kept) == 300 and kept[-1] == -1 and len(set(kept)) == 300
     m = AutoModelForCausalLM.from_pretrained(small / "model")
     assert m.config.vocab_size == 300 and not (small / "model" / "tokenizer.json").exists()
+    from clt.circuits.report import main as heads_main  # `clt heads` reads it without a tokenizer
+
+    assert heads_main([str(small / "model"), "--n", "10", "--batch", "1", "--out", str(tmp_path / "h")]) == 0
+    assert (tmp_path / "h" / "heads.md").exists()
     tok_ids = json.loads((out / "eval_ids.json").read_text())[:100]  # the same commonest tokens
     assert [kept[i] for i in json.loads((small / "eval_ids.json").read_text())] == tok_ids
     with pytest.raises(ConfigError, match="toy.eval_vocab"):

@@ -231,10 +231,16 @@ def main(argv: list[str]) -> int:
     from ..config import ModelConfig
     from ..subject import load_subject
 
-    sub = load_subject(ModelConfig(name_or_path=args.model, dtype="float32", family=args.family), key="MODEL")
+    if (Path(args.model) / "toy_vocab.json").exists():  # a toy.py model with its own ids: no tokenizer
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    else:
+        cfg = ModelConfig(name_or_path=args.model, dtype="float32", family=args.family)
+        model = load_subject(cfg, key="MODEL").model
     slug = args.model.replace("bundled:", "").rstrip("/").split("/")[-1]
     out = Path(args.out or f"heads-{slug}")
-    rep = analyse(sub.model, args.model, args.n, args.batch, args.seed, args.offset, args.family)
+    rep = analyse(model, args.model, args.n, args.batch, args.seed, args.offset, args.family)
     print(write(rep, out, args.top))
     print(f"wrote {out}/ (heads.md, scores.safetensors, patterns.png, composition.png)")
     return 0
