@@ -76,7 +76,11 @@ def model_card(
         f"| input hook | `{arch.input_hook}` |",
         f"| output hook | `{arch.output_hook}` |",
         f"| activation | {arch.activation}"
-        + (f" (k = {arch.k})" if arch.activation in K_ACTIVATIONS else "")
+        + (
+            f" (k = {arch.k}{' per layer, chosen across layers' if arch.topk_scope == 'all' else ''})"
+            if arch.activation in K_ACTIVATIONS
+            else ""
+        )
         + " |",
         f"| features per layer | {arch.d_sae} |",
     ]

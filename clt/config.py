@@ -98,6 +98,11 @@ class CLTConfig:
     d_sae: int = 1024  # features per layer (F)
     activation: str = "topk"  # topk | batchtopk | jumprelu | relu
     k: int = 16  # active features per token per layer (topk, batchtopk)
+    # where the k are chosen (topk, batchtopk): "layer", k per token in each layer (BatchTopK: k·N
+    # per layer over the batch); "all", k·L per token over all layers' features together
+    # (BatchTopK: k·L·N over the batch), so a token spends its budget where its MLPs need it. Same
+    # total L0; out of training both are a per-layer threshold (clt/sparsity.py)
+    topk_scope: str = "layer"
     # JumpReLU
     threshold_init: float = 0.1  # initial θ (normalised units)
     # ε of the rectangle kernel, normalised units (too small: θ gets no gradient). Every inactive
@@ -302,6 +307,7 @@ class FeaturesJobConfig:
 class ToyConfig:
     """`python toy.py`: an attention-only transformer (conf/toy.yaml), then its heads analysed."""
 
+    arch: str = "gpt2"  # gpt2 (learned absolute positions) | llama (rotary positions, RMSNorm)
     layers: int = 2  # attention-only blocks (the Framework paper's toy models have 1 and 2)
     d_model: int = 128  # residual width
     heads: int = 4  # heads per layer (head dim = d_model / heads)
@@ -326,6 +332,7 @@ class ToyJobConfig:
 
     def validate(self) -> ToyJobConfig:
         t = self.toy
+        _check(t.arch in ("gpt2", "llama"), "toy.arch", t.arch, "gpt2 | llama")
         _check(t.layers >= 1, "toy.layers", t.layers, "≥ 1")
         _check(t.heads >= 1 and t.d_model % t.heads == 0, "toy.heads", t.heads, f"a divisor of {t.d_model}")
         _check(t.steps >= 1, "toy.steps", t.steps, "≥ 1")
@@ -366,6 +373,7 @@ class TrainConfig:
         _check(c.d_sae > 0, "clt.d_sae", c.d_sae, "a positive number of features per layer")
         if c.activation in K_ACTIVATIONS:
             _check(0 < c.k <= c.d_sae, "clt.k", c.k, f"1 ≤ k ≤ d_sae = {c.d_sae}")
+        _check(c.topk_scope in ("layer", "all"), "clt.topk_scope", c.topk_scope, "layer | all")
         _check(c.bandwidth > 0, "clt.bandwidth", c.bandwidth, "> 0")
         _check(
             self.optim.decoder_moments in MOMENTS,

@@ -69,9 +69,9 @@ def export_circuit_tracer(
         "model_name": model_name or arch.subject_model,
         "feature_input_hook": HOOK_NAMES[arch.input_hook],
         "feature_output_hook": HOOK_NAMES[arch.output_hook],
-        "activation": {"batchtopk": "jumprelu"}.get(act, act),
+        "activation": "jumprelu" if clt.inference_threshold else act,
     }
-    if act == "topk":
+    if act == "topk" and not clt.inference_threshold:
         cfg["k"] = arch.k
     cfg["clt"] = {"architecture": asdict(arch)}
     out = Path(out_dir)
@@ -84,7 +84,7 @@ def export_circuit_tracer(
             }
             if act == "jumprelu":
                 enc[f"threshold_{layer}"] = f.threshold[layer]
-            elif act == "batchtopk":
+            elif clt.inference_threshold:  # BatchTopK, cross-layer TopK: one threshold per layer
                 enc[f"threshold_{layer}"] = f.batchtopk_threshold[layer].expand(arch.d_sae)
             save_file({k: v.to(dt).contiguous() for k, v in enc.items()}, tmp / f"W_enc_{layer}.safetensors")
             save_file(
@@ -149,9 +149,9 @@ def import_circuit_tracer(
         clt.b_dec.copy_(torch.stack([e[f"b_dec_{i}"] for i, e in enumerate(enc)]).float())
         for i, w in enumerate(dec):
             clt.W_dec[i].copy_(w.float())
-        if arch.activation in ("jumprelu", "batchtopk"):
+        if arch.activation == "jumprelu" or clt.inference_threshold:
             theta = torch.stack([e[f"threshold_{i}"] for i, e in enumerate(enc)]).float()
-            if arch.activation == "batchtopk":
+            if clt.inference_threshold:
                 clt.batchtopk_threshold.copy_(theta[:, 0])
             else:
                 clt.threshold_param.copy_(theta.log() if arch.log_threshold else theta)

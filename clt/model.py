@@ -56,6 +56,7 @@ class CLTArchitecture:
     d_sae: int
     activation: str = "topk"
     k: int = 16
+    topk_scope: str = "layer"  # layer: k per layer | all: k·L over all layers (sparsity.topk_all)
     bandwidth: float = 0.1
     log_threshold: bool = False
     ste_to_input: bool = False
@@ -84,7 +85,7 @@ class CrossLayerTranscoder(nn.Module):
     threshold_param: nn.Parameter  # [L, F] JumpReLU θ (or log θ)
     input_scale: torch.Tensor  # [L]
     output_scale: torch.Tensor  # [L]
-    batchtopk_threshold: torch.Tensor  # [L]
+    batchtopk_threshold: torch.Tensor  # [L] inference threshold (BatchTopK, cross-layer TopK)
 
     def __init__(self, arch: CLTArchitecture, threshold_init: float = 0.1, decode: str = "auto"):
         super().__init__()
@@ -109,7 +110,8 @@ class CrossLayerTranscoder(nn.Module):
             self.threshold_param = nn.Parameter(t.log() if arch.log_threshold else t)
         self.register_buffer("input_scale", torch.ones(L))
         self.register_buffer("output_scale", torch.ones(L))
-        # BatchTopK inference threshold per layer (running estimate of the smallest kept value)
+        # inference threshold per layer of BatchTopK and cross-layer TopK (a running estimate of
+        # the smallest kept value; sparsity module docstring)
         self.register_buffer("batchtopk_threshold", torch.zeros(L))
 
     # -- shapes ----------------------------------------------------------------------------------
@@ -136,26 +138,56 @@ class CrossLayerTranscoder(nn.Module):
     def activate(self, h: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
         """h: [N, L', F] for the layers `layers` (default all) -> a: [N, L', F].
         TopK and BatchTopK select over the whole CLT: on a feature-sharded mesh (`self.mesh`) the
-        selection is global (its collectives); alone it is local. In training mode BatchTopK keeps
-        the smallest value it kept (`batchtopk_min_kept`, [L]) for its inference threshold."""
-        kind, mesh = self.arch.activation, self.mesh
+        selection is global (its collectives); alone it is local. In training mode BatchTopK and
+        cross-layer TopK keep their batch's suggestion for the per-layer inference threshold
+        (`batchtopk_min_kept`, [L]); out of training mode both are that threshold (a JumpReLU, the
+        same for every call, so a layer can be encoded alone), as is cross-layer TopK given fewer
+        than all layers."""
+        kind, mesh, k = self.arch.activation, self.mesh, self.arch.k
+        sharded = mesh is not None and mesh.sharded
+        if kind in ("topk", "batchtopk") and self.arch.topk_scope == "all":
+            if not self.training or h.shape[1] != self.n_layers:
+                return act.threshold_relu(h, self.batchtopk_threshold[layers])
+            if kind == "topk":
+                a, self.batchtopk_min_kept = mesh.topk_all(h, k) if sharded else act.topk_all(h, k)
+                if mesh is not None and mesh.data_parallel and not sharded:
+                    self.batchtopk_min_kept = mesh.data_mean(self.batchtopk_min_kept)
+            elif mesh is not None and (sharded or mesh.data_parallel):
+                a, self.batchtopk_min_kept = mesh.batchtopk_all(h, k)
+            else:
+                a, self.batchtopk_min_kept = act.batchtopk_all(h, k)
+            return a
         if kind == "topk":
-            return (
-                mesh.topk(h, self.arch.k) if mesh is not None and mesh.sharded else act.topk(h, self.arch.k)
-            )
+            return mesh.topk(h, k) if sharded else act.topk(h, k)
         if kind == "batchtopk":
             if not self.training:
                 return act.threshold_relu(h, self.batchtopk_threshold[layers])
-            if mesh is not None and (mesh.sharded or mesh.data_parallel):
-                a, self.batchtopk_min_kept = mesh.batchtopk(h, self.arch.k)
+            if mesh is not None and (sharded or mesh.data_parallel):
+                a, self.batchtopk_min_kept = mesh.batchtopk(h, k)
             else:
-                a, self.batchtopk_min_kept = act.batchtopk(h, self.arch.k)
+                a, self.batchtopk_min_kept = act.batchtopk(h, k)
             return a
         if kind == "jumprelu":
             return act.jumprelu(h, self.threshold[layers], self.arch.bandwidth, self.arch.ste_to_input)
         if kind == "relu":
             return h.relu()
         raise ValueError(f"unknown activation {kind!r}")
+
+    @property
+    def per_layer_topk(self) -> bool:
+        """TopK with k per layer, one process's features: selection from its entries."""
+        return (
+            self.arch.activation == "topk"
+            and self.arch.topk_scope == "layer"
+            and not (self.mesh is not None and self.mesh.sharded)
+        )
+
+    @property
+    def inference_threshold(self) -> bool:
+        """Whether the per-layer threshold (`batchtopk_threshold`) is the activation out of training."""
+        return self.arch.activation == "batchtopk" or (
+            self.arch.activation == "topk" and self.arch.topk_scope == "all"
+        )
 
     def decode_normalized(
         self, a: Any, bias: bool = True, support: torch.Tensor | None = None
@@ -217,7 +249,7 @@ class CrossLayerTranscoder(nn.Module):
     def activate_entries(self, h: torch.Tensor) -> Any:
         """`activate` as training uses it: TopK (not feature-sharded) as its entries
         (`sparsity.TopKActivations`), every other activation dense."""
-        if self.arch.activation == "topk" and not (self.mesh is not None and self.mesh.sharded):
+        if self.per_layer_topk:
             return act.TopKActivations.of(h, self.arch.k)
         return self.activate(h)
 
@@ -233,7 +265,7 @@ class CrossLayerTranscoder(nn.Module):
         selection, the others from a scan of a (the feature-card pass reads the entries).
         `out`: an [N, F] tensor to write a into (a slab of a buffer the caller keeps)."""
         h = self._preactivation_layer(x, layer)
-        if self.arch.activation == "topk" and not (self.mesh is not None and self.mesh.sharded):
+        if self.per_layer_topk:
             vals, idx = act.topk_entries(h, self.arch.k)  # [N, k]
             a = (torch.zeros_like(h) if out is None else out.zero_()).scatter_(-1, idx, vals)
             t = torch.arange(len(h), device=h.device)[:, None].expand_as(idx)
@@ -273,7 +305,8 @@ class CrossLayerTranscoder(nn.Module):
             return
         fresh = self.batchtopk_threshold == 0
         ema = decay * self.batchtopk_threshold + (1 - decay) * min_kept
-        self.batchtopk_threshold.copy_(torch.where(fresh, min_kept, ema))
+        new = torch.where(fresh, min_kept, ema)  # a layer with no suggestion (NaN) keeps its value
+        self.batchtopk_threshold.copy_(torch.where(torch.isnan(min_kept), self.batchtopk_threshold, new))
         self.batchtopk_min_kept = None
 
     def decoder_norms(self) -> torch.Tensor:

@@ -198,6 +198,36 @@ class Parallel:
         min_kept = torch.where(torch.isinf(pos), torch.zeros_like(pos), pos)
         return (h * (h >= t[None, :, None]).to(h.dtype)).relu(), min_kept
 
+    def topk_all(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-layer TopK over all shards' features of all layers: h: [N, L, F_local] -> (a
+        (ReLU'd), the per-layer inference thresholds this batch suggests: [L], `sparsity.topk_all`)."""
+        n, layers, f = h.shape
+        t = self.kth_largest(h.detach().reshape(n, layers * f), k * layers)  # [N]
+        a = (h * (h >= t[:, None, None]).to(h.dtype)).relu()
+        kept = self.sum((a.detach() > 0).sum((0, 2)).float())  # [L], over the shards
+        flat = h.detach().transpose(0, 1).reshape(layers, n * f).float()
+        out = torch.full((layers,), float("nan"), device=h.device)
+        for layer, m in enumerate(kept.long().tolist()):
+            if m > 0:  # the midpoint of the m-th and (m+1)-th largest (`sparsity._layer_thresholds`)
+                hi, lo = self.kth_largest(flat[layer], m), self.kth_largest(flat[layer], m + 1)
+                out[layer] = (hi + lo) / 2 if m < flat.shape[1] * self.n_shards else hi / 2
+        return a, self.data_mean(out.clamp_min(0))
+
+    def batchtopk_all(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-layer BatchTopK over the global batch, all shards and all layers: h: [N, L,
+        F_local] -> (a, the smallest positive value kept per layer: [L], NaN where none)."""
+        flat = h.detach().reshape(-1)
+        k = k * h.shape[1] * h.shape[0] * self.n_replicas
+        top = flat.topk(min(k, flat.numel())).values
+        with torch.no_grad():
+            kept = self._gather_cat(top, self.select_group).topk(k).values
+            t = kept[-1]
+            keep = (h.detach() >= t) & (h.detach() > 0)
+            low = torch.where(keep, h.detach(), torch.full_like(h.detach(), float("inf"))).amin((0, 2))
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.select_group)
+            low = torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low)
+        return (h * (h >= t).to(h.dtype)).relu(), low
+
     def auxk_activations(self, h: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
         if not self.sharded:
             return losses.auxk_activations(h, dead, k_aux)

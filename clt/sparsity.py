@@ -4,6 +4,11 @@ of the same shape (zeros where inactive).
 - topk:      keep the k largest h per token and layer (ReLU'd).
 - batchtopk: keep the k·N largest h per layer over the batch; at inference a JumpReLU with one
              threshold per layer (running estimate of the smallest kept value).
+- cross-layer scope (`topk_scope="all"`, both): the budget is k·L per token (TopK) or k·L·N per
+             batch (BatchTopK) over the features of all layers together, so a token spends it
+             where its MLPs need it; at inference both are a JumpReLU with one threshold per layer
+             (a layer's features cannot wait for the later layers' inputs), estimated in training
+             as the value above which the batch holds as many of that layer's h as were kept.
 - jumprelu:  a = h · H(h − θ), θ per feature; rectangle-kernel pseudo-gradients (docs/DESIGN.md §1).
 - relu:      plain ReLU.
 """
@@ -116,6 +121,50 @@ def batchtopk(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.where(vals > 0, vals.detach(), torch.full_like(vals, float("inf")))
     min_kept = pos.min(dim=-1).values
     return a, torch.where(torch.isinf(min_kept), torch.zeros_like(min_kept), min_kept)
+
+
+def _layer_thresholds(h: torch.Tensor, kept_per_layer: torch.Tensor) -> torch.Tensor:
+    """h: [N, L, F], kept_per_layer: [L] counts m_l -> [L]: per layer the midpoint of the m_l-th
+    and (m_l+1)-th largest h over the batch, so that h > θ_l keeps m_l entries of this batch (NaN
+    where a layer kept none)."""
+    n, layers, f = h.shape
+    out = torch.full((layers,), float("nan"), device=h.device)
+    flat = h.detach().transpose(0, 1).reshape(layers, n * f).float()
+    for layer, m in enumerate(kept_per_layer.tolist()):
+        if m > 0:
+            v = flat[layer].topk(min(m + 1, n * f)).values
+            out[layer] = (v[m - 1] + v[m]) / 2 if m < n * f else v[m - 1] / 2
+    return out.clamp_min(0)  # the kept are positive: 0 keeps them all when the next is ≤ 0
+
+
+def topk_all(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-layer TopK. h: [N, L, F] -> (a: [N, L, F], thresholds: [L]). Per token keeps the k·L
+    largest entries over all layers' features together (ragged per layer), ReLU'd; thresholds: the
+    per-layer inference threshold this batch suggests (`_layer_thresholds`)."""
+    n, layers, f = h.shape
+    flat = h.reshape(n, layers * f)
+    vals, idx = flat.topk(min(k * layers, layers * f), dim=-1, sorted=False)
+    vals = vals.relu()
+    a = torch.zeros_like(flat).scatter(-1, idx, vals).view(n, layers, f)
+    on = vals.detach() > 0
+    kept = torch.bincount((idx // f)[on], minlength=layers)
+    return a, _layer_thresholds(h, kept)
+
+
+def batchtopk_all(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-layer BatchTopK. h: [N, L, F] -> (a: [N, L, F], min_kept: [L]). Keeps the k·L·N
+    largest entries of the whole batch over all layers (ragged per token and layer), ReLU'd;
+    min_kept: the smallest kept positive value per layer (NaN where a layer kept none)."""
+    n, layers, f = h.shape
+    flat = h.reshape(-1)  # token-major: index = (n·L + l)·F + i
+    vals, idx = flat.topk(min(k * layers * n, flat.numel()), sorted=False)
+    vals = vals.relu()
+    a = torch.zeros_like(flat).scatter(-1, idx, vals).view(n, layers, f)
+    layer = (idx // f) % layers
+    pos = torch.where(vals > 0, vals.detach(), torch.full_like(vals, float("inf")))
+    min_kept = torch.full((layers,), float("inf"), device=h.device, dtype=pos.dtype)
+    min_kept = min_kept.scatter_reduce(0, layer, pos, reduce="amin")
+    return a, torch.where(torch.isinf(min_kept), torch.full_like(min_kept, float("nan")), min_kept)
 
 
 def threshold_relu(h: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

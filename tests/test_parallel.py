@@ -20,12 +20,17 @@ L, D, F = 3, 16, 32
 
 
 def module(activation: str) -> CLTModule:
+    """activation: topk | batchtopk | jumprelu, or topk-all / batchtopk-all (clt.topk_scope=all)."""
+    activation, _, scope = activation.partition("-")
     cfg = TrainConfig()
     cfg.clt.activation, cfg.clt.d_sae, cfg.clt.k = activation, F, 3
+    cfg.clt.topk_scope = scope or "layer"
     cfg.clt.sparsity_coeff, cfg.clt.preact_coeff, cfg.clt.auxk_k = 1e-2, 1e-3, 4
     cfg.trainer.max_steps = 10
     torch.manual_seed(0)
-    m = CLTModule(cfg, CLTArchitecture(n_layers=L, d_model=D, d_sae=F, activation=activation, k=3))
+    scope = scope or "layer"
+    arch = CLTArchitecture(n_layers=L, d_model=D, d_sae=F, activation=activation, k=3, topk_scope=scope)
+    m = CLTModule(cfg, arch)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, L, D, generator=g), torch.randn(64, L, D, generator=g)
     m.initialize_from_data(x, y)
@@ -76,7 +81,7 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
                     atol=1e-7,
                     msg=k,
                 )
-        if activation in ("topk", "batchtopk"):
+        if activation.startswith(("topk", "batchtopk")):
             assert float(ref_logs["losses/auxk"]) > 0  # AuxK ran, across shards
         p, r = sharded.clt, full.clt
         torch.testing.assert_close(p.W_enc.grad, r.W_enc.grad[:, lo:hi], rtol=1e-4, atol=1e-7)
@@ -88,13 +93,16 @@ def _worker(rank: int, world: int, init: str, activation: str) -> None:
             torch.testing.assert_close(
                 p.threshold_param.grad, r.threshold_param.grad[:, lo:hi], rtol=1e-4, atol=1e-7
             )
-        if activation == "batchtopk":
-            torch.testing.assert_close(p.batchtopk_min_kept, r.batchtopk_min_kept)
+        if activation == "batchtopk" or activation.endswith("-all"):  # the inference thresholds' input
+            torch.testing.assert_close(p.batchtopk_min_kept, r.batchtopk_min_kept, equal_nan=True)
+        if activation.endswith("-all"):  # the selection crossed layers (not k per layer)
+            counts = (full.clt.encode_activate(x)[1] > 0).sum(-1)
+            assert len(set(counts.flatten().tolist())) > 1
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "topk-all", "batchtopk-all"])
 def test_feature_sharded_step_matches_unsharded(activation, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/rendezvous", activation), nprocs=2, join=True)

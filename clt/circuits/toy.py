@@ -28,24 +28,44 @@ from ..files import atomic_directory
 
 
 def build(cfg, vocab_size: int, context: int, bos: int, eos: int) -> Any:
-    """A GPT-2 with `cfg.layers` attention-only blocks."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """`cfg.layers` attention-only blocks: a GPT-2 (learned absolute positions added to the residual)
+    or a Llama (rotary positions inside each head's QK form, RMSNorm), per `cfg.arch`. The MLPs add
+    exactly zero: width 1, zero weights (GPT-2's c_proj(gelu(0)); Llama's down(silu(gate)·up)), frozen."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=context,
-        n_embd=cfg.d_model,
-        n_layer=cfg.layers,
-        n_head=cfg.heads,
-        n_inner=1,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=bos,
-        eos_token_id=eos,
-    )
-    model = GPT2LMHeadModel(config)
-    for block in model.transformer.h:  # the MLP adds exactly zero: c_proj(gelu(0)) with zero weights
+    model: Any
+    if cfg.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=context,
+            n_embd=cfg.d_model,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            n_inner=1,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=bos,
+            eos_token_id=eos,
+        )
+        model = GPT2LMHeadModel(config)
+        blocks = model.transformer.h
+    else:
+        lconfig = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=1,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads,
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            bos_token_id=bos,
+            eos_token_id=eos,
+        )
+        model = LlamaForCausalLM(lconfig)
+        blocks = model.model.layers
+    for block in blocks:
         mlp: torch.nn.Module = block.mlp  # type: ignore[assignment]
         for p in mlp.parameters():
             p.data.zero_()

@@ -188,7 +188,7 @@ class CLTModule(L.LightningModule):
             @torch.no_grad()
             def advance() -> None:
                 self.tokens_since_fired.add_(x.shape[0] * self.mesh.n_replicas).masked_fill_(on, 0)
-                if c.activation == "batchtopk":
+                if clt.inference_threshold:
                     clt.update_batchtopk_threshold(c.batchtopk_threshold_decay)
 
             sse = self.mesh.data_mean(sse)

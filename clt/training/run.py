@@ -62,6 +62,7 @@ def clt_architecture(cfg: TrainConfig, subject) -> CLTArchitecture:
         d_sae=c.d_sae,
         activation=c.activation,
         k=c.k,
+        topk_scope=c.topk_scope,
         bandwidth=c.bandwidth,
         log_threshold=c.log_threshold,
         ste_to_input=c.ste_to_input,
