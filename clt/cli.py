@@ -124,6 +124,12 @@ def pinpoint_main(argv: list[str]) -> int:
     return pinpoint(argv)
 
 
+def convert_main(argv: list[str]) -> int:
+    from .convert import main as convert
+
+    return convert(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "cache": cache_main,
@@ -136,6 +142,7 @@ COMMANDS = {
     "verify": verify_main,
     "heads": heads_main,
     "pinpoint": pinpoint_main,
+    "convert": convert_main,
 }
 
 
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "attribute"):
         print(
             "usage: clt "
-            "{train,cache,attribute,features,serve,view,heads,pinpoint,verify,export-circuit-tracer,"
+            "{train,cache,attribute,features,serve,view,heads,pinpoint,convert,verify,export-circuit-tracer,"
             "import-circuit-tracer,push} "
             "…  (each with --help)\n"
             "  train                  train a CLT: Hydra overrides (same as python train.py)\n"
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "  view                   one self-contained HTML file of a graph (--export)\n"
             "  heads                  score every attention head of a model (induction, composition…)\n"
             "  pinpoint               trace a task's attention circuit (IOI, …) and prune it\n"
+            "  convert                TopK / BatchTopK CLT -> JumpReLU (same as python -m clt.convert)\n"
             "  verify                 check a run directory's checkpoints against their checksums\n"
             "  export-circuit-tracer  write a CLT in circuit-tracer's layout\n"
             "  import-circuit-tracer  read a circuit-tracer CLT into a native checkpoint\n"
