@@ -223,6 +223,36 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             run([sys.executable, "toy.py", *over, *tiny], timeout=600)
             assert (tmp_path / f"toy{ran}" / "model" / "config.json").exists()
             ran += 1
+        elif head == ["python", "-m", "clt.convert"]:  # a tiny TopK run, converted with the options shown
+            run_dir = tmp_path / "convert-src"
+            if not run_dir.exists():
+                done = train_cli(tiny_overrides(tiny_model_dir, run_dir, **{"data.eval_docs": 4}))
+                assert done.returncode == 0, done.stderr[-3000:]
+            opts = [a for a in argv[4:] if a != "--out" and not a.startswith("runs/")]
+            out = tmp_path / f"converted{ran}"
+            steps = ["--finetune-steps", "2"] if "--finetune-steps" in opts else []
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.convert",
+                    str(run_dir),
+                    *opts,
+                    *steps,
+                    "--calibration-windows",
+                    "16",
+                    "--out",
+                    str(out),
+                ]
+            )
+            assert (out / "clt" / "model.safetensors").exists() and (out / "report.json").exists()
+            ran += 1
+        elif argv[:2] == ["python", "benchmarks/topk_scope.py"]:  # two trainings: their configs checked
+            over = overrides_of(argv[2:])
+            for scope in ("layer", "all"):
+                check_train_config([*over, f"clt.topk_scope={scope}"])
+            assert "topk_scope" in run([sys.executable, "benchmarks/topk_scope.py", "--help"]).stdout
+            checked += 1
         elif argv[:2] == ["clt", "view"]:
             out = tmp_path / "paris.html"
             run([sys.executable, "-m", "clt.cli", "view", str(graphs / "capitals.pt"), "--export", str(out)])
