@@ -4,7 +4,8 @@ where the CLT reads (`resid_mid` / `mlp_in`) and writes (`mlp_out`).
 A hook point is (module path inside a decoder layer, "input" or "output"). `resid_mid` is the input
 of the MLP's norm (the residual stream entering the MLP block); `mlp_in` is the MLP's input (after
 the norm); `mlp_out` is what the MLP block adds to the residual stream (for Gemma 2, after its
-post-feedforward norm).
+post-feedforward norm). BERT is the one masked LM (`Subject.masked_lm`): post-LayerNorm, so there
+resid_mid and mlp_in are the same tensor, and its training windows are masked (`mlm_mask`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Family:
     # the attention block inside a layer (`clt.circuits.heads` reads its weights): the attention
     # module, the norm before it (its input is resid_pre) and the norm after it (Gemma 2) or ""
     attention: tuple[str, str, str] = ("self_attn", "input_layernorm", "")
+    masked_lm: bool = False  # bidirectional, trained on masked windows, attributed at [MASK] (BERT)
 
 
 _LLAMA = Family(
@@ -69,6 +71,19 @@ FAMILIES: dict[str, Family] = {
             "mlp_out": ("mlp", "output"),
         },
         ("attn", "ln_1", ""),
+    ),
+    # BERT (post-LayerNorm, bidirectional, masked LM): the feed-forward block reads the attention
+    # block's output after its LayerNorm (the residual stream there: resid_mid = mlp_in) and adds
+    # output.dense's result before the layer's second LayerNorm (mlp_out)
+    "bert": Family(
+        "bert.encoder.layer",
+        {
+            "resid_mid": ("intermediate", "input"),
+            "mlp_in": ("intermediate", "input"),
+            "mlp_out": ("output.dense", "output"),
+        },
+        ("attention.self", "", "attention.output.LayerNorm"),
+        masked_lm=True,
     ),
     # GPT-NeoX/Pythia: with parallel residual the MLP's norm reads the layer's input (resid_pre).
     "gpt_neox": Family(
@@ -128,6 +143,8 @@ class Subject:
                 )
         self.input_hook, self.output_hook = input_hook, output_hook
         self.n_layers = len(self.layers)
+        # a masked LM (BERT): training windows are masked (`mlm_mask`), targets are [MASK] positions
+        self.masked_lm = self.family.masked_lm
         self.d_model = int(
             model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
         )
@@ -217,6 +234,26 @@ class _StopForward(Exception):
     pass
 
 
+def mlm_mask(
+    ids: torch.Tensor, mask_id: int, vocab: int, special: list[int], rate: float = 0.15
+) -> torch.Tensor:
+    """BERT's masking of windows [B, T]: `rate` of the non-special positions chosen, of which 80%
+    become [MASK], 10% a random token, 10% stay. Deterministic in the windows' content (the same
+    windows always get the same masks: resume and prefetch stay exact). -> masked ids [B, T]."""
+    import zlib
+
+    g = torch.Generator().manual_seed(zlib.crc32(ids.cpu().numpy().tobytes()))
+    ids = ids.clone()
+    u = torch.rand(ids.shape, generator=g)
+    kind = torch.rand(ids.shape, generator=g)
+    rand_tok = torch.randint(0, vocab, ids.shape, generator=g)
+    chosen = (u < rate) & ~torch.isin(ids.cpu(), torch.tensor(special, dtype=ids.dtype))
+    out = ids.cpu()
+    out = torch.where(chosen & (kind < 0.8), torch.full_like(out, mask_id), out)
+    out = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), rand_tok, out)
+    return out.to(ids.device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -278,13 +315,37 @@ def _bundled_dir(name: str, cfg: ModelConfig) -> Path:
     return out
 
 
+def _from_pretrained(path, dtype: torch.dtype, revision, key: str, name: str) -> Any:
+    """The model at `path`: a causal LM, or for BERT its masked-LM model (the MLM head must be in
+    the checkpoint). An encoder-decoder, or a BERT without its MLM head, is a SubjectModelError."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    if getattr(config, "is_encoder_decoder", False):
+        raise SubjectModelError(
+            f"{key}={name!r} is an encoder-decoder ({config.model_type}): CLTs here read decoder-only "
+            "models and BERT"
+        )
+    if config.model_type != "bert":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+    model, info = AutoModelForMaskedLM.from_pretrained(
+        path, dtype=dtype, revision=revision, output_loading_info=True
+    )
+    if any(k.startswith("cls.") for k in info.get("missing_keys", [])):
+        raise SubjectModelError(
+            f"{key}={name!r} has no masked-LM head (a bare BertModel): attribution targets the MLM "
+            "logits; use a BertForMaskedLM checkpoint such as bert-base-uncased"
+        )
+    return model
+
+
 def load_subject(
     cfg: ModelConfig, device: str | torch.device = "cpu", key: str = "model.name_or_path"
 ) -> Subject:
     """Load the subject model and tokenizer named by `cfg` (bundled, local path or hub name).
     A local path that does not exist, or a Hub model that is neither cached nor reachable, is a
     `SubjectModelError` naming `key` (the setting that named it) and what to do."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path: str | Path = cfg.name_or_path
     if cfg.name_or_path.startswith("bundled:"):
@@ -300,7 +361,7 @@ def load_subject(
         )
     dtype = resolve_dtype(cfg.dtype, device)
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision)
+        model: Any = _from_pretrained(path, dtype, cfg.revision, key, cfg.name_or_path)
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     except OSError as e:  # transformers' "not a local folder and not a valid model identifier", offline…
         if Path(path).exists():

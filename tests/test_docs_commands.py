@@ -226,7 +226,9 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
         elif head == ["python", "-m", "clt.convert"]:  # a tiny TopK run, converted with the options shown
             run_dir = tmp_path / "convert-src"
             if not run_dir.exists():
-                done = train_cli(tiny_overrides(tiny_model_dir, run_dir, **{"data.eval_docs": 4}))
+                done = train_cli(
+                    tiny_overrides(tiny_model_dir, run_dir, **{"data.eval_docs": 4, "trainer.max_steps": 4})
+                )
                 assert done.returncode == 0, done.stderr[-3000:]
             opts = [a for a in argv[4:] if a != "--out" and not a.startswith("runs/")]
             out = tmp_path / f"converted{ran}"

@@ -78,8 +78,8 @@ def test_unknown_family_lists_supported():
         Subject(model, family="mamba")
     for name in ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox"):
         assert name in str(e.value)
-    model.config.model_type = "bert"
-    with pytest.raises(SubjectModelError, match="unknown model family 'bert'"):
+    model.config.model_type = "t5"
+    with pytest.raises(SubjectModelError, match="unknown model family 't5'"):
         Subject(model)
 
 

@@ -217,6 +217,11 @@ class Heads:
                 f"supported: {sorted(FAMILIES)}"
             )
         fam = FAMILIES[self.family]
+        if fam.masked_lm:
+            raise CircuitError(
+                f"cannot read the attention heads of {self.family!r} yet: the head analyses assume a "
+                "causal, pre-norm decoder (BERT is bidirectional and post-LayerNorm)"
+            )
         self.layers = list(_getattr_path(model, fam.layers))
         attn_path, norm_path, post_path = fam.attention
         d = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)

@@ -1,0 +1,111 @@
+"""BERT as a subject (the `bert` family, a masked LM): on tiny random BertForMaskedLM models built
+from a config, the hooks read and write the feed-forward block (mlp_out = FFN(mlp_in)), the
+post-LayerNorm residual identities hold, BERT's 80/10/10 masking is what it says, loading picks the
+masked-LM model, and an encoder-decoder or a BERT without its MLM head is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clt.config import ModelConfig
+from clt.subject import Subject, SubjectModelError, load_subject, mlm_mask
+
+
+def tiny_bert(seed: int = 0, layers: int = 3):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return tf.BertForMaskedLM(cfg).eval()
+
+
+def test_bert_hooks_read_and_write_the_feed_forward_block():
+    model = tiny_bert()
+    sub = Subject(model, input_hook="resid_mid", output_hook="mlp_out")
+    assert sub.masked_lm and sub.n_layers == 3 and sub.d_model == 32
+    ids = torch.randint(5, 300, (2, 12))
+    x, y = sub.capture(ids)  # [B, T, L, d]
+    outs: list = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in model.bert.encoder.layer
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    for layer, block in enumerate(model.bert.encoder.layer):
+        with torch.no_grad():
+            ffn = block.output.dense(block.intermediate(x[:, :, layer]))  # FFN(mlp_in)
+            torch.testing.assert_close(y[:, :, layer], ffn, rtol=1e-5, atol=1e-6)
+            # post-LN: the layer's output is LayerNorm(mlp_out + resid_mid)
+            post = block.output.LayerNorm(y[:, :, layer] + x[:, :, layer])
+            torch.testing.assert_close(outs[layer], post, rtol=1e-5, atol=1e-6)
+            if layer + 1 < 3:  # the next layer's resid_mid: LayerNorm(attention(out) + out)
+                nxt = model.bert.encoder.layer[layer + 1].attention(post)[0]
+                torch.testing.assert_close(x[:, :, layer + 1], nxt, rtol=1e-5, atol=1e-6)
+    x2, _ = Subject(model, input_hook="mlp_in").capture(ids)
+    torch.testing.assert_close(x2, x)  # post-LN: resid_mid and mlp_in are one tensor
+
+
+def test_replacing_mlp_out_changes_the_mlm_logits_exactly_like_the_ffn():
+    model = tiny_bert()
+    sub = Subject(model)
+    ids = torch.randint(5, 300, (1, 10))
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+        x, y = sub.capture(ids)
+        with sub.hooks({"mlp_out": lambda layer, t: y[:, :, layer].clone()}):
+            same = model(input_ids=ids).logits
+        with sub.hooks({"mlp_out": lambda layer, t: torch.zeros_like(t)}):
+            ablated = model(input_ids=ids).logits
+    torch.testing.assert_close(same, clean)
+    assert (ablated - clean).abs().max() > 1e-2
+
+
+def test_mlm_mask_is_80_10_10_deterministic_and_spares_special_tokens():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (64, 128), generator=g)
+    ids[:, 0] = 1  # [CLS]-like special token
+    out = mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3])
+    assert torch.equal(out, mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3]))  # deterministic
+    assert torch.equal(out[:, 0], ids[:, 0])
+    n = ids[:, 1:].numel()
+    masked = (out == 3).sum().item()
+    changed = ((out != ids) & (out != 3)).sum().item()
+    # 15% chosen: 80% [MASK] (12% of positions), 10% random (1.5%, a few land on the same token)
+    assert abs(masked / n - 0.12) < 0.01
+    assert abs(changed / n - 0.015) < 0.004
+    assert not torch.equal(mlm_mask(ids.flip(0), 3, 1000, [1, 3]).flip(0), out)  # depends on content
+
+
+def test_loading_picks_the_masked_lm_and_refuses_what_it_cannot_read(tmp_path):
+    import transformers as tf
+
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "bert")
+    sub = load_subject(ModelConfig(name_or_path=str(tmp_path / "bert"), dtype="float32"))
+    assert isinstance(sub.model, tf.BertForMaskedLM) and sub.masked_lm
+    model.bert.save_pretrained(tmp_path / "bare")  # a BertModel: no MLM head
+    with pytest.raises(SubjectModelError, match="no masked-LM head"):
+        load_subject(ModelConfig(name_or_path=str(tmp_path / "bare"), dtype="float32"))
+    t5 = tf.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    tf.T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    with pytest.raises(SubjectModelError, match="encoder-decoder"):
+        load_subject(ModelConfig(name_or_path=str(tmp_path / "t5"), dtype="float32"))
+
+
+def test_heads_refuse_bert_clearly():
+    from clt.circuits.heads import Heads
+    from clt.errors import CircuitError
+
+    with pytest.raises(CircuitError, match="bidirectional"):
+        Heads(tiny_bert())
