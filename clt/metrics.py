@@ -66,6 +66,8 @@ def spliced_logits(
     output. The CLT reads the replacement model's own residual stream as the forward pass goes
     (closed loop), as in attribution. Zero-ablation sets the same MLP outputs to zero."""
     ids = windows.to(subject.device)
+    if subject.masked_lm:  # BERT: the masked windows it reads in training (`Subject.mask`)
+        ids = subject.mask(ids)[0]
     was_training = clt.training
     clt.eval()
     clean = subject.model(input_ids=ids, use_cache=False).logits
@@ -99,11 +101,20 @@ def spliced_logits(
 
 @torch.no_grad()
 def spliced_eval(subject: Subject, clt: CrossLayerTranscoder, windows: torch.Tensor) -> dict[str, float]:
-    """CE and KL of the replacement model on windows [B, T] (see `spliced_logits`)."""
+    """CE and KL of the replacement model on windows [B, T] (see `spliced_logits`): next-token CE,
+    or for a masked LM (BERT) the CE of the original tokens at the masked positions."""
     ids = windows.to(subject.device)
     clean, spliced, ablated = spliced_logits(subject, clt, ids)
-    ce_clean, ce_spliced, ce_zero = _ce(clean, ids), _ce(spliced, ids), _ce(ablated, ids)
-    logp, logq = clean[:, 1:].float().log_softmax(-1), spliced[:, 1:].float().log_softmax(-1)
+    if subject.masked_lm:
+        chosen = subject.mask(ids)[1]
+        ce = lambda z: F.cross_entropy(z[chosen].float(), ids[chosen])  # noqa: E731
+        at = chosen
+    else:
+        ce = lambda z: _ce(z, ids)  # noqa: E731
+        at = torch.zeros_like(ids, dtype=torch.bool)
+        at[:, 1:] = True
+    ce_clean, ce_spliced, ce_zero = ce(clean), ce(spliced), ce(ablated)
+    logp, logq = clean[at].float().log_softmax(-1), spliced[at].float().log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()
     score = (ce_zero - ce_spliced) / (ce_zero - ce_clean)
     return {

@@ -200,6 +200,14 @@ class Subject:
             for h in handles:
                 h.remove()
 
+    def mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A masked LM's input for windows [B, T] (`mlm_mask` with this tokenizer's ids)."""
+        tok = self.tokenizer
+        if tok is None or tok.mask_token_id is None:
+            raise SubjectModelError("a masked LM needs its tokenizer's [MASK] token to mask windows")
+        vocab = int(self.model.config.vocab_size)
+        return mlm_mask(ids, int(tok.mask_token_id), vocab, list(tok.all_special_ids))
+
     @torch.no_grad()
     def capture(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -220,6 +228,8 @@ class Subject:
             if layer == last:
                 raise _StopForward
 
+        if self.masked_lm:  # BERT reads masked windows, as in its own training
+            input_ids = self.mask(input_ids)[0]
         with self.hooks({self.input_hook: grab_in, self.output_hook: grab_out}):
             try:
                 self.model(
@@ -236,10 +246,11 @@ class _StopForward(Exception):
 
 def mlm_mask(
     ids: torch.Tensor, mask_id: int, vocab: int, special: list[int], rate: float = 0.15
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking of windows [B, T]: `rate` of the non-special positions chosen, of which 80%
     become [MASK], 10% a random token, 10% stay. Deterministic in the windows' content (the same
-    windows always get the same masks: resume and prefetch stay exact). -> masked ids [B, T]."""
+    windows always get the same masks: resume and prefetch stay exact). -> (masked ids, chosen:
+    bool [B, T], the positions the MLM loss predicts)."""
     import zlib
 
     g = torch.Generator().manual_seed(zlib.crc32(ids.cpu().numpy().tobytes()))
@@ -251,7 +262,7 @@ def mlm_mask(
     out = ids.cpu()
     out = torch.where(chosen & (kind < 0.8), torch.full_like(out, mask_id), out)
     out = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), rand_tok, out)
-    return out.to(ids.device)
+    return out.to(ids.device), chosen.to(ids.device)
 
 
 # ---------------------------------------------------------------------------------------------

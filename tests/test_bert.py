@@ -27,19 +27,31 @@ def tiny_bert(seed: int = 0, layers: int = 3):
     return tf.BertForMaskedLM(cfg).eval()
 
 
-def test_bert_hooks_read_and_write_the_feed_forward_block():
+def bert_tokenizer():
+    """A tiny WordPiece tokenizer (letters, digits, punctuation, a few words), built offline."""
+    from transformers import BertTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
+    words = ["the", "of", "and", "to", "in", "a", "is", "that", "we", "our", "will", "america"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{c}" for c in chars], *words]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+
+
+def test_bert_hooks_read_and_write_the_feed_forward_block(tmp_path):
     model = tiny_bert()
-    sub = Subject(model, input_hook="resid_mid", output_hook="mlp_out")
+    sub = Subject(model, bert_tokenizer(), input_hook="resid_mid", output_hook="mlp_out")
     assert sub.masked_lm and sub.n_layers == 3 and sub.d_model == 32
-    ids = torch.randint(5, 300, (2, 12))
-    x, y = sub.capture(ids)  # [B, T, L, d]
+    ids = torch.randint(5, 100, (2, 24))
+    x, y = sub.capture(ids)  # [B, T, L, d], of the masked windows (as BERT trains)
+    masked = sub.mask(ids)[0]
+    assert (masked == 4).any()
     outs: list = []
     handles = [
         layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
         for layer in model.bert.encoder.layer
     ]
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=masked)
     for h in handles:
         h.remove()
     for layer, block in enumerate(model.bert.encoder.layer):
@@ -52,31 +64,34 @@ def test_bert_hooks_read_and_write_the_feed_forward_block():
             if layer + 1 < 3:  # the next layer's resid_mid: LayerNorm(attention(out) + out)
                 nxt = model.bert.encoder.layer[layer + 1].attention(post)[0]
                 torch.testing.assert_close(x[:, :, layer + 1], nxt, rtol=1e-5, atol=1e-6)
-    x2, _ = Subject(model, input_hook="mlp_in").capture(ids)
+    x2, _ = Subject(model, sub.tokenizer, input_hook="mlp_in").capture(ids)
     torch.testing.assert_close(x2, x)  # post-LN: resid_mid and mlp_in are one tensor
 
 
-def test_replacing_mlp_out_changes_the_mlm_logits_exactly_like_the_ffn():
+def test_replacing_mlp_out_changes_the_mlm_logits_exactly_like_the_ffn(tmp_path):
     model = tiny_bert()
-    sub = Subject(model)
-    ids = torch.randint(5, 300, (1, 10))
+    sub = Subject(model, bert_tokenizer())
+    ids = torch.randint(5, 100, (1, 10))
     with torch.no_grad():
-        clean = model(input_ids=ids).logits
         x, y = sub.capture(ids)
+        ids = sub.mask(ids)[0]  # what capture ran on
+        clean = model(input_ids=ids).logits
         with sub.hooks({"mlp_out": lambda layer, t: y[:, :, layer].clone()}):
             same = model(input_ids=ids).logits
         with sub.hooks({"mlp_out": lambda layer, t: torch.zeros_like(t)}):
             ablated = model(input_ids=ids).logits
     torch.testing.assert_close(same, clean)
-    assert (ablated - clean).abs().max() > 1e-2
+    assert (ablated - clean).abs().max() > 1e-3  # (random BERT weights are small: std 0.02)
 
 
 def test_mlm_mask_is_80_10_10_deterministic_and_spares_special_tokens():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (64, 128), generator=g)
     ids[:, 0] = 1  # [CLS]-like special token
-    out = mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3])
-    assert torch.equal(out, mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3]))  # deterministic
+    out, chosen = mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3])
+    assert torch.equal(out, mlm_mask(ids, mask_id=3, vocab=1000, special=[1, 3])[0])  # deterministic
+    assert abs(chosen[:, 1:].float().mean() - 0.15) < 0.01 and not chosen[:, 0].any()
+    assert ((out != ids) <= chosen).all()
     assert torch.equal(out[:, 0], ids[:, 0])
     n = ids[:, 1:].numel()
     masked = (out == 3).sum().item()
@@ -84,7 +99,7 @@ def test_mlm_mask_is_80_10_10_deterministic_and_spares_special_tokens():
     # 15% chosen: 80% [MASK] (12% of positions), 10% random (1.5%, a few land on the same token)
     assert abs(masked / n - 0.12) < 0.01
     assert abs(changed / n - 0.015) < 0.004
-    assert not torch.equal(mlm_mask(ids.flip(0), 3, 1000, [1, 3]).flip(0), out)  # depends on content
+    assert not torch.equal(mlm_mask(ids.flip(0), 3, 1000, [1, 3])[0].flip(0), out)  # depends on content
 
 
 def test_loading_picks_the_masked_lm_and_refuses_what_it_cannot_read(tmp_path):
@@ -92,6 +107,7 @@ def test_loading_picks_the_masked_lm_and_refuses_what_it_cannot_read(tmp_path):
 
     model = tiny_bert()
     model.save_pretrained(tmp_path / "bert")
+    bert_tokenizer().save_pretrained(tmp_path / "bert")
     sub = load_subject(ModelConfig(name_or_path=str(tmp_path / "bert"), dtype="float32"))
     assert isinstance(sub.model, tf.BertForMaskedLM) and sub.masked_lm
     model.bert.save_pretrained(tmp_path / "bare")  # a BertModel: no MLM head
@@ -109,3 +125,19 @@ def test_heads_refuse_bert_clearly():
 
     with pytest.raises(CircuitError, match="bidirectional"):
         Heads(tiny_bert())
+
+
+def test_train_py_trains_a_clt_on_bert_with_masked_windows_and_reports_the_mlm_ce(tmp_path):
+    import json
+
+    from conftest import tiny_overrides, train_cli
+
+    model_dir = tmp_path / "bert"
+    tiny_bert().save_pretrained(model_dir)
+    bert_tokenizer().save_pretrained(model_dir)
+    r = train_cli(tiny_overrides(model_dir, tmp_path / "run", report=True, **{"trainer.max_steps": 10}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    # the MLM CE of the clean model at the masked positions: a random BERT is near uniform (ln V)
+    assert abs(rep["eval/ce_loss_clean"] - torch.log(torch.tensor(300.0)).item()) < 0.5
+    assert rep["eval/ce_loss_spliced"] > 0 and len(rep["fvu_per_layer"]) == 3

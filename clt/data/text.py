@@ -231,6 +231,11 @@ class TextPosition:
         return cls(int(d["docs"]), list(d["carry"]), int(d.get("epoch", 0)), int(d.get("offset", 0)))
 
 
+def _first(*ids):
+    """The first of `ids` that is not None (or None)."""
+    return next((i for i in ids if i is not None), None)
+
+
 class WindowStream:
     """Documents -> packed token windows [T] = [BOS, t_1 … t_{T−1}]; documents joined by EOS.
 
@@ -246,11 +251,12 @@ class WindowStream:
         self.replica = replica
         self.tok = tokenizer
         self.ds, self.column = load_text_dataset(cfg)
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        # BOS (BERT: [CLS]) starts each window; EOS (BERT: [SEP]) ends each document
+        bos = _first(tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None), tokenizer.eos_token_id)
         if bos is None:
             raise DataError("the tokenizer has neither a BOS nor an EOS token to start windows with")
         self.bos = int(bos)
-        self.sep = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos)
+        self.sep = int(_first(tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None), bos))
 
     def _retry(self) -> tuple[str, int, float]:
         return f"data.dataset={self.cfg.dataset!r}", self.cfg.stream_retries, self.cfg.stream_backoff
