@@ -141,3 +141,111 @@ def test_train_py_trains_a_clt_on_bert_with_masked_windows_and_reports_the_mlm_c
     # the MLM CE of the clean model at the masked positions: a random BERT is near uniform (ln V)
     assert abs(rep["eval/ce_loss_clean"] - torch.log(torch.tensor(300.0)).item()) < 0.5
     assert rep["eval/ce_loss_spliced"] > 0 and len(rep["fvu_per_layer"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The replacement model and attribution graphs at a [MASK] position
+
+
+def bert_case(trained: bool = False):
+    from test_attribution import make_clt
+
+    from clt.attribution import ReplacementModel
+
+    sub = Subject(tiny_bert(), bert_tokenizer())
+    clt = make_clt(sub, "topk")
+    if trained:  # a few Adam steps on the tiny BERT's activations of random (masked) windows
+        ids = torch.randint(5, 100, (8, 24), generator=torch.Generator().manual_seed(1))
+        ids[:, 0] = sub.tokenizer.cls_token_id
+        x, y = (t[:, 1:].reshape(-1, *t.shape[2:]).float() for t in sub.capture(ids))
+        opt = torch.optim.Adam(clt.parameters(), lr=3e-3)
+        for _ in range(40):
+            loss = (clt(x)[1] - y).pow(2).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        clt.eval()
+    rm = ReplacementModel(sub, clt)
+    tok = sub.tokenizer
+    ids = torch.tensor([tok.cls_token_id, *range(20, 26), tok.mask_token_id, 30, tok.sep_token_id])
+    return rm, ids
+
+
+def test_bert_replacement_model_reproduces_the_mlm_logits():
+    rm, ids = bert_case(trained=True)
+    with torch.no_grad():
+        clean = rm.model(input_ids=ids[None]).logits[0]
+    ctx = rm.prepare(ids)
+    assert ctx.target == 7  # the [MASK]
+    torch.testing.assert_close(ctx.logits, clean, rtol=1e-5, atol=1e-5)
+    _, pre = rm.frozen_forward(ctx)  # every source clean, errors included: the model itself
+    torch.testing.assert_close(pre, clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm.forward(ids, errors=True), clean, rtol=1e-5, atol=1e-5)
+    assert (rm.forward(ids, errors=False) - clean).abs().max() > 1e-4  # the CLT alone differs
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
+def test_bert_attribution_edges_are_faithful_to_perturbation(trained):
+    from clt.attribution import attribute
+
+    rm, ids = bert_case(trained)
+    graph = attribute(ids, rm.clt, rm, batch_size=16, verbose=False)
+    assert graph.info["target_position"] == 7 and graph.n_features > 0
+    ctx = rm.prepare(ids)
+    T = len(ids)
+
+    def targets(h, logits):
+        f = graph.active_features[graph.selected_features]
+        z = logits[ctx.target]
+        return torch.cat([h[f[:, 1], f[:, 0], f[:, 2]], z[graph.logit_tokens] - z.mean()])
+
+    rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_slice.start, graph.n_nodes)])
+    A = graph.adjacency_matrix[rows]
+    base = targets(*rm.frozen_forward(ctx))
+    torch.testing.assert_close(base, graph.node_values[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        A.sum(1) + graph.node_bias[rows],
+        graph.node_values[rows],
+        rtol=1e-4,
+        atol=1e-4 * base.abs().max().item(),
+    )
+    delta, worst, big = 4.0, 0.0, 0
+    sources = [("feature", i) for i in range(graph.n_features)]
+    sources += [("error", (layer, p)) for layer in range(rm.n_layers) for p in range(1, T)]
+    sources += [("token", p) for p in range(T)]
+    for kind, s in sources:  # every edge into every target
+        E, a, err = ctx.E.clone(), ctx.a.clone(), ctx.err.clone()
+        if kind == "feature":
+            layer, pos, feat = graph.feature_of(s)
+            a[pos, layer, feat] *= 1 + delta
+            col = s
+        elif kind == "error":
+            layer, pos = s
+            err[pos, layer] *= 1 + delta
+            col = graph.error_slice.start + layer * T + pos
+        else:
+            E[s] *= 1 + delta
+            col = graph.token_slice.start + s
+        change = targets(*rm.frozen_forward(ctx, E, a, err)) - base
+        expected = A[:, col] * delta
+        scale = expected.abs().max().item()
+        assert (change - expected).abs().max().item() <= 1e-4 * scale + 1e-6, (kind, s)
+        # relative error where the change is far above the fp32 rounding of the O(1) post-LayerNorm
+        # targets it is a difference of (≈1e-7: at scale 1e-3 that alone is 1e-4)
+        if scale > 1e-2:
+            worst = max(worst, (change - expected).abs().max().item() / scale)
+            big += 1
+    assert worst <= 1e-4 and big > 20, (worst, big)
+    # edges from later positions exist: BERT is bidirectional
+    later = graph.token_slice.start + ctx.target + 1
+    assert A[-1, later].abs() > 0
+
+
+def test_a_bert_prompt_needs_exactly_one_mask():
+    from clt.attribution import AttributionError
+
+    rm, ids = bert_case()
+    with pytest.raises(AttributionError, match="exactly one"):
+        rm.prepare(ids[ids != rm.subject.tokenizer.mask_token_id])
+    with pytest.raises(AttributionError, match="has 2"):
+        rm.prepare(torch.cat([ids[:3], ids[7:8], ids[3:]]))

@@ -41,7 +41,7 @@ def logit_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The most likely next tokens, until their probability reaches `desired_logit_prob` (at most
     `max_n_logits`). -> (vocab ids [K], probabilities [K])."""
-    probs = torch.softmax(ctx.logits[-1].float(), -1)
+    probs = torch.softmax(ctx.logits[ctx.target].float(), -1)
     top_p, top_i = probs.topk(min(max_n_logits, probs.numel()))
     cutoff = (
         int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
@@ -176,11 +176,11 @@ class _Rows:
 @torch.no_grad()
 def node_bias(rm: ReplacementModel, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen model with every source at zero: the constant part of every target.
-    -> (h: [T, L, F], demeaned pre-softcap logits at the last position: [V])."""
+    -> (h: [T, L, F], demeaned pre-softcap logits at the target position: [V])."""
     h, logits = rm.frozen_forward(
         ctx, torch.zeros_like(ctx.E), torch.zeros_like(ctx.a), torch.zeros_like(ctx.err)
     )
-    last = logits[-1]
+    last = logits[ctx.target]
     return h, last - last.mean()
 
 
@@ -273,7 +273,7 @@ def attribute(
         j = min(i + batch_size, K)
         n = j - i
         edge[i:j] = rows.compute(
-            torch.full((n,), L, device=dev), torch.full((n,), T - 1, device=dev), lv[i:j]
+            torch.full((n,), L, device=dev), torch.full((n,), ctx.target % T, device=dev), lv[i:j]
         )
         advance(n)
 
@@ -327,7 +327,7 @@ def attribute(
     fs = feats[selected]
     values_t[:n_sel] = ctx.h[fs[:, 1], fs[:, 0], fs[:, 2]].float().cpu()
     bias_t[:n_sel] = h0[fs[:, 1], fs[:, 0], fs[:, 2]].cpu()
-    last = ctx.logits_pre[-1]
+    last = ctx.logits_pre[ctx.target]
     values_t[N - K :] = (last[vocab] - last.mean()).cpu()
     bias_t[N - K :] = logit0[vocab].cpu()
 
@@ -358,6 +358,7 @@ def attribute(
             "activation": rm.clt.arch.activation,
             "d_sae": rm.clt.d_sae,
             "visited_fraction": n_visit / max(n_active, 1),
+            "target_position": ctx.target % T,
         },
     )
     if attention:

@@ -52,6 +52,28 @@ class Freeze:
     norms: str = "off"
     patterns: dict[int, torch.Tensor] = field(default_factory=dict)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # a masked LM head's act(z) / z
+
+
+def _frozen_activation_forward(module: nn.Module, original):
+    """forward(z) for the activation of a masked LM's prediction head (BERT: GELU between the
+    residual stream and the logits): recorded as the gate act(z) / z of the clean run and replayed
+    as z · gate, so the frozen model stays affine and equals the model at the clean sources."""
+    key = id(module)
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        fz = _ACTIVE[-1]
+        if fz.norms == "off":
+            return original(z)
+        if fz.norms == "record":
+            out = original(z)
+            zf = z.float()
+            gate = torch.where(zf.abs() > 1e-6, out.float() / zf.where(zf.abs() > 1e-6, 1.0), 0.5)
+            fz.gates[key] = gate.detach()
+            return out
+        return (z.float() * fz.gates[key]).to(z.dtype)
+
+    return forward
 
 
 _ACTIVE: list[Freeze] = [Freeze()]  # the innermost `ReplacementModel._freezing` context
@@ -203,6 +225,7 @@ class PromptContext:
     logits: torch.Tensor  # [T, V] the subject model's logits (after any softcap)
     logits_pre: torch.Tensor  # [T, V] the same before the softcap (= logits without one)
     freeze: Freeze  # recorded attention patterns and norm scales
+    target: int = -1  # the position whose logits are attributed: the last, or a masked LM's [MASK]
 
 
 class ReplacementModel:
@@ -231,7 +254,16 @@ class ReplacementModel:
         self.unembed = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.n_layers, self.d_model, self.d_sae = arch.n_layers, arch.d_model, arch.d_sae
-        self.mlps = [subject.hook_module(layer, "mlp_in")[0] for layer in range(self.n_layers)]
+        # the MLPs whose outputs the frozen runs replace (skipped; BERT's hook sits inside its block)
+        self.masked_lm = subject.masked_lm
+        self.mlps = (
+            []
+            if self.masked_lm
+            else [subject.hook_module(layer, "mlp_in")[0] for layer in range(self.n_layers)]
+        )
+        # a masked LM's prediction head before the unembedding (BERT: dense, GELU, LayerNorm); its
+        # LayerNorm is frozen with the others, its activation by `_frozen_activation_forward`
+        self.head = self.model.cls.predictions.transform if self.masked_lm else None
         self.norms = [  # every norm with its affine form (gain, bias, centred, eps)
             (m, norms.norm_affine(m, AttributionError))
             for m in self.model.modules()
@@ -257,7 +289,7 @@ class ReplacementModel:
                 raise AttributionError("the prompt is empty")
             if tok is None:
                 raise AttributionError("a text prompt needs the subject's tokenizer; pass token ids instead")
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(prompt, add_special_tokens=self.masked_lm)["input_ids"]  # BERT: [CLS] … [SEP]
         else:
             ids = torch.as_tensor(prompt).flatten().tolist()
             if not ids:
@@ -265,6 +297,8 @@ class ReplacementModel:
         bos = None
         if tok is not None:
             bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if self.masked_lm:
+                bos = tok.cls_token_id
         if bos is None:
             bos = getattr(self.model.config, "bos_token_id", None)
         if bos is not None and ids[0] != bos:
@@ -277,6 +311,24 @@ class ReplacementModel:
                 f"is {self.n_ctx} tokens"
             )
         return torch.tensor(ids, dtype=torch.long)
+
+    def target_position(self, ids: torch.Tensor) -> int:
+        """The position attributed: the last, or for a masked LM its one [MASK] token."""
+        if not self.masked_lm:
+            return len(ids) - 1
+        tok = self.subject.tokenizer
+        mask = getattr(tok, "mask_token_id", None)
+        where = (ids == mask).nonzero().flatten().tolist() if mask is not None else []
+        if len(where) != 1:
+            raise AttributionError(
+                f"a masked-LM prompt needs exactly one {getattr(tok, 'mask_token', '[MASK]')} token, the "
+                f"position attributed; this one has {len(where)}"
+            )
+        return int(where[0])
+
+    def final_hidden(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """The base model's output -> what the unembedding reads (a masked LM: after its head)."""
+        return last_hidden_state if self.head is None else self.head(last_hidden_state)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device))
@@ -305,6 +357,10 @@ class ReplacementModel:
             for m, affine in self.norms:
                 patched.append((m, m.__dict__.get("forward")))
                 m.forward = _frozen_norm_forward(m, affine, type(m).forward.__get__(m))
+            if self.head is not None:
+                act = self.head.transform_act_fn
+                patched.append((act, act.__dict__.get("forward")))
+                act.forward = _frozen_activation_forward(act, type(act).forward.__get__(act))
             if stub_mlps:  # their outputs are replaced: skip the work (hooks on them still fire)
                 for m in self.mlps:
                     patched.append((m, m.__dict__.get("forward")))
@@ -338,7 +394,7 @@ class ReplacementModel:
 
         E = self.embed(ids)[None]  # [1, T, d]
         with self._freezing(freeze), sub.hooks({sub.input_hook: read, sub.output_hook: write}):
-            hidden = self.base(inputs_embeds=E, use_cache=False).last_hidden_state
+            hidden = self.final_hidden(self.base(inputs_embeds=E, use_cache=False).last_hidden_state)
         freeze.attention = freeze.norms = "replay"
         logits_pre = self.logits_pre_softcap(hidden[0]).float()
         x, y = torch.stack(xs, 1), torch.stack(ys, 1)  # [T, L, d]
@@ -361,6 +417,7 @@ class ReplacementModel:
             logits=self.softcapped(logits_pre),
             logits_pre=logits_pre,
             freeze=freeze,
+            target=self.target_position(ids),
         )
 
     # -- the frozen replacement model ------------------------------------------------------------
@@ -398,7 +455,9 @@ class ReplacementModel:
             self._freezing(ctx.freeze, stub_mlps=True),
             sub.hooks({sub.input_hook: read, sub.output_hook: write}),
         ):
-            hidden = self.base(inputs_embeds=E.to(dtype), use_cache=False).last_hidden_state
+            hidden = self.final_hidden(
+                self.base(inputs_embeds=E.to(dtype), use_cache=False).last_hidden_state
+            )
         return xs, hidden
 
     def preactivations(self, xs: list[torch.Tensor]) -> torch.Tensor:
