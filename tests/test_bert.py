@@ -239,6 +239,10 @@ def test_bert_attribution_edges_are_faithful_to_perturbation(trained):
     # edges from later positions exist: BERT is bidirectional
     later = graph.token_slice.start + ctx.target + 1
     assert A[-1, later].abs() > 0
+    from clt.attribution import prune, to_json
+
+    nodes = to_json(graph, prune(graph), "bert", 0.8)["nodes"]
+    assert {n["ctx_idx"] for n in nodes if n["feature_type"] == "logit"} == {7}  # drawn at the [MASK]
 
 
 def test_a_bert_prompt_needs_exactly_one_mask():

@@ -341,15 +341,16 @@ def json_nodes(graph: Graph, pruned: Pruned) -> dict[int, dict]:
         else:
             k = i - graph.logit_slice.start
             vocab, p = int(graph.logit_tokens[k]), float(graph.logit_probabilities[k])
+            at = int(graph.info.get("target_position", T - 1))  # the last position, or BERT's [MASK]
             nodes[i] = node(
-                node_id=f"{L + 1}_{vocab}_{T - 1}",
+                node_id=f"{L + 1}_{vocab}_{at}",
                 feature=vocab,
                 layer=str(L + 1),
-                ctx_idx=T - 1,
+                ctx_idx=at,
                 feature_type="logit",
                 token_prob=p,
                 is_target_logit=k == 0,
-                jsNodeId=f"L_{vocab}-{T - 1}",
+                jsNodeId=f"L_{vocab}-{at}",
                 clerp=f'Output "{graph.logit_token_strings[k]}" (p={p:.3f})',
             )
     return nodes

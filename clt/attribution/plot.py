@@ -34,7 +34,7 @@ def plot_graph(
             return pos, layer
         if i < graph.token_slice.stop:
             return i - graph.token_slice.start, -1
-        return T - 1, L
+        return int(graph.info.get("target_position", T - 1)), L
 
     groups: dict[tuple[int, float], list[int]] = defaultdict(list)
     for i in kept:
