@@ -22,7 +22,7 @@ from hub_server import FakeHub, hub_env
 # W&B, a Slurm launcher) or that another test runs (trainer=ddp: tests/test_distributed.py, two
 # processes): they are composed and validated here.
 NOT_RUN_HERE = re.compile(
-    r"HuggingFaceTB/|meta-llama/|name_or_path=gpt2|data=(fineweb|fineweb_edu|openwebtext)|allenai/c4|"
+    r"HuggingFaceTB/|meta-llama/|name_or_path=gpt2|bert-base-uncased|data=(fineweb|fineweb_edu|openwebtext)|allenai/c4|"
     r"experiment=|logger=wandb|trainer=gpu|trainer=ddp|hydra/launcher=slurm"
 )
 
