@@ -320,7 +320,7 @@ class ToyConfig:
     vocab: int = 0  # 0: the tokenizer's ids; N: BOS/EOS, the commonest tokens, one "other" id (N in all)
     eval_vocab: int = 2000  # its ids: the N commonest tokens of the first windows (0: ids 1000..10000)
     seed: int = 0
-    out: str = "runs/toy"  # model/ (a GPT-2 checkpoint with its MLPs zeroed), heads/, history
+    out: str = "runs/toy"  # model/ (a GPT-2 or Llama checkpoint with its MLPs zeroed), heads/, history
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
 
 

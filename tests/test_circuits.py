@@ -487,6 +487,32 @@ def test_toy_model_is_attention_only_and_trains(tmp_path):
     assert Heads(trained).n_heads == 4
     with pytest.raises(ConfigError, match="toy.heads"):
         load_config(OmegaConf.create({"toy": {"d_model": 30, "heads": 4}}), ToyJobConfig)
+    with pytest.raises(ConfigError, match="toy.arch"):
+        load_config(OmegaConf.create({"toy": {"arch": "mamba"}}), ToyJobConfig)
+
+
+def test_rotary_toy_model_is_attention_only_and_its_heads_are_read():
+    from types import SimpleNamespace
+
+    from clt.circuits.toy import build
+
+    cfg = SimpleNamespace(arch="llama", d_model=32, layers=2, heads=4)
+    model = build(cfg, 300, 32, 1, 2).eval()
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    ids = torch.randint(3, 300, (2, 16))
+    outs = []
+    hooks = [b.mlp.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 2 and all((o == 0).all() for o in outs)  # each block adds only its attention
+    assert not any(p.requires_grad for b in model.model.layers for p in b.mlp.parameters())
+    rec = record(model, ids)  # the rotary heads, through the model's own rotary code
+    heads = Heads(model)
+    R = heads.rotations(16)
+    for m, lh in enumerate(heads.heads):
+        torch.testing.assert_close(lh.pattern(rec.resid_pre[m][0], R), rec.patterns[m][0], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Attention-only toy transformers (Seed 003, after "A Mathematical Framework for Transformer
-Circuits"): GPT-2 blocks whose MLPs are zero (width 1, zero weights and biases, frozen), so each block
-adds only its attention, trained on text, with their heads scored along the way.
+Circuits"): GPT-2 blocks (toy.arch=gpt2: learned absolute positions) or Llama blocks (toy.arch=llama:
+rotary positions) whose MLPs are zero (width 1, zero weights, frozen), so each block adds only its
+attention, trained on text, with their heads scored along the way.
 
-The checkpoint is a plain GPT-2 (`model/`, with the tokenizer), so every tool reads it: `clt heads
+The checkpoint is a plain GPT-2 or Llama (`model/`, with the tokenizer), so every tool reads it: `clt heads
 runs/toy-2l/model`, `Heads(model)`, attribution. What a run writes to `toy.out`:
 
     model/          the trained model and tokenizer
