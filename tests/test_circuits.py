@@ -377,7 +377,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         heads.head(1, 4)
     with pytest.raises(CircuitError, match="layer 3"):
         heads[3]
-    with pytest.raises(CircuitError, match="model family 'bert'"):
+    with pytest.raises(CircuitError, match="model family 't5'"):
+        Heads(model_of("llama"), family="t5")
+    with pytest.raises(CircuitError, match="bidirectional"):  # a family we know, not its heads yet
         Heads(model_of("llama"), family="bert")
     rm, _ = replacement("llama")
     with pytest.raises(CircuitError, match="not between"):
