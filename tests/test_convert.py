@@ -81,6 +81,7 @@ def test_converted_clt_exports_to_circuit_tracer_with_its_thresholds(tmp_path):
     torch.testing.assert_close(back(x)[0], jr.eval()(x)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~50 s; test_docs_commands runs the command on a trained tiny run in `make test`
 def test_convert_command_on_a_trained_run_with_finetuning_and_its_errors(tiny_model_dir, tmp_path):
     run = tmp_path / "topk"
     r = train_cli(tiny_overrides(tiny_model_dir, run, **{"data.eval_docs": 4}))
