@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CLTError, command
-from .model import CLTArchitecture, CrossLayerTranscoder
+from .model import CrossLayerTranscoder
 
 
 class ConvertError(CLTError, ValueError):
@@ -93,10 +93,8 @@ def scale_thresholds(
 
 def to_jumprelu(src: CrossLayerTranscoder, theta: torch.Tensor) -> CrossLayerTranscoder:
     """The source's encoder, decoder and normalisation with JumpReLU thresholds θ: [L, F]."""
-    arch = CLTArchitecture(
-        **{**src.arch.__dict__, "activation": "jumprelu", "log_threshold": False, "topk_scope": "layer"}
-    )
-    arch.extra = {**src.arch.extra, "converted_from": src.arch.activation}
+    extra = {**src.arch.extra, "converted_from": src.arch.activation}
+    arch = replace(src.arch, activation="jumprelu", log_threshold=False, topk_scope="layer", extra=extra)
     out = CrossLayerTranscoder(arch, decode=src.decode_path)
     state = {k: v for k, v in src.state_dict().items() if k != "batchtopk_threshold"}
     out.load_state_dict(state, strict=False)

@@ -95,6 +95,23 @@ def targets(rm: ReplacementModel, graph: Graph, h: torch.Tensor, logits: torch.T
     return torch.cat([h[f[:, 1], f[:, 0], f[:, 2]], last[graph.logit_tokens] - last.mean()])
 
 
+def perturbed(ctx, graph: Graph, kind: str, s, delta: float):
+    """The sources with one scaled by 1 + δ: kind "feature" (s: its graph index), "error" (s:
+    (layer, pos)) or "token" (s: pos). -> (E, a, err, the graph column of that source)."""
+    T = len(ctx.ids)
+    E, a, err = ctx.E.clone(), ctx.a.clone(), ctx.err.clone()
+    if kind == "feature":
+        layer, pos, feat = graph.feature_of(s)
+        a[pos, layer, feat] *= 1 + delta
+        return E, a, err, s
+    if kind == "error":
+        layer, pos = s
+        err[pos, layer] *= 1 + delta
+        return E, a, err, graph.error_slice.start + layer * T + pos
+    E[s] *= 1 + delta
+    return E, a, err, graph.token_slice.start + s
+
+
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -133,18 +150,7 @@ def test_perturbation_faithfulness(family, activation, trained):
 
     worst = 0.0
     for kind, s in sources:
-        E, a, err = ctx.E.clone(), ctx.a.clone(), ctx.err.clone()
-        if kind == "feature":
-            layer, pos, feat = graph.feature_of(s)
-            a[pos, layer, feat] *= 1 + delta
-            col = s
-        elif kind == "error":
-            layer, pos = s
-            err[pos, layer] *= 1 + delta
-            col = graph.error_slice.start + layer * T + pos
-        else:
-            E[s] *= 1 + delta
-            col = graph.token_slice.start + s
+        E, a, err, col = perturbed(ctx, graph, kind, s, delta)
         change = targets(rm, graph, *rm.frozen_forward(ctx, E, a, err)) - base
         expected = A[:, col] * delta
         scale = expected.abs().max().item()

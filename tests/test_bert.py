@@ -186,6 +186,8 @@ def test_bert_replacement_model_reproduces_the_mlm_logits():
 
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
 def test_bert_attribution_edges_are_faithful_to_perturbation(trained):
+    from test_attribution import perturbed
+
     from clt.attribution import attribute
 
     rm, ids = bert_case(trained)
@@ -214,18 +216,7 @@ def test_bert_attribution_edges_are_faithful_to_perturbation(trained):
     sources += [("error", (layer, p)) for layer in range(rm.n_layers) for p in range(1, T)]
     sources += [("token", p) for p in range(T)]
     for kind, s in sources:  # every edge into every target
-        E, a, err = ctx.E.clone(), ctx.a.clone(), ctx.err.clone()
-        if kind == "feature":
-            layer, pos, feat = graph.feature_of(s)
-            a[pos, layer, feat] *= 1 + delta
-            col = s
-        elif kind == "error":
-            layer, pos = s
-            err[pos, layer] *= 1 + delta
-            col = graph.error_slice.start + layer * T + pos
-        else:
-            E[s] *= 1 + delta
-            col = graph.token_slice.start + s
+        E, a, err, col = perturbed(ctx, graph, kind, s, delta)
         change = targets(*rm.frozen_forward(ctx, E, a, err)) - base
         expected = A[:, col] * delta
         scale = expected.abs().max().item()
