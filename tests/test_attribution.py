@@ -180,6 +180,32 @@ def test_replacement_model_reproduces_subject_and_spliced_model(family):
     assert (ours - clean).abs().max() > 1e-3  # the CLT is not perfect: the check can fail
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "qwen3"])
+def test_frozen_attention_by_blocks_of_queries_is_the_whole_pattern(family, monkeypatch):
+    """The frozen attention recomputes pattern rows by blocks of queries (memory linear in the
+    prompt): one query per block gives the model's eager patterns, its logits and the same graph."""
+    from clt.attribution import replacement
+
+    rm, ids = case(family, "topk", True)
+    whole = attribute(ids, rm.clt, rm, verbose=False)
+    monkeypatch.setattr(replacement, "ATTENTION_BLOCK", 1)  # one query row per block
+    ctx = rm.prepare(ids)
+    model = rm.model
+    old = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        out = model(input_ids=ids[None], output_attentions=True)
+    finally:
+        model.config._attn_implementation = old
+    torch.testing.assert_close(ctx.logits, out.logits[0], rtol=1e-5, atol=1e-5)
+    attn = [m for m in model.modules() if id(m) in ctx.freeze.attn]
+    assert len(attn) == rm.n_layers
+    for m, ref in zip(attn, out.attentions):
+        torch.testing.assert_close(ctx.freeze.pattern(m), ref[0], rtol=1e-5, atol=1e-6)
+    blocks = attribute(ids, rm.clt, rm, verbose=False)
+    torch.testing.assert_close(blocks.adjacency_matrix, whole.adjacency_matrix, rtol=1e-5, atol=1e-6)
+
+
 def test_logit_rows_are_pre_softcap():
     rm, ids = case("gemma2", "topk", False)
     graph = attribute(ids, rm.clt, rm, verbose=False)

@@ -213,7 +213,7 @@ def qk_attribution(
     K = _side(lh, run, ctx, pk, key, head, "k", R)
     pairs = lh.scaling * Q @ K.T
     q_all, k_all = Q.sum(0), K.sum(0)
-    pattern = ctx.freeze.patterns[id(heads.attn_modules[layer])][0, head, query, key]
+    pattern = ctx.freeze.pattern(heads.attn_modules[layer], query, query + 1)[head, 0, key]
     return QKAttribution(
         layer,
         head,

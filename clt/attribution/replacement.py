@@ -41,18 +41,109 @@ ATTN_IMPL = "clt_replacement"
 # Freezing attention patterns and norm denominators
 
 
+# Attention is replayed from what the clean run saw (queries, keys, values, mask) rather than from
+# stored [H, T, T] patterns: pattern rows are recomputed by the model's own eager attention on blocks
+# of at most ATTENTION_BLOCK elements (heads × query rows × keys), in the forward and again in the
+# backward, so memory grows linearly with the prompt (the clean run's attention too).
+ATTENTION_BLOCK = 1 << 24
+
+
+@dataclass
+class RecordedAttention:
+    """One attention module's clean-run inputs. query: [1, H, T, D], key/value: [1, H_kv, S, D]
+    (after any rotary or q/k norm), mask: [1 or B, 1, T, S] bool (True = attend) or None; kwargs:
+    the module's scaling, softcap, sliding window... as passed to its attention function."""
+
+    module: nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    mask_dtype: torch.dtype
+    kwargs: dict
+
+    @property
+    def shape(self) -> tuple[int, int, int]:  # (H, T, S)
+        return self.query.shape[1], self.query.shape[2], self.key.shape[2]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Pattern rows of queries lo..hi−1, exactly as the model computes them: [H, hi − lo, S]."""
+        return _eager(
+            self.module,
+            self.query[:, :, lo:hi],
+            self.key,
+            self.value,
+            _mask_rows(self.mask, lo, hi, self.mask_dtype),
+            self.kwargs,
+        )[1][0]
+
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        H, T, S = self.shape
+        step = max(1, ATTENTION_BLOCK // max(H * S, 1))
+        for lo in range(0, T, step):
+            hi = min(lo + step, T)
+            yield lo, hi, self.rows(lo, hi)
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        """The frozen attention output for any values. value: [B, H_kv, S, D] -> [B, T, H, D].
+        out[b, t, h] = Σ_s w[h, t, s] · value[b, h // n_rep, s]: one matmul per kv head with the
+        batch folded into the columns (the pattern is never expanded over the batch)."""
+        B, H_kv, S, D = value.shape
+        H, T, _ = self.shape
+        v = value.permute(1, 2, 0, 3).reshape(H_kv, S, B * D)
+        out = value.new_empty(B, T, H, D)
+        for lo, hi, w in self.blocks():
+            o = torch.matmul(w.to(value.dtype).reshape(H_kv, (H // H_kv) * (hi - lo), S), v)
+            out[:, lo:hi] = o.reshape(H, hi - lo, B, D).permute(2, 1, 0, 3)
+        return out
+
+    def apply_transposed(self, g: torch.Tensor) -> torch.Tensor:
+        """The adjoint of `apply`: g: [B, T, H, D] -> [B, H_kv, S, D]."""
+        B, T, H, D = g.shape
+        H_kv, S = self.key.shape[1], self.key.shape[2]
+        gv = g.new_zeros(H_kv, S, B * D)
+        for lo, hi, w in self.blocks():
+            gb = g[:, lo:hi].permute(2, 1, 0, 3).reshape(H_kv, (H // H_kv) * (hi - lo), B * D)
+            gv += torch.matmul(w.to(g.dtype).reshape(H_kv, -1, S).transpose(1, 2), gb)
+        return gv.reshape(H_kv, S, B, D).permute(2, 0, 1, 3)
+
+
+class _FrozenAttention(torch.autograd.Function):
+    """value -> frozen pattern @ value, the pattern recomputed by blocks (never saved)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, rec: RecordedAttention) -> torch.Tensor:  # type: ignore[override]
+        ctx.rec = rec
+        return rec.apply(value)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return ctx.rec.apply_transposed(g.contiguous()), None
+
+    @staticmethod
+    def jvp(ctx, dv: torch.Tensor, _) -> torch.Tensor:  # type: ignore[override]
+        return ctx.rec.apply(dv)  # linear in the values (forward-mode: head loadings)
+
+
 @dataclass
 class Freeze:
     """What a clean run recorded, and how the next runs use it.
 
     attention / norms: "off" (normal), "record" (normal, and remember), "replay" (use what was
-    remembered: patterns [1, H, T, T] and norm scales [1, T, 1] broadcast over any batch)."""
+    remembered: each attention module's inputs, norm scales [1, T, 1], broadcast over any batch)."""
 
     attention: str = "off"
     norms: str = "off"
-    patterns: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn: dict[int, RecordedAttention] = field(default_factory=dict)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)  # a masked LM head's act(z) / z
+
+    def pattern(self, module: nn.Module, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """The clean attention pattern of `module`, query rows lo..hi−1: [H, n, S] (O(H·n·S))."""
+        rec = self.attn[id(module)]
+        return rec.rows(lo, rec.shape[1] if hi is None else hi)
 
 
 def _frozen_activation_forward(module: nn.Module, original):
@@ -79,32 +170,67 @@ def _frozen_activation_forward(module: nn.Module, original):
 _ACTIVE: list[Freeze] = [Freeze()]  # the innermost `ReplacementModel._freezing` context
 
 
+def _eager(module, query, key, value, mask, kwargs):
+    return sys.modules[type(module).__module__].eager_attention_forward(
+        module, query, key, value, mask, **kwargs
+    )
+
+
+def _mask_rows(mask: torch.Tensor | None, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows lo..hi−1 of a bool mask as the additive mask eager attention adds (0 / dtype's min)."""
+    if mask is None:
+        return None
+    m = mask[:, :, lo:hi] if mask.shape[2] > 1 else mask
+    return torch.where(m, torch.zeros((), device=m.device, dtype=dtype), torch.finfo(dtype).min)
+
+
 def _attention(module, query, key, value, attention_mask, **kwargs):
-    """A transformers attention function: the model's own eager attention, recorded or replayed.
-    query: [B, H, T, D], key/value: [B, H_kv, S, D] -> ([B, T, H, D], weights)."""
+    """A transformers attention function: the model's own eager attention, by blocks of queries,
+    recorded or replayed. query: [B, H, T, D], key/value: [B, H_kv, S, D] -> ([B, T, H, D], None).
+    attention_mask: what `_mask` made (bool [B, 1, T, S], True = attend) or None."""
     fz = _ACTIVE[-1]
     if fz.attention == "replay":
-        # out[b, h] = w[h] @ v[b, h // n_rep], as one matmul per kv head with the batch folded into
-        # the columns: the frozen pattern w: [1, H, T, S] is neither expanded nor saved per batch
-        w = fz.patterns[id(module)][0].to(value.dtype)
-        B, H_kv, S, D = value.shape
-        H, T = w.shape[0], w.shape[1]
-        v = value.permute(1, 2, 0, 3).reshape(H_kv, S, B * D)
-        out = torch.matmul(w.reshape(H_kv, (H // H_kv) * T, S), v)  # [H_kv, n_rep·T, B·D]
-        return out.reshape(H, T, B, D).permute(2, 1, 0, 3).contiguous(), None
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    out, w = eager(module, query, key, value, attention_mask, **kwargs)
+        return _FrozenAttention.apply(value, fz.attn[id(module)]), None
+    mask, dtype = attention_mask, query.dtype  # eager_mask's dtype is the model's, the queries' one
+    rec = RecordedAttention(module, query, key, value, mask, dtype, kwargs)
+    out = torch.cat(
+        [
+            _eager(module, query[:, :, lo:hi], key, value, _mask_rows(mask, lo, hi, dtype), kwargs)[0]
+            for lo, hi in _query_blocks(rec)
+        ],
+        1,
+    )
     if fz.attention == "record":
-        fz.patterns[id(module)] = w.detach()
-    return out, w
+        fz.attn[id(module)] = RecordedAttention(
+            module, query.detach(), key.detach(), value.detach(), mask, dtype, kwargs
+        )
+    return out, None
+
+
+def _query_blocks(rec: RecordedAttention) -> list[tuple[int, int]]:
+    B, H, T, _ = rec.query.shape
+    step = max(1, ATTENTION_BLOCK // max(B * H * rec.key.shape[2], 1))
+    return [(lo, min(lo + step, T)) for lo in range(0, T, step)]
+
+
+def _mask(*args, **kwargs):
+    """The mask function of ATTN_IMPL: sdpa's bool mask (eager attention's additive float mask is
+    made per block of queries); nothing in replay (the recorded one is used)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _ACTIVE[-1].attention == "replay":
+        return None
+    kwargs.pop("dtype", None)
+    kwargs.pop("allow_is_causal_skip", None)
+    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTN_IMPL, _attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, _mask)
 
 
 def _frozen_norm_forward(module: nn.Module, affine: tuple, original):
@@ -539,7 +665,7 @@ class ReplacementModel:
         freeze = Freeze()
         if freeze_attention:
             ctx = ctx or self.prepare(ids)
-            freeze = Freeze(attention="replay", patterns=ctx.freeze.patterns)
+            freeze = Freeze(attention="replay", attn=ctx.freeze.attn)
         with self._freezing(freeze), self._live_hooks(ivs, errors, state):
             logits = self.model(input_ids=ids[None], use_cache=False).logits[0]
         return logits.float()
