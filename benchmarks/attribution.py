@@ -30,6 +30,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path[:] = [
+    p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
+]  # kernels.py here is not the kernels package
 
 
 class PeakMemory:
@@ -177,6 +180,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    seen: list[tuple[int, float, float]] = []  # (tokens, our peak MiB, our seconds)
     for n in args.lengths:
         gc.collect()
         if device.type == "cuda":
@@ -212,7 +216,7 @@ def main() -> None:
             sync(device)
             per_row = (time.perf_counter() - t) / max(len(pick), 1)
         base = per_row * rows
-        ours_rows = graph.adjacency_matrix[rows_at, : graph.logit_slice.start]
+        ours_rows = graph.edge_rows[rows_at, : graph.logit_slice.start]
         cols = torch.cat([graph.selected_features, torch.arange(len(feats), ref.shape[1])])
         diff = float((ref.detach().cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
         rec = {
@@ -232,6 +236,16 @@ def main() -> None:
         print(
             f"{n:>6} {rec['active_features']:>7} {rows:>5} {ours:>8.2f} {base:>8.2f} {rec['speedup']:>7.1f}x "
             f"{mem_ours.peak:>9.0f} {mem_base.peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}"
+        )
+        seen.append((n, mem_ours.peak, ours))
+    # growth between consecutive lengths as an exponent: memory ∝ tokens^e (1 = linear, 2 = quadratic)
+    import math
+
+    for (n0, m0, s0), (n1, m1, s1) in zip(seen, seen[1:]):
+        r, gm = math.log(n1 / n0), max(m1, 1e-9) / max(m0, 1e-9)
+        print(
+            f"{n0} -> {n1} tokens: memory x{gm:.2f} (exponent {math.log(gm) / r:.2f}), "
+            f"time x{s1 / s0:.2f} (exponent {math.log(s1 / s0) / r:.2f})"
         )
     print(f"appended to {args.out}")
 

@@ -24,6 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path[:] = [
+    p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
+]  # kernels.py here is not the kernels package
 
 
 def compose(overrides: list[str]):

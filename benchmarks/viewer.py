@@ -33,6 +33,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path[:] = [
+    p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
+]  # kernels.py here is not the kernels package
 
 from clt.attribution.graph import Graph, prune, to_json  # noqa: E402
 
@@ -75,7 +78,7 @@ def synthetic_graph(
         active_features=af,
         activation_values=torch.rand(n_sel, generator=g) + 0.1,
         selected_features=torch.arange(n_sel),
-        adjacency_matrix=A,
+        edge_rows=Graph.rows_of(A, n_sel, K),
         logit_tokens=torch.arange(K),
         logit_token_strings=[f"o{i}" for i in range(K)],
         logit_probabilities=probs,
@@ -103,7 +106,7 @@ def main() -> None:
     p = prune(graph, 1.0, 1.0)
     ct = json.dumps(to_json(graph, p, "big", 1.0)).encode()
     (tmp / "big.json").write_bytes(ct)
-    n_view_nodes, n_view_edges = int(p.node_mask.sum()), int(p.edge_mask.sum())
+    n_view_nodes, n_view_edges = int(p.node_mask.sum()), int(p.edge_rows.sum())
     print(
         f"synthetic graph: {graph.n_nodes} nodes, {n_view_edges} edges in the view "
         f"({time.perf_counter() - t0:.1f} s to build); circuit-tracer JSON {len(ct) / 1e6:.1f} MB"

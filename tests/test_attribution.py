@@ -281,7 +281,7 @@ def hand_graph(A: np.ndarray, n_features: int, n_layers: int, n_pos: int, probs:
         active_features=feats,
         activation_values=torch.ones(n_features),
         selected_features=torch.arange(n_features),
-        adjacency_matrix=torch.tensor(A, dtype=torch.float32),
+        edge_rows=Graph.rows_of(torch.tensor(A, dtype=torch.float32), n_features, n_logits),
         logit_tokens=torch.arange(n_logits),
         logit_token_strings=[f"l{i}" for i in range(n_logits)],
         logit_probabilities=torch.tensor(probs),
@@ -349,7 +349,8 @@ def test_pruning_matches_direct_inverse_computation(seed):
         compute_influence(A_hat, w).double(), influence_by_inverse(A_hat, w), rtol=1e-5, atol=1e-7
     )
     keep, edges, _ = numpy_prune(A, nf, npos, probs, 0.8, 0.98)
-    p = prune(g, 0.8, 0.98)
+    p = prune(g, 0.8, 0.98)  # on the stored rows: the same influence as the dense inverse
+    torch.testing.assert_close(p.influence.double(), influence_by_inverse(A_hat, w), rtol=1e-5, atol=1e-7)
     # before dangling removal the node set is exactly the direct one; dangling removal only drops
     dropped = keep & ~p.node_mask.numpy()
     assert not (p.node_mask.numpy() & ~keep).any()
@@ -402,6 +403,7 @@ def test_pruned_scores_count_pruned_features_as_error():
     for i in gone:
         expected[:, i] = 0
         expected[i] = 0
+    expected = Graph.rows_of(expected, nf, len(probs))  # the rows the graph stores
     torch.testing.assert_close(merged, expected)
     assert s["pruned/replacement_score"] == pytest.approx(graph_scores(g, expected)["replacement_score"])
     same = scores(g, prune(g, 1.0, 1.0))

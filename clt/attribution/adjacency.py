@@ -192,10 +192,11 @@ def partial_influence(
     rows: [r, n_cols]; row_weights: [r] (logit probabilities on logit rows); row_cols: [r] the
     column of each row's node (−1 for logits). Iterates on the small square block (visited nodes)
     and applies the full rows once: w·Â + w·Â² + … restricted to the known rows."""
-    norm = rows.abs()
-    norm /= norm.sum(1, keepdim=True).clamp_min(1e-10)
+    chunk = 256
+    denom = torch.cat([rows[i : i + chunk].abs().sum(1) for i in range(0, len(rows), chunk)])
+    denom = denom.clamp_min(1e-10)  # Σ_s |A[t, s]| per row; |rows| is never materialised whole
     feat_rows = (row_cols >= 0).nonzero().flatten()
-    S = norm[:, row_cols[feat_rows]]  # [r, r_f]
+    S = rows[:, row_cols[feat_rows]].abs() / denom[:, None]  # [r, r_f]
     prod, total = row_weights.clone(), row_weights.clone()
     for _ in range(max_iter):
         nxt = torch.zeros_like(prod)
@@ -204,7 +205,11 @@ def partial_influence(
             break
         total += nxt
         prod = nxt
-    return total @ norm
+    coef = total / denom
+    out = rows.new_zeros(rows.shape[1])
+    for i in range(0, len(rows), chunk):
+        out += coef[i : i + chunk] @ rows[i : i + chunk].abs()
+    return out
 
 
 def attribute(
@@ -310,17 +315,21 @@ def attribute(
     n_sel = len(selected)
     N = n_sel + L * T + T + K
     cols = torch.cat([selected, torch.arange(n_active, rows.n_cols, device=dev)])
-    feature_rows = edge[row_of[selected]]  # [n_sel, n_cols], gathered once
-    adj = torch.zeros(N, N)
-    adj[:n_sel, : n_sel + L * T + T] = feature_rows[:, cols].cpu()
-    adj[N - K :, : n_sel + L * T + T] = edge[:K][:, cols].cpu()
-
+    # the stored rows (graph.edge_rows): features, then logits; gathered in chunks of rows, so the
+    # only full-size buffer is `edge` ([rows computed, n_cols], linear in the prompt)
+    R = n_sel + K
+    edge_rows = torch.zeros(R, N)
     unvisited = torch.zeros(N)
     rest = (~visited).nonzero().flatten()
-    if len(rest):
-        unvisited[:n_sel] = feature_rows[:, rest].sum(1).cpu()
-        unvisited[N - K :] = edge[:K][:, rest].sum(1).cpu()
-    del feature_rows
+    src_rows = torch.cat([row_of[selected], torch.arange(K, device=dev)])
+    for i in range(0, R, 256):
+        chunk = edge[src_rows[i : i + 256]]
+        edge_rows[i : i + len(chunk), : n_sel + L * T + T] = chunk[:, cols].cpu()
+        if len(rest):
+            nodes = torch.cat([torch.arange(n_sel), torch.arange(N - K, N)])[i : i + len(chunk)]
+            unvisited[nodes] = chunk[:, rest].sum(1).cpu()
+        del chunk
+    edge = edge.new_empty(0)  # frees the buffer (`visit` closes over the name)
 
     h0, logit0 = node_bias(rm, ctx)
     values_t, bias_t = torch.zeros(N), torch.zeros(N)
@@ -340,7 +349,7 @@ def attribute(
         active_features=feats.cpu(),
         activation_values=values.cpu(),
         selected_features=selected.cpu(),
-        adjacency_matrix=adj,
+        edge_rows=edge_rows,
         logit_tokens=vocab.cpu(),
         logit_token_strings=[decode(i) for i in vocab],
         logit_probabilities=probs.float().cpu(),

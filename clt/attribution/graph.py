@@ -9,8 +9,14 @@ Nodes, in this order (the adjacency layout of docs/DESIGN.md §5 and circuit-tra
 (a feature's activation, an error vector, a token embedding). Error and token rows are zero
 (they have no inputs); logit columns are zero.
 
+Only the rows that can be non-zero are stored: `edge_rows` [R, N], R = n_features + n_logits (the
+feature rows, then the logit rows; `row_nodes` maps row -> node). N grows with L·T error nodes, so a
+dense N × N matrix would be quadratic in the prompt; R × N is linear at fixed `max_feature_nodes`.
+`adjacency_matrix` still builds the dense one (small graphs, checks).
+
 Influence: Â = row-normalised |A|, w = logit probabilities on the logit nodes,
-influence = w·((I − Â)⁻¹ − I) = w·Â + w·Â² + … (Â is nilpotent: the graph is a DAG).
+influence = w·((I − Â)⁻¹ − I) = w·Â + w·Â² + … (Â is nilpotent: the graph is a DAG); on the rows:
+x₀ = w on the rows, influence = Σ_k x_k·R̂ with x_{k+1} = (x_k·R̂)[row_nodes].
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from ..files import atomic_file, write_atomic
 from .replacement import AttributionError
 
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2  # 1: a dense adjacency_matrix (still read)
 
 
 @dataclass
@@ -37,7 +43,7 @@ class Graph:
     active_features: torch.Tensor  # [n_active, 3] (layer, pos, feature), sorted
     activation_values: torch.Tensor  # [n_active]
     selected_features: torch.Tensor  # [n_sel] indices into active_features (ascending)
-    adjacency_matrix: torch.Tensor  # [N, N] fp32, rows = targets, columns = sources
+    edge_rows: torch.Tensor  # [n_sel + K, N] fp32: the feature rows, then the logit rows (targets)
     logit_tokens: torch.Tensor  # [K] vocab ids
     logit_token_strings: list[str]  # [K]
     logit_probabilities: torch.Tensor  # [K]
@@ -74,7 +80,46 @@ class Graph:
 
     @property
     def n_nodes(self) -> int:
-        return self.adjacency_matrix.shape[0]
+        return self.edge_rows.shape[1]
+
+    @property
+    def row_nodes(self) -> torch.Tensor:
+        """The node of each stored row: [n_features + n_logits]."""
+        return torch.cat([torch.arange(self.n_features), torch.arange(self.logit_slice.start, self.n_nodes)])
+
+    def row_index(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Node indices -> their rows in `edge_rows` (−1 for error and token nodes: no inputs)."""
+        nodes = torch.as_tensor(nodes)
+        k = nodes - self.logit_slice.start + self.n_features
+        return torch.where(
+            nodes < self.n_features, nodes, torch.where(nodes >= self.logit_slice.start, k, -1)
+        )
+
+    def edge_weights(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """A[dst, src] for node pairs whose targets are feature or logit nodes."""
+        return self.edge_rows[self.row_index(dst), src]
+
+    def inputs(self, node: int) -> torch.Tensor:
+        """Row `node` of the adjacency (its direct inputs): [N]."""
+        r = int(self.row_index(torch.tensor(node)))
+        return self.edge_rows[r] if r >= 0 else self.edge_rows.new_zeros(self.n_nodes)
+
+    def outputs(self, node: int) -> torch.Tensor:
+        """Column `node` of the adjacency (its direct effects on every node): [N]."""
+        col = self.edge_rows.new_zeros(self.n_nodes)
+        col[self.row_nodes] = self.edge_rows[:, node]
+        return col
+
+    @property
+    def adjacency_matrix(self) -> torch.Tensor:
+        """The dense [N, N] adjacency (O(N²) memory: for small graphs and checks)."""
+        return dense(self.edge_rows, self.row_nodes, self.n_nodes)
+
+    @staticmethod
+    def rows_of(A: torch.Tensor, n_features: int, n_logits: int) -> torch.Tensor:
+        """A dense [N, N] adjacency -> its feature and logit rows (`edge_rows`)."""
+        N = A.shape[0]
+        return torch.cat([A[:n_features], A[N - n_logits :]])
 
     @property
     def error_slice(self) -> slice:
@@ -90,7 +135,7 @@ class Graph:
         return slice(self.token_slice.stop, self.n_nodes)
 
     def logit_weights(self) -> torch.Tensor:
-        w = torch.zeros(self.n_nodes, device=self.adjacency_matrix.device)
+        w = torch.zeros(self.n_nodes, device=self.edge_rows.device)
         w[self.logit_slice] = self.logit_probabilities.to(w)
         return w
 
@@ -129,13 +174,41 @@ class Graph:
             d = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
             raise AttributionError(f"cannot read graph {path}: {e}") from e
-        if not isinstance(d, dict) or d.pop("format", None) != GRAPH_FORMAT:
+        fmt = d.pop("format", None) if isinstance(d, dict) else None
+        if fmt not in (1, GRAPH_FORMAT):
             raise AttributionError(f"{path} is not a clt graph file (format {GRAPH_FORMAT})")
+        if fmt == 1:  # the dense adjacency of earlier code
+            A = d.pop("adjacency_matrix")
+            d["edge_rows"] = cls.rows_of(A, len(d["selected_features"]), len(d["logit_tokens"]))
         return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------
 # Influence and pruning
+
+
+def dense(rows: torch.Tensor, row_nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """Rows [R, N] of the nodes `row_nodes` -> the [N, N] matrix with zeros elsewhere."""
+    out = rows.new_zeros(n_nodes, n_nodes)
+    out[row_nodes.to(rows.device)] = rows
+    return out
+
+
+def influence_on_rows(
+    R_hat: torch.Tensor, row_nodes: torch.Tensor, w_rows: torch.Tensor, max_iter: int = 10_000
+) -> torch.Tensor:
+    """w·(Â + Â² + …) for Â given by its non-zero rows R̂ [R, N] (all other rows zero), w by its
+    values on those rows [R]. -> [N]. Memory O(R·N); each step is one [R] × [R, N] product."""
+    row_nodes = row_nodes.to(R_hat.device)
+    cur = w_rows @ R_hat
+    total = cur.clone()
+    for _ in range(max_iter):
+        x = cur[row_nodes]
+        if not x.any():
+            return total
+        cur = x @ R_hat
+        total += cur
+    raise AttributionError("influence did not converge: the graph has a cycle")
 
 
 def normalize_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -185,42 +258,58 @@ def check_threshold(name: str, value: float) -> None:
 @dataclass
 class Pruned:
     node_mask: torch.Tensor  # [N] bool
-    edge_mask: torch.Tensor  # [N, N] bool
+    edge_rows: torch.Tensor  # [R, N] bool: the kept edges, as rows of the graph's `row_nodes`
     influence: torch.Tensor  # [N] node influence on the logits (unpruned graph)
     cumulative_scores: torch.Tensor  # [N] cumulative influence fraction at each node's rank
+    row_nodes: torch.Tensor | None = None  # [R] (the graph's)
+
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept edges as node indices (targets, sources), in row-major order."""
+        assert self.row_nodes is not None
+        r, src = self.edge_rows.nonzero(as_tuple=True)
+        return self.row_nodes.to(r.device)[r], src
+
+    @property
+    def edge_mask(self) -> torch.Tensor:
+        """The kept edges as a dense [N, N] mask (O(N²): small graphs and checks)."""
+        assert self.row_nodes is not None
+        return dense(self.edge_rows, self.row_nodes, self.edge_rows.shape[1])
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
     """Keep the nodes carrying `node_threshold` of the influence on the logits (tokens and logits
     always kept), then the edges carrying `edge_threshold` of the edge influence among them; then
     drop dangling nodes (features or errors left without outgoing edges, features left without
-    incoming ones) until stable. Thresholds of 1.0 keep every node and every non-zero edge."""
+    incoming ones) until stable. Thresholds of 1.0 keep every node and every non-zero edge.
+    Works on the rows (memory O(R·N))."""
     check_threshold("node_threshold", node_threshold)
     check_threshold("edge_threshold", edge_threshold)
-    A = graph.adjacency_matrix.float()
-    w = graph.logit_weights().to(A.device)
+    R = graph.edge_rows.float()
+    rn = graph.row_nodes.to(R.device)
+    w = graph.logit_weights().to(R.device)[rn]  # [R]
     n_feat, keep_from = graph.n_features, graph.token_slice.start
 
-    influence = compute_influence(normalize_matrix(A), w)
+    influence = influence_on_rows(normalize_matrix(R), rn, w)
     node_mask = influence >= find_threshold(influence, node_threshold)
     node_mask[keep_from:] = True
 
-    P = A.clone()
-    P[~node_mask] = 0
+    P = R.clone()
+    P[~node_mask[rn]] = 0
     P[:, ~node_mask] = 0
     P_hat = normalize_matrix(P)
-    edge_scores = P_hat * (compute_influence(P_hat, w) + w)[:, None]
-    edge_mask = (edge_scores >= find_threshold(edge_scores, edge_threshold)) & (P != 0)
+    edge_scores = P_hat * (influence_on_rows(P_hat, rn, w)[rn] + w)[:, None]
+    edge_rows = (edge_scores >= find_threshold(edge_scores, edge_threshold)) & (P != 0)
+    del P, P_hat, edge_scores
 
     # dangling: lost every outgoing (incoming) edge that it had before pruning
-    had_out = (A != 0).any(0)
-    had_in = (A != 0).any(1)
+    had_out = (R != 0).any(0)
+    had_in = (R[:n_feat] != 0).any(1)  # feature rows come first
     while True:
         old = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:keep_from] &= edge_mask[:, :keep_from].any(0) | ~had_out[:keep_from]
-        node_mask[:n_feat] &= edge_mask[:n_feat].any(1) | ~had_in[:n_feat]
+        edge_rows[~node_mask[rn]] = False
+        edge_rows[:, ~node_mask] = False
+        node_mask[:keep_from] &= edge_rows[:, :keep_from].any(0) | ~had_out[:keep_from]
+        node_mask[:n_feat] &= edge_rows[:n_feat].any(1) | ~had_in
         if torch.equal(old, node_mask):
             break
 
@@ -228,30 +317,32 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     cum = influence[order].cumsum(0) / influence.sum().clamp_min(1e-30)
     cumulative = torch.zeros_like(influence)
     cumulative[order] = cum
-    return Pruned(node_mask, edge_mask, influence, cumulative)
+    return Pruned(node_mask, edge_rows, influence, cumulative, rn)
 
 
-def graph_scores(graph: Graph, adjacency: torch.Tensor | None = None) -> dict[str, float]:
+def graph_scores(graph: Graph, rows: torch.Tensor | None = None) -> dict[str, float]:
     """Replacement score (share of the token-or-error end points of influence paths that are
     tokens) and completeness score (influence-weighted share of each node's normalised inputs that
-    come from non-error nodes; summed over all nodes, as circuit-tracer does)."""
-    A = graph.adjacency_matrix if adjacency is None else adjacency
-    A_hat = normalize_matrix(A.float())
-    w = graph.logit_weights().to(A_hat.device)
-    infl = compute_influence(A_hat, w)
+    come from non-error nodes; summed over all nodes, as circuit-tracer does). `rows`: edge rows
+    in the graph's layout to score instead of its own (a pruned graph's)."""
+    R_hat = normalize_matrix((graph.edge_rows if rows is None else rows).float())
+    rn = graph.row_nodes.to(R_hat.device)
+    w = graph.logit_weights().to(R_hat.device)
+    infl = influence_on_rows(R_hat, rn, w[rn])
     tok, err = infl[graph.token_slice].sum(), infl[graph.error_slice].sum()
     replacement = tok / (tok + err).clamp_min(1e-30)
-    non_error = 1 - A_hat[:, graph.error_slice].sum(1)
+    non_error = torch.ones_like(w)  # error and token nodes have no inputs
+    non_error[rn] = 1 - R_hat[:, graph.error_slice].sum(1)
     out = infl + w
     completeness = (non_error * out).sum() / out.sum().clamp_min(1e-30)
     return {"replacement_score": float(replacement), "completeness_score": float(completeness)}
 
 
 def pruned_adjacency(graph: Graph, pruned: Pruned) -> torch.Tensor:
-    """The adjacency of the pruned graph for scoring: a pruned feature's outgoing edges are merged
+    """The edge rows of the pruned graph for scoring: a pruned feature's outgoing edges are merged
     into the error node of its (layer, position) (what the graph no longer explains counts as
-    error), its row is cleared; error, token and logit nodes stay."""
-    A = graph.adjacency_matrix.float().clone()
+    error), its row is cleared; error, token and logit nodes stay. [R, N]"""
+    A = graph.edge_rows.float().clone()
     n_feat = graph.n_features
     gone = (~pruned.node_mask[:n_feat]).nonzero().flatten()
     if len(gone):
@@ -259,7 +350,7 @@ def pruned_adjacency(graph: Graph, pruned: Pruned) -> torch.Tensor:
         err_cols = n_feat + layer_pos[:, 0] * graph.n_pos + layer_pos[:, 1]
         A.index_add_(1, err_cols.to(A.device), A[:, gone])
         A[:, gone] = 0
-        A[gone] = 0
+        A[gone] = 0  # feature rows come first: row = node
     return A
 
 
@@ -269,9 +360,9 @@ def scores(graph: Graph, pruned: Pruned | None = None) -> dict[str, float]:
     if pruned is not None:
         out |= {f"pruned/{k}": v for k, v in graph_scores(graph, pruned_adjacency(graph, pruned)).items()}
         out["pruned/n_nodes"] = int(pruned.node_mask.sum())
-        out["pruned/n_edges"] = int(pruned.edge_mask.sum())
+        out["pruned/n_edges"] = int(pruned.edge_rows.sum())
     out["full/n_nodes"] = graph.n_nodes
-    out["full/n_edges"] = int((graph.adjacency_matrix != 0).sum())
+    out["full/n_edges"] = int((graph.edge_rows != 0).sum())
     return out
 
 
@@ -375,8 +466,8 @@ def to_json(
 ) -> dict:
     """The graph file the circuit-tracer viewer reads (pruned: kept nodes and edges only)."""
     nodes = json_nodes(graph, pruned)
-    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
-    weights = graph.adjacency_matrix[dst, src].tolist()
+    dst, src = pruned.edges()
+    weights = graph.edge_weights(dst, src).tolist()
     links = [
         {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": wt}
         for s, t, wt in zip(src.tolist(), dst.tolist(), weights)

@@ -46,8 +46,8 @@ def plot_graph(
             xy[i] = (pos + (j - (n - 1) / 2) * min(0.8 / max(n, 1), 0.15), row)
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * T + 2), max(5.0, 0.35 * L + 3)))
-    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
-    w = graph.adjacency_matrix[dst, src]
+    dst, src = pruned.edges()
+    w = graph.edge_weights(dst, src)
     if len(w):
         order = w.abs().argsort(descending=True)[:max_edges].flip(0)  # strongest drawn last (on top)
         wmax = float(w.abs().max())
@@ -124,9 +124,8 @@ def plot_graph(
 def top_features(graph: Graph, k: int = 5) -> list[tuple[int, list[tuple[float, int]]]]:
     """For each logit node: its k largest direct feature inputs, (weight, node) by |weight|."""
     out = []
-    A = graph.adjacency_matrix
     for j in range(graph.n_logits):
-        row = A[graph.logit_slice.start + j, : graph.n_features]
+        row = graph.edge_rows[graph.n_features + j, : graph.n_features]
         top = row.abs().topk(min(k, len(row))).indices if len(row) else torch.zeros(0, dtype=torch.long)
         out.append((j, [(float(row[i]), int(i)) for i in top]))
     return out

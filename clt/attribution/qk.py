@@ -381,7 +381,7 @@ def head_loadings(
     for e, (t, s) in enumerate(edges.tolist()):
         assert g is not None and dz is not None
         load[e] = (g[ti[t]] * dz[si[s]]).sum((1, 3)).cpu()  # Σ over positions and head dims
-    edge = graph.adjacency_matrix[edges[:, 0], edges[:, 1]].float()
+    edge = graph.edge_weights(edges[:, 0], edges[:, 1]).float()
     return HeadLoadings(edges, load, edge[:, None] - load.sum(-1), edge)
 
 
@@ -393,7 +393,8 @@ def attention_summary(
     heads that carry the most of them, at the edge's (target position, source position)."""
     heads = Heads(rm.model, rm.subject.family_name)
     keep = pruned.node_mask
-    cross = cross_position_edges(graph, pruned.edge_mask & keep[:, None] & keep[None, :])
+    rows = pruned.edge_rows & keep[graph.row_nodes][:, None] & keep[None, :]
+    cross = cross_position_edges(graph, rows)
     pos = _positions(graph)
     if not cross:
         L, H = len(heads), heads.n_heads
@@ -427,14 +428,15 @@ def attention_summary(
 
 
 def cross_position_edges(graph, mask: torch.Tensor | None = None) -> list[tuple[int, int]]:
-    """(target, source) node pairs of the graph's nonzero edges (within `mask` [N, N], if given)
-    whose positions differ: a feature or logit target, a feature, error or token source."""
-    A = graph.adjacency_matrix
+    """(target, source) node pairs of the graph's nonzero edges (within `mask`, if given: [R, N]
+    over the graph's edge rows) whose positions differ: a feature or logit target, a feature,
+    error or token source."""
+    A = graph.edge_rows
     nz = A != 0 if mask is None else (A != 0) & mask
-    nz[graph.error_slice.start : graph.token_slice.stop] = False  # error and token rows are empty
     nz[:, graph.logit_slice.start :] = False
     pos = torch.tensor(_positions(graph))
-    t, s = nz.nonzero(as_tuple=True)
+    r, s = nz.nonzero(as_tuple=True)
+    t = graph.row_nodes[r]
     cross = pos[t] != pos[s]
     return list(zip(t[cross].tolist(), s[cross].tolist()))
 
@@ -455,5 +457,5 @@ def _positions(graph) -> list[int]:
         elif i < graph.token_slice.stop:
             out.append(i - graph.token_slice.start)
         else:
-            out.append(graph.n_pos - 1)
+            out.append(int(graph.info.get("target_position", graph.n_pos - 1)))
     return out

@@ -142,8 +142,8 @@ class LoadedGraph:
         index = p.node_mask.nonzero().flatten()
         at = torch.full((g.n_nodes,), -1, dtype=torch.long)
         at[index] = torch.arange(len(index))
-        dst, src = p.edge_mask.nonzero(as_tuple=True)
-        weight = g.adjacency_matrix[dst, src].float()
+        dst, src = p.edges()
+        weight = g.edge_weights(dst, src).float()
         s = scores(g, p)
         v = View(
             node_threshold,
@@ -189,7 +189,6 @@ class LoadedGraph:
     def neighbours(self, node_id: str, k: int = 10) -> dict:
         """The k strongest inputs (row) and outputs (column) of a node in the full graph, by |w|."""
         i = self.node_index(node_id)
-        A = self.graph.adjacency_matrix
 
         def top(vec: torch.Tensor) -> list[dict]:
             nz = vec.nonzero().flatten()
@@ -202,7 +201,11 @@ class LoadedGraph:
                 for j in nz[order].tolist()
             ]
 
-        out: dict[str, Any] = {"id": node_id, "inputs": top(A[i]), "outputs": top(A[:, i])}
+        out: dict[str, Any] = {
+            "id": node_id,
+            "inputs": top(self.graph.inputs(i)),
+            "outputs": top(self.graph.outputs(i)),
+        }
         att = self.attention(i, k)
         if att is not None:
             out["attention"] = att
@@ -237,7 +240,7 @@ class LoadedGraph:
         inputs = []
         for r in (edges[:, 0] == i).nonzero().flatten().tolist():
             s = int(edges[r, 1])
-            edge = float(self.graph.adjacency_matrix[i, s])
+            edge = float(self.graph.edge_weights(torch.tensor(i), torch.tensor(s)))
             flat = loads[r].flatten()
             H = loads.shape[-1]
             best = flat.abs().argsort(descending=True)[:3].tolist()
@@ -276,7 +279,7 @@ class LoadedGraph:
             i = self.node_index(nid)
             if i < g.n_features:
                 mask[i] = True
-        p = Pruned(mask, torch.zeros(0, dtype=torch.bool), torch.zeros(0), torch.zeros(0))
+        p = Pruned(mask, torch.zeros(0, dtype=torch.bool), torch.zeros(0), torch.zeros(0), g.row_nodes)
         out = graph_scores(g, pruned_adjacency(g, p))
         return out | {"n_features": int(mask[: g.n_features].sum())}
 
@@ -294,9 +297,10 @@ class LoadedGraph:
             raise NotFound("both ends of a path must be in the current view")
         s, t = pos[s_g], pos[t_g]
         if self.A_hat is None:
-            self.A_hat = normalize_matrix(self.graph.adjacency_matrix.float())
+            self.A_hat = normalize_matrix(self.graph.edge_rows.float())  # [R, N]
         gi = v.index.numpy()
-        strength = self.A_hat[torch.from_numpy(gi[v.dst]), torch.from_numpy(gi[v.src])].numpy()
+        rows = self.graph.row_index(torch.from_numpy(gi[v.dst]))
+        strength = self.A_hat[rows, torch.from_numpy(gi[v.src])].numpy()
         n = len(gi)
         layer = np.array([self.nodes[j]["layer"] for j in gi])
         # nodes on some start → goal path: reachable forward from s and backward from t
