@@ -79,15 +79,22 @@ def sync(device):
 
 
 def prompt_ids(tokenizer, n: int, text_file: str | None = None) -> torch.Tensor:
-    """n tokens (BOS first) from a text file (default: the first speech of the bundled corpus)."""
+    """n tokens (BOS first) from a text file (default: the bundled corpus's speeches, in order)."""
     if text_file is None:
         from clt.data.text import sotu_files
 
-        text_file = sotu_files()[0]
-    text = Path(text_file).read_text()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: n - 1]
+        files = sotu_files()
+    else:
+        files = [text_file]
+    ids: list[int] = []
+    for f in files:
+        ids += tokenizer(Path(f).read_text(), add_special_tokens=False)["input_ids"]
+        if len(ids) >= n - 1:
+            break
+    if len(ids) < n - 1:
+        raise SystemExit(f"error: {len(ids) + 1} tokens of text, --lengths asks for {n}")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return torch.tensor([bos, *ids])
+    return torch.tensor([bos, *ids[: n - 1]])
 
 
 def load(args, device):
@@ -143,7 +150,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--max-feature-nodes", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--baseline-rows", type=int, default=8)
+    ap.add_argument("--baseline-rows", type=int, default=8, help="0: no baseline")
+    ap.add_argument("--baseline-max-tokens", type=int, default=None, help="no baseline above this length")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--d-sae", type=int, default=512)
     ap.add_argument("--k", type=int, default=16)
@@ -201,24 +209,28 @@ def main() -> None:
             sync(device)
             ours = time.perf_counter() - t
         rows = graph.n_features + graph.n_logits
-        ctx = rm.prepare(ids)
-        feats, vals = graph.active_features.to(device), graph.activation_values.to(device)
-        rows_at = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[
-            : args.baseline_rows
-        ]
-        pick = graph.selected_features[rows_at].to(device)  # rows spread over layers and positions
-        f = feats[pick]
-        dense_rows(rm, ctx, feats, vals, f[:1, 0], f[:1, 1], feature_vectors(rm, f[:1]))  # warm-up
-        sync(device)
-        with PeakMemory(device) as mem_base:
-            t = time.perf_counter()
-            ref = dense_rows(rm, ctx, feats, vals, f[:, 0], f[:, 1], feature_vectors(rm, f))
+        base, diff, mem_base = float("nan"), float("nan"), None
+        if args.baseline_rows > 0 and (args.baseline_max_tokens is None or n <= args.baseline_max_tokens):
+            ctx = rm.prepare(ids)
+            feats, vals = graph.active_features.to(device), graph.activation_values.to(device)
+            rows_at = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[
+                : args.baseline_rows
+            ]
+            pick = graph.selected_features[rows_at].to(device)  # rows spread over layers and positions
+            f = feats[pick]
+            dense_rows(rm, ctx, feats, vals, f[:1, 0], f[:1, 1], feature_vectors(rm, f[:1]))  # warm-up
             sync(device)
-            per_row = (time.perf_counter() - t) / max(len(pick), 1)
-        base = per_row * rows
-        ours_rows = graph.edge_rows[rows_at, : graph.logit_slice.start]
-        cols = torch.cat([graph.selected_features, torch.arange(len(feats), ref.shape[1])])
-        diff = float((ref.detach().cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
+            with PeakMemory(device) as mem_base:
+                t = time.perf_counter()
+                ref = dense_rows(rm, ctx, feats, vals, f[:, 0], f[:, 1], feature_vectors(rm, f))
+                sync(device)
+                per_row = (time.perf_counter() - t) / max(len(pick), 1)
+            base = per_row * rows
+            ours_rows = graph.edge_rows[rows_at, : graph.logit_slice.start]
+            cols = torch.cat([graph.selected_features, torch.arange(len(feats), ref.shape[1])])
+            diff = float((ref.detach().cpu()[:, cols] - ours_rows).abs().max()) if len(pick) else 0.0
+            del ctx, ref
+        base_peak = mem_base.peak if mem_base is not None else float("nan")
         rec = {
             "tokens": n,
             "active_features": graph.info["n_active_features"],
@@ -227,16 +239,19 @@ def main() -> None:
             "baseline_s_extrapolated": round(base, 3),
             "speedup": round(base / ours, 2),
             "ours_peak_mib": round(mem_ours.peak, 1),
-            "baseline_peak_mib": round(mem_base.peak, 1),
-            "memory_ratio": round(mem_base.peak / max(mem_ours.peak, 1e-9), 3),
+            "baseline_peak_mib": round(base_peak, 1),
+            "memory_ratio": round(base_peak / max(mem_ours.peak, 1e-9), 3),
             "max_abs_row_diff": diff,
+            "memory_breakdown_mib": {k: round(v, 1) for k, v in graph.info["memory_mib"].items()},
         }
         with open(args.out, "a") as fh:
             fh.write(json.dumps(meta | rec) + "\n")
         print(
             f"{n:>6} {rec['active_features']:>7} {rows:>5} {ours:>8.2f} {base:>8.2f} {rec['speedup']:>7.1f}x "
-            f"{mem_ours.peak:>9.0f} {mem_base.peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}"
+            f"{mem_ours.peak:>9.0f} {base_peak:>9.0f} {rec['memory_ratio']:>9.2f} {diff:>10.2e}"
         )
+        for k, v in graph.info["memory_mib"].items():  # where our memory went (the rest: transients)
+            print(f"{'':>8}{v:>9.0f} MiB  {k}")
         seen.append((n, mem_ours.peak, ours))
     # growth between consecutive lengths as an exponent: memory ∝ tokens^e (1 = linear, 2 = quadratic)
     import math

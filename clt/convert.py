@@ -4,12 +4,15 @@ method want: a per-feature threshold, no dependence on the other features of the
     python -m clt.convert RUN --to jumprelu                      # L0 per layer = the TopK's
     python -m clt.convert RUN --to jumprelu --target-l0 8 --finetune-steps 200 --out runs/j
 
-Calibration, on held-out activations (the run's held-out documents, after the windows its
-evaluation uses; those stay for the before/after numbers):
+Calibration, on held-out activations (the run's held-out documents after the windows its evaluation
+uses, which stay for the before/after numbers; every other one of those windows, the rest check the
+L0 on tokens the calibration did not see):
 
     m_{l,f} = the smallest pre-activation h at which the TopK kept feature f of layer l   (its floor)
     θ_{l,f} = s_l · m_{l,f},   s_l by bisection so that E_n Σ_f 1[h_{n,l,f} > θ_{l,f}] = target_l
 
+cross-fitted: m on the first half of the calibration tokens, s_l on the second (a minimum is
+optimistic on the tokens it was taken from, and would bias the L0 low on new tokens)
 so each feature keeps the boundary TopK drew for it, scaled per layer to the L0 target (default:
 the source's own held-out L0 per layer, k for TopK). A feature TopK never kept gets θ above every
 pre-activation it had. Pre-activations, encoder and decoder are the source's: on a token whose kept
@@ -104,10 +107,21 @@ def to_jumprelu(src: CrossLayerTranscoder, theta: torch.Tensor) -> CrossLayerTra
 
 
 def calibrate(src: CrossLayerTranscoder, x: torch.Tensor, target: torch.Tensor) -> CrossLayerTranscoder:
-    """x: [N, L, d] held-out CLT inputs -> the JumpReLU CLT whose L0 on x is `target` [L]."""
+    """x: [N, L, d] held-out CLT inputs -> the JumpReLU CLT with L0 `target` [L] on new tokens.
+
+    Cross-fitted: the floors come from the first half of x (a feature never kept there takes its
+    floor from the second half) and the per-layer scales from the second half. A floor is the
+    minimum over the tokens it was found on, so scales fitted on those same tokens would sit too
+    low for new ones (fewer of a feature's activations reach the floor elsewhere)."""
     with torch.no_grad():
         h = src.encode(x.to(src.W_enc.device).float())
-    return to_jumprelu(src, scale_thresholds(h, kept_floors(src, h), target.to(h.device)))
+        n = len(h) // 2
+        first, second = kept_floors(src, h[:n]), kept_floors(src, h[n:])
+        floors = torch.where(torch.isfinite(first), first, second)
+        theta = scale_thresholds(h[n:], floors, target.to(h.device))
+        never = ~torch.isfinite(floors)  # above every pre-activation of either half
+        theta = torch.where(never, h.amax(0).clamp_min(0) * 2 + 1, theta)
+    return to_jumprelu(src, theta)
 
 
 @torch.no_grad()
@@ -169,6 +183,23 @@ def finetune(clt: CrossLayerTranscoder, cfg, source, steps: int, progress: bool 
     return out
 
 
+@torch.no_grad()
+def l0_check(
+    clt: CrossLayerTranscoder, x_cal: torch.Tensor, x_check: torch.Tensor, target: torch.Tensor
+) -> dict:
+    """L0 per layer on the calibration tokens and on the held-out check tokens, and the check's
+    largest relative deviation from the target."""
+    dev = clt.W_enc.device
+    cal = layer_l0(clt.encode(x_cal.float().to(dev)), clt.threshold)
+    chk = layer_l0(clt.encode(x_check.float().to(dev)), clt.threshold)
+    t = target.to(dev)
+    return {
+        "calibration_l0_per_layer": cal.tolist(),
+        "check_l0_per_layer": chk.tolist(),
+        "check_l0_max_rel_error": float(((chk - t).abs() / t.clamp_min(1e-12)).max()),
+    }
+
+
 def convert(
     run: Path,
     out: Path,
@@ -190,19 +221,21 @@ def convert(
     if finetune_steps < 0 or calibration_windows < 1:
         raise ConvertError("--finetune-steps must be ≥ 0 and --calibration-windows ≥ 1")
     n_eval = cfg.data.eval_windows
-    cfg.data.eval_windows = n_eval + calibration_windows
+    cfg.data.eval_windows = n_eval + 2 * calibration_windows
     subject = load_subject(cfg.model, torch.device(device))
     source = make_source(cfg, subject)
     try:
         windows = source.eval_windows()
-        if len(windows) < n_eval + max(1, calibration_windows // 2):
+        if len(windows) < n_eval + 2 * max(1, calibration_windows // 2):
             raise ConvertError(
                 f"{run}: its held-out documents (data.eval_docs={cfg.data.eval_docs}) give {len(windows)} "
-                f"windows, {n_eval} for evaluation and too few left to calibrate on; lower "
+                f"windows, {n_eval} for evaluation and too few left to calibrate and check on; lower "
                 "--calibration-windows"
             )
         x_eval, y_eval = source.activations(windows[:n_eval])
-        x_cal, _ = source.activations(windows[n_eval:])
+        # the windows after the evaluation's, alternately: calibrate on one half, check L0 on the other
+        x_cal, _ = source.activations(windows[n_eval::2])
+        x_check, _ = source.activations(windows[n_eval + 1 :: 2])
         before = evaluate(src, subject, x_eval, y_eval, windows[:n_eval])
         if target_l0 is None:  # the source's own held-out L0 per layer (k for TopK)
             src.eval()
@@ -210,18 +243,19 @@ def convert(
         else:
             target = torch.full((src.n_layers,), float(target_l0))
         clt = calibrate(src, x_cal, target)
-        cal_l0 = layer_l0(clt.encode(x_cal.float().to(clt.W_enc.device)), clt.threshold).tolist()
         report: dict = {
             "source": str(run),
             "target_l0_per_layer": target.tolist(),
             "calibration_tokens": int(x_cal.shape[0]),
-            "calibration_l0_per_layer": cal_l0,
+            "check_tokens": int(x_check.shape[0]),
+            **l0_check(clt, x_cal, x_check, target),
             "before": before,
             "after_calibration": evaluate(clt, subject, x_eval, y_eval, windows[:n_eval]),
         }
         if finetune_steps:
             report["finetune_losses"] = finetune(clt, cfg, source, finetune_steps, progress)
             recalibrate(clt, x_cal, target)
+            report |= l0_check(clt, x_cal, x_check, target)
             report["after_finetune"] = evaluate(clt, subject, x_eval, y_eval, windows[:n_eval])
     finally:
         source.close()
@@ -253,6 +287,10 @@ def format_report(r: dict) -> str:
         ("eval/ce_loss_score", "CE-loss score"),
     ):
         rows.append(f"| {name} | " + " | ".join(f"{r[k][key]:.3f}" for k, _ in cols) + " |")
+    rows.append(
+        f"L0 per layer on {r['check_tokens']} held-out check tokens (not calibrated on): at most "
+        f"{100 * r['check_l0_max_rel_error']:.1f}% off the target"
+    )
     return "\n".join(rows)
 
 
@@ -269,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "--target-l0", type=float, help="active features per token in every layer (default: the source's)"
     )
     ap.add_argument("--finetune-steps", type=int, default=0, help="JumpReLU training steps after calibrating")
-    ap.add_argument("--calibration-windows", type=int, default=64, help="held-out windows to calibrate on")
+    ap.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=64,
+        help="held-out windows to calibrate on (as many more check the L0)",
+    )
     ap.add_argument("--out", type=Path, help="output directory (default: RUN-jumprelu)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)

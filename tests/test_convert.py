@@ -84,12 +84,12 @@ def test_converted_clt_exports_to_circuit_tracer_with_its_thresholds(tmp_path):
 @pytest.mark.slow  # ~50 s; test_docs_commands runs the command on a trained tiny run in `make test`
 def test_convert_command_on_a_trained_run_with_finetuning_and_its_errors(tiny_model_dir, tmp_path):
     run = tmp_path / "topk"
-    r = train_cli(tiny_overrides(tiny_model_dir, run, **{"data.eval_docs": 4}))
+    r = train_cli(tiny_overrides(tiny_model_dir, run, **{"data.eval_docs": 16}))
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "jr"
     cmd = [sys.executable, "-m", "clt.convert", str(run), "--to", "jumprelu"]
     r = subprocess.run(
-        [*cmd, "--finetune-steps", "3", "--calibration-windows", "24", "--out", str(out)],
+        [*cmd, "--finetune-steps", "3", "--calibration-windows", "150", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -101,6 +101,11 @@ def test_convert_command_on_a_trained_run_with_finetuning_and_its_errors(tiny_mo
     assert rep["target_l0_per_layer"] == pytest.approx(rep["before"]["l0_per_layer"])
     for got, want in zip(rep["calibration_l0_per_layer"], rep["target_l0_per_layer"]):
         assert abs(got - want) <= 0.05 * want
+    # held-out check windows the calibration did not see (after the fine-tuning's recalibration)
+    t = torch.tensor(rep["target_l0_per_layer"])
+    err = ((torch.tensor(rep["check_l0_per_layer"]) - t).abs() / t).max()
+    assert err == pytest.approx(rep["check_l0_max_rel_error"]) and err < 0.05, {k: v for k, v in rep.items() if "l0" in k or "tokens" in k}
+    assert "held-out check tokens" in r.stdout
     assert len(rep["finetune_losses"]) == 3 and "eval/ce_loss_spliced" in rep["after_finetune"]
     clt = CrossLayerTranscoder.from_pretrained(out)  # a run-like directory every tool reads
     assert (

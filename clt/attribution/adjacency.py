@@ -11,7 +11,8 @@ hooks on every layer's MLP output and on the token embeddings collect the gradie
 The feature contractions are one batched GEMM per source layer s, batched over positions
 ([T, B, (L − s)·d] @ [T, (L − s)·d, K], K = active features per position), so each decoder row is
 read once per batch of targets. Memory: the gradients [T, B, L, d] (bounded by `batch_size`) and
-the gathered decoder rows (cached up to `decoder_cache_bytes`).
+the gathered decoder rows (whole layers cached up to `decoder_cache_bytes`, the others rebuilt per
+batch in blocks of positions of at most DECODER_BLOCK bytes).
 Logit rows come first; feature rows are then visited in order of their current influence on the
 logits (recomputed every `update_interval · batch_size` rows) up to `max_feature_nodes`.
 """
@@ -25,6 +26,9 @@ from ..model import CrossLayerTranscoder
 from ..subject import Subject
 from .graph import Graph
 from .replacement import AttributionError, PromptContext, ReplacementModel
+
+
+DECODER_BLOCK = 1 << 26  # bytes: the largest uncached decoder block built at once (64 MiB)
 
 
 def replacement_model(model, clt: CrossLayerTranscoder, tokenizer=None) -> ReplacementModel:
@@ -74,34 +78,63 @@ class _Rows:
             feats[:, 0].contiguous(), torch.arange(L + 1, device=feats.device)
         ).tolist()
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.slots: dict[int, tuple[torch.Tensor, int]] = {}
         self.cache_left = cache_bytes
+        self.cache_budget = cache_bytes
+        self.decoder_peak = 0  # the largest decoder block built (cached or transient), bytes
         self.buf: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None  # [T, B, L, d]: ∂targets/∂(MLP output of each layer)
         self._build()
 
-    def _decoder(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder rows of source layer s's active features, value- and scale-weighted, padded per
-        position: (D [T, K, (L − s)·d], cols [T, K] (−1 = padding)). Cached within the budget."""
-        if s in self.cache:
-            return self.cache[s]
+    def _slots(self, s: int) -> tuple[torch.Tensor, int]:
+        """Source layer s's active features padded per position: (local [T, K] index into the
+        layer's features, K = the most at one position; padding = K's count `hi − lo`). Small."""
+        if s not in self.slots:
+            lo, hi = self.bounds[s], self.bounds[s + 1]
+            pos = self.feats[lo:hi, 1]  # ascending within a source layer
+            counts = torch.bincount(pos, minlength=self.T)
+            K = int(counts.max())
+            slot = torch.arange(hi - lo, device=pos.device) - (counts.cumsum(0) - counts)[pos]
+            local = torch.full((self.T, K), hi - lo, dtype=torch.long, device=pos.device)
+            local[pos, slot] = torch.arange(hi - lo, device=pos.device)
+            self.slots[s] = (local, K)
+        return self.slots[s]
+
+    def _decoder(self, s: int, p0: int, p1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder rows of source layer s's active features at positions p0..p1−1, value- and
+        scale-weighted, padded per position: (D [p1 − p0, K, (L − s)·d], cols [p1 − p0, K] (−1 =
+        padding))."""
         clt, lo, hi = self.rm.clt, self.bounds[s], self.bounds[s + 1]
-        f = self.feats[lo:hi]
+        local, K = self._slots(s)
+        local = local[p0:p1]
+        used = local[local < hi - lo]
+        a, b = (int(used.min()), int(used.max()) + 1) if len(used) else (0, 0)  # contiguous: sorted
+        f = self.feats[lo + a : lo + b]
         w = clt.W_dec[s][f[:, 2]].float()  # [n, L − s, d]
-        w = w * self.values[lo:hi, None, None] / clt.output_scale[s:].float()[None, :, None]
-        pos = f[:, 1]  # ascending within a source layer
-        counts = torch.bincount(pos, minlength=self.T)
-        K = int(counts.max())
-        slot = torch.arange(hi - lo, device=pos.device) - (counts.cumsum(0) - counts)[pos]
-        local = torch.full((self.T, K), hi - lo, dtype=torch.long, device=pos.device)
-        local[pos, slot] = torch.arange(hi - lo, device=pos.device)
-        D = torch.cat([w.flatten(1), w.new_zeros(1, w.shape[1] * w.shape[2])])[local]  # padding: zero row
+        w = w * self.values[lo + a : lo + b, None, None] / clt.output_scale[s:].float()[None, :, None]
+        idx = torch.where(local < hi - lo, local - a, b - a)
+        D = torch.cat([w.flatten(1), w.new_zeros(1, w.shape[1] * w.shape[2])])[idx]  # padding: zero row
         cols = torch.where(local < hi - lo, local + lo, -1)
-        out = (D, cols)
-        size = D.numel() * D.element_size()
+        self.decoder_peak = max(self.decoder_peak, D.numel() * D.element_size())
+        return D, cols
+
+    def _blocks(self, s: int):
+        """(p0, p1, D, cols) covering all positions: one cached block when the whole layer fits
+        the cache budget, else blocks of positions of at most DECODER_BLOCK bytes, rebuilt."""
+        if s in self.cache:
+            yield (0, self.T, *self.cache[s])
+            return
+        _, K = self._slots(s)
+        size = self.T * K * (self.L - s) * self.rm.d_model * 4
         if size <= self.cache_left:
-            self.cache[s] = out
+            self.cache[s] = self._decoder(s, 0, self.T)
             self.cache_left -= size
-        return out
+            yield (0, self.T, *self.cache[s])
+            return
+        step = max(1, DECODER_BLOCK // max(K * (self.L - s) * self.rm.d_model * 4, 1))
+        for p0 in range(0, self.T, step):
+            p1 = min(p0 + step, self.T)
+            yield (p0, p1, *self._decoder(s, p0, p1))
 
     def _layer_grad(self, l: int, g: torch.Tensor) -> None:
         """g: [B, T, d] = ∂targets/∂(MLP output of layer l): error edges now, features after the pass."""
@@ -112,17 +145,17 @@ class _Rows:
         self.grads[:, :, l] = g.transpose(0, 1)
 
     def _feature_edges(self) -> None:
-        """Per source layer: [T, B, (L − s)·d] @ [T, (L − s)·d, K] -> [T, B, K], into the columns."""
+        """Per source layer and block of positions: [n, B, (L − s)·d] @ [n, (L − s)·d, K] -> [n, B, K]."""
         assert self.buf is not None and self.grads is not None
         T, B, L, d = self.grads.shape
         for s in range(L):
             if self.bounds[s + 1] == self.bounds[s]:
                 continue
-            D, cols = self._decoder(s)
-            G = self.grads[:, :, s:].reshape(T, B, (L - s) * d)
-            Y = torch.bmm(G, D.transpose(1, 2))  # [T, B, K]
-            valid = cols.flatten() >= 0
-            self.buf.index_add_(1, cols.flatten()[valid], Y.permute(1, 0, 2).reshape(B, -1)[:, valid])
+            for p0, p1, D, cols in self._blocks(s):
+                G = self.grads[p0:p1, :, s:].reshape(p1 - p0, B, (L - s) * d)
+                Y = torch.bmm(G, D.transpose(1, 2))  # [n, B, K]
+                valid = cols.flatten() >= 0
+                self.buf.index_add_(1, cols.flatten()[valid], Y.permute(1, 0, 2).reshape(B, -1)[:, valid])
 
     def _token_grad(self, g: torch.Tensor) -> None:
         assert self.buf is not None
@@ -142,14 +175,31 @@ class _Rows:
             self.handles.append(out.register_hook(lambda g, layer=layer: self._layer_grad(layer, g)))
             return out
 
-        with torch.enable_grad():
+        # count what autograd keeps for the backward passes (weights excluded): graph.info's memory
+        weights = {
+            p.untyped_storage().data_ptr() for p in (*rm.subject.model.parameters(), *rm.clt.parameters())
+        }
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self.xs, self.hidden = rm.frozen_run(ctx, E, rm.mlp_outputs(ctx)[None], on_output)
+        self.forward_bytes = sum(saved.values())
+
+    @property
+    def cache_bytes_used(self) -> int:
+        return self.cache_budget - self.cache_left
 
     def release(self) -> None:
         """Drop the forward graph and the caches now (the hooks make a reference cycle)."""
         for h in self.handles:
             h.remove()
-        self.handles, self.cache = [], {}
+        self.handles, self.cache, self.slots = [], {}, {}
         self.xs = self.hidden = self.one_E = self.ones = None  # type: ignore[assignment]
 
     def compute(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -171,6 +221,15 @@ class _Rows:
             self._feature_edges()
         out, self.buf, self.grads = self.buf[:n], None, None
         return out
+
+
+def context_bytes(ctx: PromptContext) -> int:
+    """Bytes held by one prompt's clean run: its [T, ·] tensors and the recorded attention inputs."""
+    ts = [v for v in vars(ctx).values() if isinstance(v, torch.Tensor)]
+    for rec in ctx.freeze.attn.values():
+        ts += [t for t in (rec.query, rec.key, rec.value, rec.mask) if t is not None]
+    ts += [*ctx.freeze.scales.values(), *ctx.freeze.gates.values()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
 
 
 @torch.no_grad()
@@ -331,6 +390,16 @@ def attribute(
         del chunk
     edge = edge.new_empty(0)  # frees the buffer (`visit` closes over the name)
 
+    MiB = 2**20
+    memory = {  # where the memory went, MiB (graph.info["memory_mib"]; benchmarks/attribution.py prints it)
+        "clean run (activations, errors, logits, recorded q/k/v/mask)": context_bytes(ctx) / MiB,
+        f"forward graph kept for the backward passes (batch {batch_size})": rows.forward_bytes / MiB,
+        "gradients [T, batch, L, d]": T * batch_size * L * rm.d_model * 4 / MiB,
+        "row buffer [rows computed, n_active + L·T + T]": (K + n_visit) * rows.n_cols * 4 / MiB,
+        "decoder blocks (cache + largest transient)": (rows.cache_bytes_used + rows.decoder_peak) / MiB,
+        "graph rows [kept + logits, N]": edge_rows.numel() * 4 / MiB,
+    }
+
     h0, logit0 = node_bias(rm, ctx)
     values_t, bias_t = torch.zeros(N), torch.zeros(N)
     fs = feats[selected]
@@ -368,6 +437,7 @@ def attribute(
             "d_sae": rm.clt.d_sae,
             "visited_fraction": n_visit / max(n_active, 1),
             "target_position": ctx.target % T,
+            "memory_mib": memory,
         },
     )
     if attention:
