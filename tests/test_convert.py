@@ -104,7 +104,9 @@ def test_convert_command_on_a_trained_run_with_finetuning_and_its_errors(tiny_mo
     # held-out check windows the calibration did not see (after the fine-tuning's recalibration)
     t = torch.tensor(rep["target_l0_per_layer"])
     err = ((torch.tensor(rep["check_l0_per_layer"]) - t).abs() / t).max()
-    assert err == pytest.approx(rep["check_l0_max_rel_error"]) and err < 0.05, {k: v for k, v in rep.items() if "l0" in k or "tokens" in k}
+    assert err == pytest.approx(rep["check_l0_max_rel_error"]) and err < 0.05, {
+        k: v for k, v in rep.items() if "l0" in k or "tokens" in k
+    }
     assert "held-out check tokens" in r.stdout
     assert len(rep["finetune_losses"]) == 3 and "eval/ce_loss_spliced" in rep["after_finetune"]
     clt = CrossLayerTranscoder.from_pretrained(out)  # a run-like directory every tool reads

@@ -27,7 +27,6 @@ from ..subject import Subject
 from .graph import Graph
 from .replacement import AttributionError, PromptContext, ReplacementModel
 
-
 DECODER_BLOCK = 1 << 26  # bytes: the largest uncached decoder block built at once (64 MiB)
 
 
