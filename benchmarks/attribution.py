@@ -73,6 +73,19 @@ class PeakMemory:
             self.peak = (self.top - self.start) / 2**20
 
 
+def commit() -> str:
+    """The checked-out commit (a trailing + when the tree has changes), or "" outside git."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
+    except OSError:
+        return ""
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -186,6 +199,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "baseline_rows": args.baseline_rows,
         "command": " ".join(sys.argv),
+        "commit": commit(),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     seen: list[tuple[int, float, float]] = []  # (tokens, our peak MiB, our seconds)

@@ -15,8 +15,9 @@ so each feature keeps the boundary TopK drew for it, scaled per layer to the L0 
 the source's own held-out L0 per layer, k for TopK). Cross-fitted: m from the first half of the
 calibration tokens, s_l from the second (a minimum is optimistic on the tokens it was taken from
 and would bias the L0 low on new ones); a feature never kept in the first half takes its floor from
-the second, one never kept at all gets θ above every pre-activation it had. Pre-activations, encoder and decoder are the source's: on a token whose kept
-features all sit above their θ and the rest below, the JumpReLU gives exactly the TopK's output.
+the second, one never kept at all gets θ above every pre-activation it had. Pre-activations,
+encoder and decoder are the source's: on a token whose kept features all sit above their θ and the
+rest below, the JumpReLU gives exactly the TopK's output.
 
 `--finetune-steps N` then trains the JumpReLU CLT for N steps on the run's training text
 (reconstruction + clt.sparsity_coeff · tanh sparsity + pre-activation loss, the run's learning

@@ -558,18 +558,19 @@ class ReplacementModel:
         return dec + err + ctx.bos_out
 
     def frozen_run(
-        self, ctx: PromptContext, E: torch.Tensor, mlp_out: torch.Tensor, on_output=None
+        self, ctx: PromptContext, E: torch.Tensor, mlp_out: torch.Tensor, on_output=None, on_input=None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The frozen model. E: [B, T, d], mlp_out: [B or 1, T, L, d] ->
         (xs: L × [B, T, d] CLT inputs, hidden: [B, T, d] after the final norm).
-        `on_output(layer, tensor)` may return a replacement for layer's MLP output (for gradients)."""
+        `on_output(layer, tensor)` may return a replacement for layer's MLP output (for gradients);
+        `on_input(layer, x)`, what xs holds for layer instead of its CLT input."""
         L, sub = self.n_layers, self.subject
         xs: list = [None] * L
         B = E.shape[0]
         dtype = self.subject.dtype
 
         def read(layer, x):
-            xs[layer] = x
+            xs[layer] = x if on_input is None else on_input(layer, x)
 
         def write(layer, y):
             out = mlp_out[:, :, layer].to(dtype).expand(B, -1, -1)
