@@ -34,7 +34,7 @@ demo: $(STAMP)
 	@echo "  $(VENV)/bin/clt serve runs/demo/graphs"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(PY) -m pytest -q --durations=20 -m "not slow and not gpu" tests   # the 20 slowest listed: keep the run < 20 min
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
