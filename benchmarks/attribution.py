@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -71,19 +72,6 @@ class PeakMemory:
             self.thread.join()
             self.top = max(self.top, self.proc.memory_info().rss)
             self.peak = (self.top - self.start) / 2**20
-
-
-def commit() -> str:
-    """The checked-out commit (a trailing + when the tree has changes), or "" outside git."""
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
-    except OSError:
-        return ""
 
 
 def sync(device):
@@ -199,7 +187,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "baseline_rows": args.baseline_rows,
         "command": " ".join(sys.argv),
-        "commit": commit(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     seen: list[tuple[int, float, float]] = []  # (tokens, our peak MiB, our seconds)

@@ -10,11 +10,11 @@ hooks on every layer's MLP output and on the token embeddings collect the gradie
 
 The feature contractions are one batched GEMM per source layer s, batched over positions
 ([T, B, (L − s)·d] @ [T, (L − s)·d, K], K = active features per position), so each decoder row is
-read once per batch of targets. The targets' gradients enter through taps on the CLT inputs
-(`_Tap`), so the frozen run keeps none of its L × [B, T, d] inputs. Memory: the gradients
-[T, B, L, d] (bounded by `batch_size`) and the gathered decoder rows (whole layers cached up to
-`decoder_cache_bytes`, the others rebuilt per batch in blocks of positions of at most DECODER_BLOCK
-bytes).
+read once per batch of targets. The targets' gradients enter through taps on the CLT inputs and
+the final hidden state (`_Tap`), so the frozen run keeps none of its L × [B, T, d] inputs.
+Memory: the gradients [T, B, L, d] (bounded by `batch_size`) and the gathered decoder rows (whole
+layers cached up to `decoder_cache_bytes`, the others rebuilt per batch in blocks of positions of
+at most DECODER_BLOCK bytes).
 Logit rows come first; feature rows are then visited in order of their current influence on the
 logits (recomputed every `update_interval · batch_size` rows) up to `max_feature_nodes`.
 """
@@ -207,13 +207,14 @@ class _Rows:
                 saved[st.data_ptr()] = st.nbytes()
             return t
 
-        self.tap_slots: list[dict] = [{} for _ in range(self.L)]
+        self.tap_slots: list[dict] = [{} for _ in range(self.L + 1)]  # layers, then the final hidden
 
         def on_input(layer, x):
             return _Tap.apply(x, self.tap_slots[layer])
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.taps, self.hidden = rm.frozen_run(ctx, E, rm.mlp_outputs(ctx)[None], on_output, on_input)
+            self.taps, hidden = rm.frozen_run(ctx, E, rm.mlp_outputs(ctx)[None], on_output, on_input)
+            self.taps.append(on_input(self.L, hidden))
         self.forward_bytes = sum(saved.values())
 
     @property
@@ -225,7 +226,7 @@ class _Rows:
         for h in self.handles:
             h.remove()
         self.handles, self.cache, self.slots = [], {}, {}
-        self.taps = self.hidden = self.one_E = self.ones = None  # type: ignore[assignment]
+        self.taps = self.one_E = self.ones = None  # type: ignore[assignment]
 
     def compute(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows for up to B targets: target i reads `vectors[i]` · (layer layers[i]'s CLT input at
@@ -239,11 +240,8 @@ class _Rows:
             b = torch.arange(n, device=layers.device)
             for layer in layers.unique().tolist():
                 m = layers == layer
-                if layer == self.L:  # the final hidden state: held ([B, T, d], one layer's worth)
-                    obj = obj + (self.hidden[b[m], positions[m]].float() * vectors[m]).sum()
-                else:
-                    self.tap_slots[layer]["targets"] = (b[m], positions[m], vectors[m].float())
-                    obj = obj + self.taps[layer]
+                self.tap_slots[layer]["targets"] = (b[m], positions[m], vectors[m].float())
+                obj = obj + self.taps[layer]
             torch.autograd.grad(obj, [self.one_E, *self.ones], retain_graph=True, allow_unused=True)
         with torch.no_grad():
             self._feature_edges()
@@ -423,7 +421,6 @@ def attribute(
         "clean run (activations, errors, logits, recorded q/k/v/mask)": context_bytes(ctx) / MiB,
         f"forward graph kept for the backward passes (batch {batch_size})": rows.forward_bytes / MiB,
         "gradients [T, batch, L, d]": T * batch_size * L * rm.d_model * 4 / MiB,
-        "final hidden state, the logit rows' root [batch, T, d]": T * batch_size * rm.d_model * 4 / MiB,
         "row buffer [rows computed, n_active + L·T + T]": (K + n_visit) * rows.n_cols * 4 / MiB,
         "decoder blocks (cache + largest transient)": (rows.cache_bytes_used + rows.decoder_peak) / MiB,
         "graph rows [kept + logits, N]": edge_rows.numel() * 4 / MiB,
