@@ -23,6 +23,7 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # stored weights (exports), 
 SUBJECT_DTYPES = ("auto", *WEIGHT_DTYPES)  # model.dtype
 BUFFER_DTYPES = ("auto", "float32", "bfloat16")  # data.buffer_dtype
 BUFFER_DEVICES = ("auto", "cpu", "subject")  # data.buffer_device
+SPAN_MIN = 8  # shortest span toy.repeat_spans copies
 PREFETCH = ("auto", "on", "off")  # data.prefetch
 ATTRIBUTION_DTYPES = ("float32", "bfloat16")  # the subject model under attribution and the viewer
 CACHE_DTYPES = ("bfloat16", "int8")  # cache.dtype
@@ -319,6 +320,9 @@ class ToyConfig:
     repeat_n: int = 50  # length of each random sequence of that evaluation
     vocab: int = 0  # 0: the tokenizer's ids; N: BOS/EOS, the commonest tokens, one "other" id (N in all)
     eval_vocab: int = 2000  # its ids: the N commonest tokens of the first windows (0: ids 1000..10000)
+    repeat_spans: float = 0.0  # this fraction of training windows gets one span of its own text copied
+    # over a later stretch of it (random length ≥ 8, random gap): repetition a small corpus has too
+    # little of for an induction head to pay (0: the text as it is; the evaluation is unchanged)
     seed: int = 0
     out: str = "runs/toy"  # model/ (a GPT-2 or Llama checkpoint with its MLPs zeroed), heads/, history
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -341,6 +345,13 @@ class ToyJobConfig:
         _check(t.eval_every >= 0, "toy.eval_every", t.eval_every, "≥ 0")
         _check(t.repeat_n >= 2, "toy.repeat_n", t.repeat_n, "≥ 2")
         _check(t.vocab == 0 or t.vocab >= 3, "toy.vocab", t.vocab, "0 or ≥ 3")
+        _check(0 <= t.repeat_spans <= 1, "toy.repeat_spans", t.repeat_spans, "in [0, 1]")
+        _check(
+            t.repeat_spans == 0 or self.data.context_size >= 2 * SPAN_MIN + 1,
+            "data.context_size",
+            self.data.context_size,
+            f"≥ {2 * SPAN_MIN + 1} with toy.repeat_spans",
+        )
         ok_vocab = t.eval_vocab == 0 or t.repeat_n <= t.eval_vocab <= (
             t.vocab - 3 if t.vocab else t.eval_vocab
         )

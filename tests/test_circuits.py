@@ -429,6 +429,35 @@ def test_evaluation_ids_are_the_commonest_training_tokens_and_rows_draw_only_fro
         repeated_tokens(1, 8, 0, 0, bos=1, pool=pool)
 
 
+def test_repeated_span_copies_one_span_of_the_window_over_a_later_stretch():
+    from omegaconf import OmegaConf
+
+    from clt.circuits.toy import SPAN_MIN, repeat_span
+    from clt.config import ToyJobConfig, load_config
+    from clt.errors import ConfigError
+
+    window = torch.arange(1000, 1129)  # [T=129]: "BOS" 1000, then 128 distinct text tokens
+    gen, gaps, lengths = torch.Generator().manual_seed(0), set(), set()
+    for _ in range(200):
+        out = repeat_span(window, gen)
+        assert out[0] == window[0] and out.shape == window.shape
+        changed = (out != window).nonzero().flatten()  # the copy's positions: one contiguous run
+        j, length = int(changed[0]), changed.numel()
+        assert (changed == torch.arange(j, j + length)).all() and SPAN_MIN <= length <= 64
+        i = int(out[j]) - 1000  # where the copy came from: its source is untouched and earlier
+        assert (out[j : j + length] == window[i : i + length]).all() and i + length <= j
+        assert (out[i : i + length] == window[i : i + length]).all()
+        gaps.add(j - i)
+        lengths.add(length)
+    assert len(gaps) > 50 and len(lengths) > 30  # neither the gap nor the length is fixed
+    with pytest.raises(ConfigError, match="toy.repeat_spans"):
+        load_config(OmegaConf.create({"toy": {"repeat_spans": 1.5}}), ToyJobConfig)
+    with pytest.raises(ConfigError, match="data.context_size"):
+        load_config(
+            OmegaConf.create({"toy": {"repeat_spans": 0.5}, "data": {"context_size": 16}}), ToyJobConfig
+        )
+
+
 def test_toy_model_is_attention_only_and_trains(tmp_path):
     from omegaconf import OmegaConf
 

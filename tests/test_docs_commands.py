@@ -47,6 +47,39 @@ def run(argv: list[str], env: dict | None = None, timeout: int = 600) -> subproc
     return done
 
 
+class Pool:
+    """Commands that need nothing from each other run two at a time (most of a tiny command's time is
+    Python importing torch, on one core): `start` launches (waiting while two run), `wait` ends them
+    all and runs each one's checks."""
+
+    def __init__(self, folder: Path, width: int = 2):
+        self.folder, self.width, self.running, self.n = folder, width, [], 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, argv: list[str], check=None, env: dict | None = None) -> None:
+        while len(self.running) >= self.width:
+            self._end(self.running.pop(0))
+        self.n += 1
+        log = open(self.folder / f"{self.n}.log", "w+")
+        env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.running.append((argv, proc, log, check))
+
+    def _end(self, job) -> None:
+        argv, proc, log, check = job
+        rc = proc.wait(timeout=600)
+        log.seek(0)
+        output = log.read()
+        log.close()
+        assert rc == 0, f"{argv}\n{output[-3000:]}"
+        if check:
+            check(output)
+
+    def wait(self) -> None:
+        while self.running:
+            self._end(self.running.pop(0))
+
+
 def overrides_of(argv: list[str]) -> list[str]:
     """The Hydra overrides of a command line, placeholders (…) dropped, a sweep's first value."""
     out = []
@@ -88,11 +121,12 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
     shutil.copytree(viewer_folder.clt, clt_dir)  # (commands add cards to the store next to it)
     stores: list[Path] = []
     ran = checked = 0
+    pool = Pool(tmp_path / "logs")
     for page, cmd in commands:
         argv = shlex.split(cmd)
         head = argv[:3]
         if argv[:2] == ["python", "train.py"] and argv[2:] == ["--help"]:
-            assert "clt" in run([sys.executable, "train.py", "--help"]).stdout
+            pool.start([sys.executable, "train.py", "--help"], lambda out: "clt" in out or pytest.fail(out))
             ran += 1
         elif argv[:2] == ["python", "train.py"]:
             over = overrides_of(argv[2:])
@@ -114,13 +148,12 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             for k in ("clt.d_sae", "data.buffer_tokens", "trainer.batch_tokens"):
                 mine.pop(k, None)  # tiny sizes
             mine["trainer.max_steps"] = "2"
-            done = train_cli([f"{k}={v}" for k, v in (tiny | mine).items()])
-            assert done.returncode == 0, f"{cmd}\n{done.stderr[-3000:]}"
+            pool.start([sys.executable, "train.py", *[f"{k}={v}" for k, v in (tiny | mine).items()]])
             ran += 1
         elif head[:3] == ["python", "-m", "clt.cache"] and argv[3:4] == ["verify"]:
-            assert (
-                "every checksum ok"
-                in run([sys.executable, "-m", "clt.cache", "verify", str(tiny_cache)]).stdout
+            pool.start(
+                [sys.executable, "-m", "clt.cache", "verify", str(tiny_cache)],
+                lambda out: "every checksum ok" in out or pytest.fail(out),
             )
             ran += 1
         elif head == ["python", "-m", "clt.cache"]:
@@ -136,11 +169,14 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
                 check_train_config([o for o in over if not o.startswith(("cache.", "features."))])
             checked += 1
         elif argv[:2] == ["python", "slurm/submit.py"]:
-            done = run([sys.executable, "slurm/submit.py", "--dry-run", *argv[2:]])
-            assert "sbatch" in done.stdout
+            pool.start(
+                [sys.executable, "slurm/submit.py", "--dry-run", *argv[2:]],
+                lambda out: "sbatch" in out or pytest.fail(out),
+            )
             checked += 1
         elif head == ["python", "-m", "clt.features"] and argv[3] == "render":
             out = tmp_path / "card.png"
+            pool.wait()  # (the store it renders from)
             run([sys.executable, "-m", "clt.features", "render", str(stores[0]), "1", "5", "--out", str(out)])
             assert out.stat().st_size > 10_000
             ran += 1
@@ -151,25 +187,19 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             over = [f"data.cache={tiny_cache}" if o == "data.cache=cache/sotu" else o for o in over]
             if not any(o.startswith("data.cache") for o in over):
                 over += ["data.context_size=32", "data.batch_windows=4"]
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "clt.features",
-                    clt_dir,
-                    *over,
-                    "features.tokens=600",
-                    f"features.out={tmp_path / f'store{len(stores)}'}",
-                ]
+            store = tmp_path / f"store{len(stores)}"
+            stores.append(store)
+            argv = [sys.executable, "-m", "clt.features", clt_dir, *over, "features.tokens=600"]
+            pool.start(
+                [*argv, f"features.out={store}"],
+                lambda out, store=store: (store / "manifest.json").exists() or pytest.fail(out),
             )
-            stores.append(tmp_path / f"store{len(stores)}")
-            assert (stores[-1] / "manifest.json").exists()
             ran += 1
         elif head == ["python", "-m", "clt.attribute"]:
-            out = tmp_path / "paris"
+            out = tmp_path / f"paris{ran}"
             extra = ["--cards", "--cards-tokens", "600"] if "--cards" in argv else []
             extra += ["--attention"] if "--attention" in argv else []
-            run(
+            pool.start(
                 [
                     sys.executable,
                     "-m",
@@ -182,9 +212,9 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
                     "16",
                     "--no-plot",
                     *extra,
-                ]
+                ],
+                lambda log, out=out: (out / "graph.pt").exists() or pytest.fail(log),
             )
-            assert (out / "graph.pt").exists()
             ran += 1
         elif head[:2] == ["python", "-m"] and argv[2] == "clt.push":
             with FakeHub() as hub:
@@ -198,8 +228,10 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
         elif argv[:2] in (["clt", "heads"], ["clt", "pinpoint"]):  # on the tiny model, tiny settings
             assert argv[2] == "bundled:smollm2-135m-instruct", cmd
             out = tmp_path / f"{argv[1]}{ran}"
-            run(circuits_cli(argv, tiny_model_dir, out))
-            assert any(out.iterdir())
+            pool.start(
+                circuits_cli(argv, tiny_model_dir, out),
+                lambda log, out=out: any(out.iterdir()) or pytest.fail(log),
+            )
             ran += 1
         elif argv[:2] == ["python", "toy.py"]:
             over = [a for a in argv[2:] if "=" in a]
@@ -220,8 +252,11 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
                 "data.batch_windows=2",
                 f"toy.out={tmp_path / f'toy{ran}'}",
             ]
-            run([sys.executable, "toy.py", *over, *tiny], timeout=600)
-            assert (tmp_path / f"toy{ran}" / "model" / "config.json").exists()
+            made = tmp_path / f"toy{ran}" / "model" / "config.json"
+            pool.start(
+                [sys.executable, "toy.py", *over, *tiny],
+                lambda log, made=made: made.exists() or pytest.fail(log),
+            )
             ran += 1
         elif head == ["python", "-m", "clt.convert"]:  # a tiny TopK run, converted with the options shown
             run_dir = tmp_path / "convert-src"
@@ -233,7 +268,7 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
             opts = [a for a in argv[4:] if a != "--out" and not a.startswith("runs/")]
             out = tmp_path / f"converted{ran}"
             steps = ["--finetune-steps", "2"] if "--finetune-steps" in opts else []
-            run(
+            pool.start(
                 [
                     sys.executable,
                     "-m",
@@ -245,21 +280,30 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
                     "16",
                     "--out",
                     str(out),
-                ]
+                ],
+                lambda log, out=out: (
+                    ((out / "clt" / "model.safetensors").exists() and (out / "report.json").exists())
+                    or pytest.fail(log)
+                ),
             )
-            assert (out / "clt" / "model.safetensors").exists() and (out / "report.json").exists()
             ran += 1
         elif argv[:2] == ["python", "benchmarks/topk_scope.py"]:  # two trainings: their configs checked
             over = overrides_of(argv[2:])
             for scope in ("layer", "all"):
                 check_train_config([*over, f"clt.topk_scope={scope}"])
-            assert "topk_scope" in run([sys.executable, "benchmarks/topk_scope.py", "--help"]).stdout
+            pool.start(
+                [sys.executable, "benchmarks/topk_scope.py", "--help"],
+                lambda out: "topk_scope" in out or pytest.fail(out),
+            )
             checked += 1
         elif argv[:2] == ["clt", "view"]:
             out = tmp_path / "paris.html"
-            run([sys.executable, "-m", "clt.cli", "view", str(graphs / "capitals.pt"), "--export", str(out)])
-            assert "<html" in out.read_text()[:500].lower()
+            pool.start(
+                [sys.executable, "-m", "clt.cli", "view", str(graphs / "capitals.pt"), "--export", str(out)],
+                lambda log, out=out: "<html" in out.read_text()[:500].lower() or pytest.fail(log),
+            )
             ran += 1
         else:
             raise AssertionError(f"docs/{page} shows a command this test neither runs nor checks: {cmd}")
+    pool.wait()
     assert ran >= 12 and checked >= 15, (ran, checked)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ToyJobConfig
+from ..config import SPAN_MIN, ToyJobConfig
 from ..files import atomic_directory
 
 
@@ -90,6 +90,20 @@ def common_tokens(windows, n_windows: int, k: int, vocab: int, special: list[int
         counts += torch.bincount(next(windows)[0].flatten(), minlength=vocab)
     counts[special] = 0
     return counts.argsort(descending=True, stable=True)[: min(k, int((counts > 0).sum()))]
+
+
+def repeat_span(window: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """window [T] (BOS first) with x[j : j+L] = x[i : i+L] for a random length L in [SPAN_MIN, n/2]
+    (n = T − 1 text tokens), source i and copy j ≥ i + L drawn uniformly: the second copy is
+    predictable from the first only by looking back to the token after the current one's earlier
+    occurrence, at a gap that varies, which is what an induction head does."""
+    out, n = window.clone(), window.numel() - 1
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
+    length = r(SPAN_MIN, n // 2)
+    i = r(0, n - 2 * length)
+    j = r(i + length, n - length)
+    out[1 + j : 1 + j + length] = window[1 + i : 1 + i + length]
+    return out
 
 
 def evaluate(model, cfg, pool: torch.Tensor | None) -> dict:
@@ -173,9 +187,15 @@ def train_toy(job: ToyJobConfig, progress: bool = True) -> Path:
     history: list[dict] = []
     out = Path(cfg.out)
     tokens, t0, loss_avg = 0, time.perf_counter(), None
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def window() -> torch.Tensor:
+        w = next(windows)[0]
+        return repeat_span(w, gen) if float(torch.rand((), generator=gen)) < cfg.repeat_spans else w
+
     bar = tqdm(range(cfg.steps), desc=f"toy {cfg.layers}-layer", unit="step", disable=not progress)
     for step in bar:
-        batch = ids(torch.stack([next(windows)[0] for _ in range(data.batch_windows)])).to(device)
+        batch = ids(torch.stack([window() for _ in range(data.batch_windows)])).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         loss = model(input_ids=batch, labels=batch).loss
