@@ -587,3 +587,41 @@ def test_norm_affine_finds_each_gain_form_and_refuses_other_norms():
         base = getattr(model, model.base_model_prefix)
         want = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(fam, "norm")
         assert norms.final_norm(model) is getattr(base, want)
+
+
+@pytest.mark.slow
+def test_the_documented_toy_command_forms_an_induction_head_keyed_by_a_previous_token_head(tmp_path):
+    """docs/circuits.md's command (~30 min on 2 CPU cores) ends with an induction head in layer 1
+    whose strongest K-composition source is layer 0's previous-token head, and in-context learning:
+    the second copy of repeated random tokens is predicted far better than the first."""
+    import json
+    import re
+    import subprocess
+
+    from conftest import REPO
+    from safetensors.torch import load_file
+
+    text = (REPO / "docs" / "circuits.md").read_text()
+    cmd = re.search(r"^python toy.py (toy.arch=llama .*toy.repeat_spans=1.0.*)$", text, re.M)
+    assert cmd, "docs/circuits.md no longer shows the induction-head command"
+    out = tmp_path / "toy"
+    done = subprocess.run(
+        [sys.executable, "toy.py", *cmd.group(1).split(), f"toy.out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=5400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+    assert last["induction"] > 0.3 and last["previous"] > 0.5, last  # uniform attention: 0.0136
+    assert last["loss_second_copy"] < last["loss_first_copy"] - 3, last
+    s = load_file(out / "heads" / "scores.safetensors")
+    ind = divmod(int(s["induction"].argmax()), s["induction"].shape[1])
+    prev = int(s["previous"][0].argmax())  # layer 0's previous-token head
+    assert ind[0] == 1, ind
+    source = int(s["K"][0, :, ind[0], ind[1]].argmax())  # K[l_src, h_src, l_dst, h_dst]
+    assert source == prev and s["K"][0, source, 1, ind[1]] > 1.5 / math.sqrt(128), (
+        source,
+        prev,
+    )  # baseline ≈ 1/√d
