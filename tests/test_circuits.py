@@ -590,6 +590,7 @@ def test_norm_affine_finds_each_gain_form_and_refuses_other_norms():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)  # (the suite's 900 s would stop it)
 def test_the_documented_toy_command_forms_an_induction_head_keyed_by_a_previous_token_head(tmp_path):
     """docs/circuits.md's command (~30 min on 2 CPU cores) ends with an induction head in layer 1
     whose strongest K-composition source is layer 0's previous-token head, and in-context learning:
