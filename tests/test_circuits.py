@@ -621,8 +621,5 @@ def test_the_documented_toy_command_forms_an_induction_head_keyed_by_a_previous_
     ind = divmod(int(s["induction"].argmax()), s["induction"].shape[1])
     prev = int(s["previous"][0].argmax())  # layer 0's previous-token head
     assert ind[0] == 1, ind
-    source = int(s["K"][0, :, ind[0], ind[1]].argmax())  # K[l_src, h_src, l_dst, h_dst]
-    assert source == prev and s["K"][0, source, 1, ind[1]] > 1.5 / math.sqrt(128), (
-        source,
-        prev,
-    )  # baseline ≈ 1/√d
+    k = s["K"][0, :, 1, ind[1]]  # K[l_src, h_src, l_dst, h_dst]: layer 0's heads into the induction head
+    assert int(k.argmax()) == prev and k[prev] > 1.5 / math.sqrt(128), (k, prev)  # baseline ≈ 1/√d, d=128

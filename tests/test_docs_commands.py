@@ -189,9 +189,16 @@ def test_every_docs_command_runs_or_is_checked(viewer_folder, tiny_model_dir, ti
                 over += ["data.context_size=32", "data.batch_windows=4"]
             store = tmp_path / f"store{len(stores)}"
             stores.append(store)
-            argv = [sys.executable, "-m", "clt.features", clt_dir, *over, "features.tokens=600"]
             pool.start(
-                [*argv, f"features.out={store}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "clt.features",
+                    clt_dir,
+                    *over,
+                    "features.tokens=600",
+                    f"features.out={store}",
+                ],
                 lambda out, store=store: (store / "manifest.json").exists() or pytest.fail(out),
             )
             ran += 1
